@@ -1,0 +1,113 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Every limit, flag, counter index and drop reason of the data plane.
+ *
+ * They are enums, not #defines, so that they land in the object's BTF and the
+ * control plane reads them from there (loader/layout.py): nothing here is
+ * repeated in Python. Each enum is referenced by a struct field or a map key
+ * in maps.h, which is what makes clang emit it.
+ */
+#ifndef XDPLB_CONSTANTS_H
+#define XDPLB_CONSTANTS_H
+
+/* Bump when any struct in maps.h changes shape. Pinned maps written by an
+ * older layout are refused (or migrated) by the control plane, never reused
+ * blindly. Stored in the pinned `meta` map. */
+enum xdplb_layout {
+	XDPLB_LAYOUT_VERSION = 1,
+};
+
+/* Default map capacities. The control plane may resize the ones marked
+ * "sizable" before load (config `limits:`); the others are fixed. */
+enum xdplb_limits {
+	MAX_SERVICES = 65536,          /* services hash; svc_id < MAX_SERVICES */
+	MAX_VIPS = 65536,              /* distinct VIP addresses */
+	MAX_BACKENDS = 262144,         /* backend records; backend_id < MAX_BACKENDS */
+	MAX_IDENTITY_CIDRS = 65536,    /* LPM trie entries */
+	MAX_POLICY_ENTRIES = 262144,   /* (service, identity, generation) entries */
+	MAX_DROP_KEYS = 65536,         /* LRU of (identity, service, reason) counters */
+	/* Maglev pool, in chunks of MAGLEV_CHUNK_SLOTS slots (sizable):
+	 * 262144 chunks = 4M slots = 16 MiB. */
+	MAGLEV_POOL_CHUNKS = 262144,
+	MAGLEV_CHUNK_SLOTS = 16,       /* slots per pool element (one 64-byte line) */
+	CT_ENTRIES = 262144,           /* conntrack LRU (sizable) */
+	NAT_ENTRIES = 262144,          /* reverse-NAT LRU (sizable) */
+	DEVMAP_ENTRIES = 256,          /* egress interfaces for XDP_REDIRECT */
+	/* SNAT source-port allocation probes this many ports before giving up
+	 * with DROP_NAT_EXHAUSTED; bounded so that the verifier can unroll it. */
+	NAT_PORT_PROBES = 8,
+	/* svc_id and backend_id 0 are never allocated: 0 means "none". */
+	ID_NONE = 0,
+};
+
+/* Reserved identities. Identities from the config start at
+ * IDENTITY_USER_MIN; a source that matches no CIDR is IDENTITY_WORLD. */
+enum xdplb_identity {
+	IDENTITY_UNKNOWN = 0,
+	IDENTITY_WORLD = 2,
+	IDENTITY_USER_MIN = 256,
+};
+
+/* Address families, as in <sys/socket.h>; IPv6 keys use the same structs. */
+enum xdplb_family {
+	FAMILY_NONE = 0,
+	FAMILY_IPV4 = 2,
+	FAMILY_IPV6 = 10,
+};
+
+/* svc_value.flags: independent bits, none aliases another. */
+enum svc_flags {
+	SVC_F_HAS_POLICY = 1 << 0,     /* look up policy entries for this service */
+	SVC_F_DEFAULT_DENY = 1 << 1,   /* no entry for an identity = deny */
+};
+
+/* backend.state. A draining backend keeps its flows but gets no new ones
+ * (it is absent from the Maglev table). A free record matches no flow. */
+enum backend_state {
+	BACKEND_FREE = 0,
+	BACKEND_ACTIVE = 1,
+	BACKEND_DRAINING = 2,
+};
+
+enum policy_verdict {
+	VERDICT_NONE = 0,
+	VERDICT_ALLOW = 1,
+	VERDICT_DENY = 2,
+};
+
+/* Why a packet was dropped. Index into `drop_stats` and part of the key of
+ * `drop_detail`. */
+enum drop_reason {
+	DROP_NONE = 0,
+	DROP_POLICY = 1,            /* identity denied by the service's policy */
+	DROP_NO_BACKEND = 2,        /* service has no active backend */
+	DROP_IP_OPTIONS = 3,        /* VIP packet with IPv4 options (IHL > 5) */
+	DROP_FRAGMENT = 4,          /* VIP packet that is a fragment */
+	DROP_TRUNCATED = 5,         /* VIP packet whose IP/L4 header is cut short */
+	DROP_NO_SERVICE = 6,        /* VIP address, but no service on this port/proto */
+	DROP_UNSUPPORTED_L4 = 7,    /* VIP address, protocol is not TCP or UDP */
+	DROP_NAT_EXHAUSTED = 8,     /* no free SNAT source port after NAT_PORT_PROBES */
+	DROP_FIB = 9,               /* no route to the backend or back to the client */
+	DROP_SPOOFED_REPLY = 10,    /* NAT reply arrived on the wrong interface */
+	DROP_BAD_IP = 11,           /* VIP packet with a bad IHL or total length */
+	DROP_CT_FULL = 12,          /* conntrack/NAT insert failed */
+	DROP_REDIRECT = 13,         /* egress interface not in the devmap */
+	DROP_REASON_MAX = 14,
+};
+
+/* Global per-CPU counters: one per XDP verdict plus a few events. */
+enum xdplb_counter {
+	CNT_PASS = 0,
+	CNT_TX = 1,
+	CNT_REDIRECT = 2,
+	CNT_DROP = 3,
+	CNT_ABORTED = 4,
+	CNT_CT_NEW = 5,             /* flows that got a backend from Maglev */
+	CNT_CT_HIT = 6,             /* packets that kept their backend from conntrack */
+	CNT_CT_STALE = 7,           /* conntrack pointed at a removed backend */
+	CNT_REPLY = 8,              /* replies reverse-translated */
+	CNT_NEIGH_PASS = 9,         /* passed to the kernel to resolve a neighbour */
+	CNT_MAX = 10,
+};
+
+#endif

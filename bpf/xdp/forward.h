@@ -1,0 +1,57 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Next hop from the kernel's FIB, then XDP_TX or XDP_REDIRECT (devmap). */
+#ifndef XDPLB_FORWARD_H
+#define XDPLB_FORWARD_H
+
+#include "counters.h"
+#include "parse.h"
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+
+/* Fill `fib` for a packet that will leave with (saddr, daddr). Returns the
+ * bpf_fib_lookup() result. */
+static __always_inline int fib_route(struct xdp_md *ctx, const struct packet *pkt,
+				     __u32 saddr, __u32 daddr, struct bpf_fib_lookup *fib)
+{
+	fib->family = AF_INET;
+	fib->tos = pkt->ip->tos;
+	fib->l4_protocol = pkt->ip->protocol;
+	fib->tot_len = bpf_ntohs(pkt->ip->tot_len);
+	fib->ipv4_src = saddr;
+	fib->ipv4_dst = daddr;
+	fib->ifindex = ctx->ingress_ifindex;
+	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+}
+
+/* Routes that XDP cannot use but the kernel can finish: a missing neighbour
+ * (the kernel forwards this packet and resolves ARP, so the next packet of
+ * the flow takes the fast path) or a packet bigger than the egress MTU (the
+ * kernel fragments it or sends ICMP). Everything else is a drop. */
+static __always_inline int fib_kernel_can_finish(int rc)
+{
+	return rc == BPF_FIB_LKUP_RET_NO_NEIGH || rc == BPF_FIB_LKUP_RET_FRAG_NEEDED;
+}
+
+/* Send a rewritten packet to its next hop. */
+static __always_inline int transmit(struct xdp_md *ctx, struct packet *pkt,
+				    const struct bpf_fib_lookup *fib, int rc)
+{
+	int action;
+
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
+		count_global(CNT_NEIGH_PASS, pkt->len);
+		return count_verdict(XDP_PASS, pkt->len);
+	}
+	__builtin_memcpy(pkt->eth->h_dest, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(pkt->eth->h_source, fib->smac, ETH_ALEN);
+	if (fib->ifindex == ctx->ingress_ifindex)
+		return count_verdict(XDP_TX, pkt->len);
+	/* An egress device that xdplb is not attached to is not in the devmap:
+	 * the kernel forwards the (already rewritten) packet instead. */
+	action = bpf_redirect_map(&tx_ports, fib->ifindex, XDP_PASS);
+	return count_verdict(action, pkt->len);
+}
+
+#endif

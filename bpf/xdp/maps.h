@@ -1,0 +1,292 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Every map and every struct stored in one. This file is the single source
+ * of truth for layouts: the control plane builds its ctypes/numpy types from
+ * the BTF that clang emits for it.
+ *
+ * Addresses are 16 bytes (`__u32 addr[4]`) with a `family` next to them, so
+ * IPv6 fits without a new layout. An IPv4 address sits in addr[0] in network
+ * byte order with addr[1..3] zero. Ports are in network byte order.
+ */
+#ifndef XDPLB_MAPS_H
+#define XDPLB_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "constants.h"
+
+/* Services: (VIP, port, proto) -> service record. */
+struct svc_key {
+	__u32 vip[4];
+	__u16 port;
+	__u8 proto;                 /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 family;                /* enum xdplb_family, as a byte */
+};
+
+/* A service record is replaced whole by one map update (the map is not
+ * preallocated, so the kernel swaps elements under RCU): a packet sees the
+ * old record or the new one. Everything it points at is written first. */
+struct svc_value {
+	__u32 svc_id;               /* index into svc_stats; key part of policy */
+	__u32 ring_offset;          /* first slot of the Maglev table in the pool */
+	__u32 ring_size;            /* prime table size M; 0 = no active backend */
+	__u32 policy_gen;           /* generation of this service's policy entries */
+	enum svc_flags flags;
+};
+
+/* Addresses that carry at least one service: lets the program drop malformed
+ * or unknown-port traffic to a VIP without parsing further. */
+struct vip_key {
+	__u32 addr[4];
+	__u32 family;
+};
+
+struct vip_value {
+	__u32 services;             /* how many services use this address */
+};
+
+/* One backend of one service. The address and port of a record never change
+ * while it is in use; a new backend gets a new id (and a new `gen`), so a
+ * reader racing an update can only see a stale `state`, never a mixed
+ * address. */
+struct backend {
+	__u32 addr[4];
+	__u16 port;
+	__u8 family;
+	__u8 pad;
+	enum backend_state state;
+	__u32 gen;                  /* bumped whenever this id is reused */
+	__u32 svc_id;               /* owning service */
+};
+
+/* Maglev pool: all services' tables, each a contiguous run of slots
+ * [ring_offset, ring_offset + ring_size). A slot holds a backend id. Slots
+ * are grouped 16 to an element so that the mmap()ed array is a dense __u32
+ * array for the control plane (array elements are 8-byte aligned). */
+struct maglev_chunk {
+	__u32 slots[MAGLEV_CHUNK_SLOTS];
+};
+
+/* A flow as it appears on the wire. `pad` is always zero. */
+struct flow_key {
+	__u32 src[4];
+	__u32 dst[4];
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 family;
+	__u16 pad;
+};
+
+/* Conntrack: client flow (client -> VIP) -> chosen backend. */
+struct ct_entry {
+	__u32 backend_id;
+	__u32 backend_gen;          /* must match backend.gen, or the entry is stale */
+	__u32 svc_id;
+	__u16 nat_port;             /* SNAT source port, network order; 0 = no SNAT */
+	__u16 pad;
+};
+
+/* Reverse NAT: reply flow (backend -> client or SNAT address) -> what to
+ * restore. */
+struct nat_entry {
+	__u32 client[4];            /* restored as destination */
+	__u32 vip[4];               /* restored as source */
+	__u16 client_port;
+	__u16 vip_port;
+	__u32 ifindex;              /* replies are accepted only from here */
+	__u32 svc_id;
+	__u32 backend_id;
+};
+
+/* Source CIDR -> identity. prefixlen counts the 32 bits of `family` first,
+ * so an IPv4 /24 is prefixlen 56 and never matches an IPv6 key. */
+struct identity_key {
+	__u32 prefixlen;
+	__u32 family;
+	__u32 addr[4];
+};
+
+struct identity_value {
+	__u32 identity;
+};
+
+/* Policy entry: (service, identity, generation) -> verdict. The generation
+ * lets a new allow-list be written beside the old one and switched in by the
+ * service record. */
+struct policy_key {
+	__u32 svc_id;
+	__u32 identity;
+	__u32 gen;
+};
+
+struct policy_value {
+	enum policy_verdict verdict;
+};
+
+struct counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+struct drop_key {
+	__u32 identity;
+	__u32 svc_id;
+	enum drop_reason reason;
+};
+
+/* Global settings. Two copies: the control plane writes the inactive one and
+ * then flips meta.active_config, so a packet never sees a half-written copy. */
+struct lb_config {
+	__u32 snat_addr[4];
+	__u32 snat_family;          /* FAMILY_NONE = no SNAT (gateway mode) */
+	__u16 snat_port_min;        /* host order, inclusive */
+	__u16 snat_port_max;        /* host order, inclusive */
+	__u32 hash_seed;
+};
+
+/* What the dry-run copy of the program decided (the `flow` command). The
+ * live program never writes it; it is not pinned. */
+struct probe_result {
+	enum drop_reason reason;
+	__u32 identity;
+	__u32 svc_id;
+	__u32 backend_id;
+	__u32 ct_hit;               /* 1 if conntrack chose the backend */
+	__u32 reply;                /* 1 if the packet was a NAT reply */
+	enum xdplb_family family;   /* anchors the enum in BTF */
+};
+
+struct meta {
+	enum xdplb_layout layout_version;
+	__u32 active_config;        /* 0 or 1: index into `config` */
+};
+
+/* ---- maps ---- */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);   /* RCU-freed elements: atomic swap */
+	__uint(max_entries, MAX_SERVICES);
+	__type(key, struct svc_key);
+	__type(value, struct svc_value);
+} services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MAX_VIPS);
+	__type(key, struct vip_key);
+	__type(value, struct vip_value);
+} vips SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct backend);
+} backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, MAGLEV_POOL_CHUNKS);
+	__type(key, __u32);
+	__type(value, struct maglev_chunk);
+} maglev_pool SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, CT_ENTRIES);
+	__type(key, struct flow_key);
+	__type(value, struct ct_entry);
+} conntrack SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, NAT_ENTRIES);
+	__type(key, struct flow_key);
+	__type(value, struct nat_entry);
+} rev_nat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);   /* required for LPM tries */
+	__uint(max_entries, MAX_IDENTITY_CIDRS);
+	__type(key, struct identity_key);
+	__type(value, struct identity_value);
+} identities SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MAX_POLICY_ENTRIES);
+	__type(key, struct policy_key);
+	__type(value, struct policy_value);
+} policy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, struct counter);
+} svc_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct counter);
+} backend_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, DROP_REASON_MAX);
+	__type(key, __u32);                     /* enum drop_reason */
+	__type(value, struct counter);
+} drop_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(max_entries, MAX_DROP_KEYS);
+	__type(key, struct drop_key);
+	__type(value, struct counter);
+} drop_detail SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, CNT_MAX);
+	__type(key, __u32);                     /* enum xdplb_counter */
+	__type(value, struct counter);
+} global_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, struct lb_config);
+} config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct meta);
+} meta SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_DEVMAP_HASH);
+	__uint(max_entries, DEVMAP_ENTRIES);
+	__type(key, __u32);
+	__type(value, __u32);
+} tx_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct probe_result);
+} probe SEC(".maps");
+
+#endif

@@ -1,0 +1,219 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * xdplb: the one XDP program.
+ *
+ *   parse -> service lookup -> identity policy -> conntrack or Maglev
+ *         -> DNAT (+ optional SNAT) -> FIB -> XDP_TX / XDP_REDIRECT
+ *   replies to translated flows -> reverse NAT -> FIB -> out
+ *   everything else -> XDP_PASS, untouched
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "constants.h"
+#include "maps.h"
+#include "parse.h"
+#include "csum.h"
+#include "counters.h"
+#include "service.h"
+#include "policy.h"
+#include "maglev.h"
+#include "conntrack.h"
+#include "nat.h"
+#include "forward.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* Never read. Its type makes clang emit the enums that no map layout
+ * mentions, so the control plane finds every constant in BTF. */
+const volatile struct {
+	enum xdplb_limits limits;
+	enum xdplb_identity identity;
+	enum xdplb_counter counter;
+	enum xdplb_family family;
+} btf_anchor;
+
+/* Record the decision for the `flow` command (dry-run copy only). */
+static __always_inline void probe_record(enum drop_reason reason, __u32 identity, __u32 svc_id,
+					 __u32 backend_id, __u32 ct_hit, __u32 reply)
+{
+	__u32 zero = 0;
+	struct probe_result *p;
+
+	if (!dry_run)
+		return;
+	p = bpf_map_lookup_elem(&probe, &zero);
+	if (!p)
+		return;
+	p->reason = reason;
+	p->identity = identity;
+	p->svc_id = svc_id;
+	p->backend_id = backend_id;
+	p->ct_hit = ct_hit;
+	p->reply = reply;
+	p->family = FAMILY_IPV4;
+}
+
+static __always_inline int drop(__u32 identity, __u32 svc_id, enum drop_reason reason,
+				__u32 bytes)
+{
+	probe_record(reason, identity, svc_id, ID_NONE, 0, 0);
+	return drop_packet(identity, svc_id, reason, bytes);
+}
+
+static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt,
+					  const struct svc_value *svc_ptr)
+{
+	/* One copy of the record: every field below comes from the same
+	 * version of the service, even if the control plane swaps it now. */
+	struct svc_value svc = *svc_ptr;
+	struct bpf_fib_lookup fib = {};
+	struct lb_config *cfg = active_config();
+	struct ct_entry ct = {};
+	struct ct_entry *cte;
+	struct backend *b = NULL;
+	struct rewrite rw;
+	__u32 identity = IDENTITY_UNKNOWN;
+	__u32 hash, backend_id;
+	int snat, ct_hit = 0, rc;
+
+	if (!cfg)
+		return count_verdict(XDP_ABORTED, pkt->len);
+	snat = cfg->snat_family != FAMILY_NONE;
+
+	/* Policy first: a denied source costs no conntrack or backend work. */
+	if (dry_run || (svc.flags & SVC_F_HAS_POLICY))
+		identity = source_identity(&pkt->flow);
+	if (!policy_allows(&svc, identity))
+		return drop(identity, svc.svc_id, DROP_POLICY, pkt->len);
+
+	cte = bpf_map_lookup_elem(&conntrack, &pkt->flow);
+	if (cte) {
+		ct = *cte;
+		/* An entry made before SNAT was switched on or off is stale. */
+		if ((ct.nat_port != 0) == snat)
+			b = ct_backend(&ct, svc.svc_id);
+		if (b)
+			ct_hit = 1;
+		else
+			count_global(CNT_CT_STALE, pkt->len);
+	}
+	hash = flow_hash(&pkt->flow, cfg->hash_seed);
+	if (!b) {
+		if (!svc.ring_size)
+			return drop(identity, svc.svc_id, DROP_NO_BACKEND, pkt->len);
+		backend_id = maglev_pick(&svc, hash);
+		b = bpf_map_lookup_elem(&backends, &backend_id);
+		if (!b || b->state == BACKEND_FREE)
+			return drop(identity, svc.svc_id, DROP_NO_BACKEND, pkt->len);
+		ct.backend_id = backend_id;
+		ct.backend_gen = b->gen;
+		ct.svc_id = svc.svc_id;
+		ct.nat_port = 0;
+	}
+
+	rw.saddr = snat ? cfg->snat_addr[0] : pkt->flow.src[0];
+	rw.sport = snat ? ct.nat_port : pkt->flow.sport;
+	rw.daddr = b->addr[0];
+	rw.dport = b->port;
+
+	rc = fib_route(ctx, pkt, rw.saddr, rw.daddr, &fib);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && !fib_kernel_can_finish(rc))
+		return drop(identity, svc.svc_id, DROP_FIB, pkt->len);
+
+	if (!ct_hit) {
+		/* The reply the backend will send: backend -> client (gateway
+		 * mode) or backend -> SNAT address:port. */
+		struct nat_entry nat = {
+			.client_port = pkt->flow.sport,
+			.vip_port = pkt->flow.dport,
+			.ifindex = fib.ifindex,
+			.svc_id = svc.svc_id,
+			.backend_id = ct.backend_id,
+		};
+		struct flow_key rkey = {
+			.sport = rw.dport,
+			.dport = rw.sport,
+			.proto = pkt->flow.proto,
+			.family = pkt->flow.family,
+		};
+
+		__builtin_memcpy(nat.client, pkt->flow.src, sizeof(nat.client));
+		__builtin_memcpy(nat.vip, pkt->flow.dst, sizeof(nat.vip));
+		__builtin_memcpy(rkey.src, b->addr, sizeof(rkey.src));
+		rkey.dst[0] = rw.saddr;
+		if (snat) {
+			ct.nat_port = nat_port_take(&rkey, &nat, cfg, mix32(hash ^ 0x9e3779b9));
+			if (!ct.nat_port)
+				return drop(identity, svc.svc_id, DROP_NAT_EXHAUSTED, pkt->len);
+			rw.sport = ct.nat_port;
+		} else if (nat_store(&rkey, &nat)) {
+			return drop(identity, svc.svc_id, DROP_CT_FULL, pkt->len);
+		}
+		if (ct_store(&pkt->flow, &ct))
+			return drop(identity, svc.svc_id, DROP_CT_FULL, pkt->len);
+		count_global(CNT_CT_NEW, pkt->len);
+	} else {
+		count_global(CNT_CT_HIT, pkt->len);
+	}
+
+	probe_record(DROP_NONE, identity, svc.svc_id, ct.backend_id, ct_hit, 0);
+	rewrite_packet(pkt, &rw);
+	counter_add(&svc_stats, svc.svc_id, pkt->len);
+	counter_add(&backend_stats, ct.backend_id, pkt->len);
+	return transmit(ctx, pkt, &fib, rc);
+}
+
+static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt,
+					const struct nat_entry *nat_ptr)
+{
+	struct nat_entry nat = *nat_ptr;
+	struct bpf_fib_lookup fib = {};
+	struct rewrite rw;
+	int rc;
+
+	/* Only the backend-facing interface may carry replies: a forged
+	 * "reply" from elsewhere must not get translated into a client flow. */
+	if (nat.ifindex != ctx->ingress_ifindex)
+		return drop(source_identity(&pkt->flow), nat.svc_id, DROP_SPOOFED_REPLY, pkt->len);
+
+	rw.saddr = nat.vip[0];
+	rw.sport = nat.vip_port;
+	rw.daddr = nat.client[0];
+	rw.dport = nat.client_port;
+	rc = fib_route(ctx, pkt, rw.saddr, rw.daddr, &fib);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && !fib_kernel_can_finish(rc))
+		return drop(IDENTITY_UNKNOWN, nat.svc_id, DROP_FIB, pkt->len);
+
+	probe_record(DROP_NONE, IDENTITY_UNKNOWN, nat.svc_id, nat.backend_id, 0, 1);
+	rewrite_packet(pkt, &rw);
+	count_global(CNT_REPLY, pkt->len);
+	return transmit(ctx, pkt, &fib, rc);
+}
+
+SEC("xdp")
+int xdplb_main(struct xdp_md *ctx)
+{
+	struct packet pkt = {};
+	struct svc_value *svc;
+	struct nat_entry *nat;
+	int res = parse_packet(ctx, &pkt);
+
+	if (res == PARSE_NOT_IPV4 || res == PARSE_NO_IP_HEADER)
+		return count_verdict(XDP_PASS, pkt.len);
+	if (res != PARSE_OK) {
+		if (is_vip(&pkt.flow))
+			return drop(source_identity(&pkt.flow), ID_NONE, parse_drop_reason(res), pkt.len);
+		return count_verdict(XDP_PASS, pkt.len);
+	}
+
+	svc = service_lookup(&pkt.flow);
+	if (svc)
+		return handle_service(ctx, &pkt, svc);
+	nat = bpf_map_lookup_elem(&rev_nat, &pkt.flow);
+	if (nat)
+		return handle_reply(ctx, &pkt, nat);
+	if (is_vip(&pkt.flow))
+		return drop(source_identity(&pkt.flow), ID_NONE, DROP_NO_SERVICE, pkt.len);
+	return count_verdict(XDP_PASS, pkt.len);
+}
