@@ -8,7 +8,7 @@ BPF_OBJ := bpf/xdp/xdplb.o
 BPF_SRC := $(wildcard bpf/xdp/*.c bpf/xdp/*.h)
 CLANG ?= clang
 BPF_CFLAGS := -O2 -g -target bpf -Wall -Werror -I/usr/include/$(shell uname -m)-linux-gnu
-APT_PKGS := clang llvm libbpf-dev bpftool iptables nftables iproute2 ethtool curl python3-venv nginx-light systemd
+APT_PKGS := clang llvm libbpf-dev bpftool iptables nftables iproute2 ethtool curl python3-venv
 
 .PHONY: all bpf deps apt venv demo test clean install
 

@@ -104,7 +104,11 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 			return drop(identity, svc.svc_id, DROP_NO_BACKEND, pkt->len);
 		backend_id = maglev_pick(&svc, hash);
 		b = bpf_map_lookup_elem(&backends, &backend_id);
-		if (!b || b->state == BACKEND_FREE)
+		/* No state check: a table only names backends that were live
+		 * when it was published, and a record keeps its address until
+		 * a grace period after its removal. A packet that read the old
+		 * table just before a flip still goes where it would have. */
+		if (!b || backend_id == ID_NONE)
 			return drop(identity, svc.svc_id, DROP_NO_BACKEND, pkt->len);
 		ct.backend_id = backend_id;
 		ct.backend_gen = b->gen;
