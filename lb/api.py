@@ -1,0 +1,126 @@
+"""The control API: JSON over a root-only Unix socket. There is no TCP API.
+
+One request per connection: the client sends one JSON object and a newline,
+the daemon answers one JSON object ``{"ok": true, "result": ...}`` or
+``{"ok": false, "error": "...", "errors": [...]}``. Peers are checked with
+SO_PEERCRED: only uid 0 may talk to it, and the socket file is mode 0600.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import socketserver
+import struct
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger("xdplb.api")
+
+DEFAULT_SOCKET = "/run/xdplb/api.sock"
+MAX_REQUEST = 64 << 20            # a 20k-service config is a few MiB of JSON
+
+
+class ApiError(Exception):
+    def __init__(self, message: str, errors: list[str] | None = None):
+        super().__init__(message)
+        self.errors = errors or []
+
+
+Handler = Callable[[dict[str, Any]], Any]
+
+
+class _RequestHandler(socketserver.StreamRequestHandler):
+    server: "_Server"
+
+    def handle(self) -> None:
+        creds = self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        if uid != 0:
+            self._reply({"ok": False, "error": "permission denied: the xdplb API is root-only"})
+            return
+        line = self.rfile.readline(MAX_REQUEST)
+        try:
+            req = json.loads(line)
+            cmd = req.pop("cmd")
+            handler = self.server.handlers[cmd]
+        except (ValueError, KeyError, TypeError):
+            self._reply({"ok": False, "error": f"bad request: {line[:200]!r}"})
+            return
+        try:
+            self._reply({"ok": True, "result": handler(req)})
+        except ApiError as e:
+            self._reply({"ok": False, "error": str(e), "errors": e.errors})
+        except Exception as e:   # report, keep serving
+            log.exception("api %s failed", cmd)
+            self._reply({"ok": False, "error": f"{type(e).__name__}: {e}",
+                         "errors": list(getattr(e, "errors", []) or [])})
+
+    def _reply(self, obj: dict) -> None:
+        self.wfile.write(json.dumps(obj, default=str).encode() + b"\n")
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    handlers: dict[str, Handler]
+
+
+class ApiServer:
+    def __init__(self, path: str, handlers: dict[str, Handler]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if self.path.exists() or self.path.is_symlink():
+            self.path.unlink()
+        old = os.umask(0o177)          # created 0600, no window with wider bits
+        try:
+            self._server = _Server(str(self.path), _RequestHandler)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        self._server.handlers = handlers
+        self._thread = threading.Thread(target=self._server.serve_forever, name="xdplb-api",
+                                        daemon=True)
+
+    def start(self) -> "ApiServer":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def call(path: str, cmd: str, timeout: float = 120.0, **args: Any) -> Any:
+    """Send one request; return its result or raise ApiError."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise ApiError(f"xdplb daemon is not running (no API socket at {path}); "
+                           f"start it with `xdplb run --config FILE`") from None
+        except PermissionError:
+            raise ApiError(f"permission denied on {path}: the xdplb API is root-only") from None
+        s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        s.close()
+    if not buf:
+        raise ApiError(f"no answer from the daemon on {path}")
+    reply = json.loads(buf)
+    if not reply.get("ok"):
+        raise ApiError(reply.get("error", "unknown error"), reply.get("errors"))
+    return reply["result"]

@@ -1,0 +1,211 @@
+"""The `xdplb` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from . import api
+
+console = Console()
+DEFAULT_BPFFS = "/sys/fs/bpf/xdplb"
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _fail(message: str, errors: list[str] | None = None) -> int:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    for e in errors or []:
+        console.print(f"  - {e}", highlight=False)
+    return 1
+
+
+def cmd_run(args) -> int:
+    from .daemon import run
+
+    return run(args.config, netns=args.netns, object_path=Path(args.object) if args.object else None)
+
+
+def cmd_apply(args) -> int:
+    from .config import ConfigError, load_config
+
+    try:
+        load_config(args.file)           # fail fast, with line numbers, before the daemon
+    except ConfigError as e:
+        return _fail(f"{args.file}: config rejected, nothing changed", e.errors)
+    text = Path(args.file).read_text()
+    res = api.call(args.socket, "apply", config=text, source=args.file)
+    if args.json:
+        _print_json(res)
+    else:
+        console.print(f"applied {args.file}: {res}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    st = api.call(args.socket, "status")
+    if args.json:
+        _print_json(st)
+        return 0
+    t = Table(title="xdplb status", show_header=False)
+    for k in ("pid", "uptime_s", "config", "generation", "xdp_mode", "snat_address", "services",
+              "backends", "identities", "errors", "pending_reclaim"):
+        t.add_row(k, str(st[k]))
+    t.add_row("interfaces", ", ".join(f"{k} (prog {v})" for k, v in st["interfaces"].items()))
+    t.add_row("maglev pool", f"{st['maglev_pool']['free']} of {st['maglev_pool']['slots']} slots free")
+    t.add_row("last apply", json.dumps(st["last_apply"]))
+    console.print(t)
+    return 0
+
+
+def cmd_stats(args) -> int:
+    st = api.call(args.socket, "stats")
+    if args.json:
+        _print_json(st)
+        return 0
+    t = Table(title="services")
+    for col in ("service", "vip", "backend", "state", "packets", "bytes"):
+        t.add_column(col, justify="right" if col in ("packets", "bytes") else "left")
+    shown = [s for s in st["services"] if s["packets"] or args.all]
+    for s in shown:
+        t.add_row(s["name"] or "?", f"{s['vip']}:{s['port']}/{s['protocol']}", "", "",
+                  str(s["packets"]), str(s["bytes"]))
+        for b in s["backends"]:
+            t.add_row("", "", f"{b['address']}:{b['port']}", b["state"], str(b["packets"]), str(b["bytes"]))
+    console.print(t)
+    if len(shown) < len(st["services"]):
+        console.print(f"({len(st['services']) - len(shown)} services without traffic hidden; --all shows them)")
+    d = Table(title="drops by identity and reason")
+    for col in ("identity", "service", "reason", "packets", "bytes"):
+        d.add_column(col)
+    for row in st["drop_detail"]:
+        d.add_row(row["identity"], row["service"] or "-", row["reason"], str(row["packets"]), str(row["bytes"]))
+    console.print(d)
+    g = Table(title="global")
+    g.add_column("counter")
+    g.add_column("packets", justify="right")
+    for name, v in st["global"].items():
+        g.add_row(name, str(v["packets"]))
+    console.print(g)
+    p = st["program"]
+    if p["ns_per_packet"] is not None:
+        console.print(f"program: {p['ns_per_packet']:.1f} ns/packet over {p['run_cnt']} runs")
+    return 0
+
+
+def cmd_flow(args) -> int:
+    from .flow import parse_endpoint
+
+    try:
+        src, sport = parse_endpoint(args.src)
+        dst, dport = parse_endpoint(args.dst)
+    except ValueError as e:
+        return _fail(str(e))
+    res = api.call(args.socket, "flow", src=str(src), sport=sport, dst=str(dst), dport=dport,
+                   proto=args.proto)
+    if args.json:
+        _print_json(res)
+        return 0
+    who = f"({res['identity']}) " if res["identity"] else ""
+    target = f" -> {res['backend']}" if res["backend"] else ""
+    svc = f"{res['service']} " if res["service"] else ""
+    why = f" {res['reason']}" if res["reason"] else ""
+    console.print(f"{who}{src}:{sport} => {svc}{dst}:{dport}{target} {args.proto} "
+                  f"[bold]{res['verdict']}[/]{why}", highlight=False)
+    return 0
+
+
+def cmd_down(args) -> int:
+    from .dataplane import Dataplane
+
+    try:
+        api.call(args.socket, "shutdown", timeout=5)
+    except api.ApiError:
+        pass                             # no daemon: just detach what is pinned
+    done = Dataplane.detach(Path(args.bpffs), purge=args.purge)
+    console.print(f"detached from {', '.join(done) or 'nothing'}"
+                  + (f"; removed pinned maps in {args.bpffs}" if args.purge else ""))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xdplb", description="XDP L4 load balancer")
+    p.add_argument("--socket", default=api.DEFAULT_SOCKET, help="API socket (default %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("run", help="run the daemon: attach, apply, serve the API")
+    s.add_argument("--config", required=True)
+    s.add_argument("--netns", help="network namespace to run in (the demo and tests use it)")
+    s.add_argument("--object", help="BPF object (default: the built bpf/xdp/xdplb.o)")
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("apply", help="apply a config file through the daemon, atomically per service")
+    s.add_argument("-f", "--file", required=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_apply)
+
+    s = sub.add_parser("status", help="daemon, interfaces and map state")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser("stats", help="counters per service, backend, identity and drop reason")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--all", action="store_true", help="also list services without traffic")
+    s.set_defaults(fn=cmd_stats)
+
+    s = sub.add_parser("flow", help="which backend the live program would pick, or why it drops")
+    s.add_argument("src", metavar="SRC:SPORT")
+    s.add_argument("dst", metavar="DST:DPORT")
+    s.add_argument("proto", choices=["tcp", "udp"])
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_flow)
+
+    s = sub.add_parser("down", help="stop the daemon and detach XDP on purpose")
+    s.add_argument("--bpffs", default=DEFAULT_BPFFS)
+    s.add_argument("--purge", action="store_true", help="also remove the pinned maps (drops all flows)")
+    s.set_defaults(fn=cmd_down)
+
+    s = sub.add_parser("demo", help="build a veth lab and show xdplb balancing real HTTP traffic")
+    s.add_argument("--requests", type=int, default=300)
+    s.add_argument("--fillers", type=int, default=10000, help="extra services to load, to show scale")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.fn(args)
+    except api.ApiError as e:
+        return _fail(str(e), e.errors)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        from loader import BpfError
+        from .config import ConfigError
+
+        if isinstance(e, (BpfError, ConfigError)):
+            return _fail(str(e), getattr(e, "errors", None) if isinstance(e, ConfigError) else None)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""`xdplb run`: attach, apply, serve the API, re-apply on SIGHUP.
+
+Stopping the daemon (SIGTERM, SIGINT, kill -9) leaves the XDP links and
+maps pinned, so traffic keeps flowing; the next start reconciles against
+them without touching established flows. `xdplb down` detaches on purpose.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from . import api, flow, stats
+from .config import Config, ConfigError, config_from_dict, config_to_dict, load_config, parse_config
+from .dataplane import Dataplane
+from .reconcile import PROTOCOLS, Reconciler
+
+log = logging.getLogger("xdplb")
+
+
+def sd_notify(message: str) -> None:
+    """The sd_notify(3) datagram protocol: a no-op outside systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(path)
+        s.sendall(message.encode())
+
+
+def enter_netns(name: str) -> None:
+    """Move this process (before any thread starts) into a named netns.
+    Unlike `ip netns exec`, this keeps /sys, so bpffs pins stay visible."""
+    from pyroute2 import netns
+
+    netns.setns(name)
+
+
+class Daemon:
+    def __init__(self, config_path: str | None, cfg: Config, object_path: Path | None = None):
+        self.config_path = config_path
+        self.cfg = cfg
+        self.lock = threading.RLock()
+        self.stop = threading.Event()
+        self.reload_requested = threading.Event()
+        self.dp = Dataplane.open(cfg, object_path)
+        self.object_path = object_path
+        self.rec = Reconciler(self.dp)
+        self._dry: Dataplane | None = None
+        self.started = time.time()
+        self.last_apply: dict[str, Any] = {}
+        self.errors = 0
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        res = self.rec.apply(self.cfg)
+        self.last_apply = res.as_dict()
+        self.ifindexes = self.dp.attach(self.cfg.interfaces, self.cfg.xdp_mode)
+        log.info("applied %d services (%s) and attached to %s in %s mode",
+                 len(self.cfg.services), res.as_dict(), ",".join(self.cfg.interfaces), self.cfg.xdp_mode)
+        self.api = api.ApiServer(self.cfg.api_socket, self.handlers()).start()
+        sd_notify("READY=1\nSTATUS=serving")
+
+    def serve_forever(self) -> None:
+        while not self.stop.is_set():
+            if self.reload_requested.wait(1.0):
+                self.reload_requested.clear()
+                self.reload()
+            with self.lock:
+                if self.rec.reclaimer.pending:
+                    self.rec.reclaimer.synchronize()
+            sd_notify("WATCHDOG=1")
+
+    def shutdown(self) -> None:
+        sd_notify("STOPPING=1")
+        try:
+            self.api.close()
+        except Exception:
+            pass
+        with self.lock:
+            if self._dry:
+                self._dry.close()
+            self.dp.close()       # links and maps stay pinned: traffic continues
+        log.info("stopped; XDP stays attached (use `xdplb down` to detach)")
+
+    def reload(self) -> None:
+        sd_notify("RELOADING=1")
+        try:
+            cfg = load_config(self.config_path)
+            self.apply(cfg)
+            log.info("reloaded %s", self.config_path)
+        except ConfigError as e:
+            self.errors += 1
+            log.error("reload rejected, keeping the running state: %s", e)
+        finally:
+            sd_notify("READY=1")
+
+    def apply(self, cfg: Config) -> dict:
+        if cfg.bpffs != self.cfg.bpffs or cfg.limits != self.cfg.limits:
+            raise ConfigError(["bpffs and limits cannot change while running: restart the daemon"])
+        with self.lock:
+            res = self.rec.apply(cfg)
+            self.dp.attach(cfg.interfaces, cfg.xdp_mode)
+            for gone in set(self.cfg.interfaces) - set(cfg.interfaces):
+                Dataplane.detach_link(self.dp.pin_dir, gone)
+            self.cfg = cfg
+            self.last_apply = res.as_dict()
+        return res.as_dict()
+
+    # -- API ----------------------------------------------------------------
+
+    def handlers(self) -> dict:
+        return {
+            "status": lambda req: self.status(),
+            "stats": lambda req: self._locked(stats.collect, self.dp, self.rec),
+            "apply": self._api_apply,
+            "flow": self._api_flow,
+            "upsert_service": self._api_upsert,
+            "delete_service": self._api_delete,
+            "shutdown": self._api_shutdown,
+        }
+
+    def _locked(self, fn, *args):
+        with self.lock:
+            return fn(*args)
+
+    def status(self) -> dict:
+        with self.lock:
+            m = self.dp.maps
+            return {
+                "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
+                "config": self.config_path, "generation": self.rec.generation,
+                "interfaces": self.dp.attached(), "xdp_mode": self.cfg.xdp_mode,
+                "snat_address": str(self.cfg.snat_address) if self.cfg.snat_address else None,
+                "services": len(self.rec.services),
+                "backends": sum(len(s.backends) for s in self.rec.services.values()),
+                "identities": len(self.rec.identities), "last_apply": self.last_apply,
+                "errors": self.errors, "pending_reclaim": self.rec.reclaimer.pending,
+                "maps": {name: {"max_entries": mp.max_entries} for name, mp in m.items()},
+                "maglev_pool": {"slots": self.rec.pool.total if hasattr(self.rec.pool, "total") else None,
+                                "free": self.rec.pool.free_total},
+            }
+
+    def _api_apply(self, req: dict) -> dict:
+        try:
+            cfg = parse_config(req["config"], source=req.get("source", "<api>")) if "config" in req \
+                else config_from_dict(req["config_dict"])
+            return self.apply(cfg)
+        except ConfigError as e:
+            raise api.ApiError(f"config rejected, nothing changed: {e}", e.errors) from None
+
+    def _api_upsert(self, req: dict) -> dict:
+        with self.lock:
+            d = config_to_dict(self.cfg)
+            svc = req["service"]
+            d["services"] = [s for s in d["services"] if s["name"] != svc.get("name")] + [svc]
+            try:
+                cfg = config_from_dict(d)
+            except ConfigError as e:
+                raise api.ApiError(f"service rejected, nothing changed: {e}", e.errors) from None
+            new = next(s for s in cfg.services if s.name == svc.get("name"))
+            old = next((s for s in self.cfg.services if s.name == new.name), None)
+            if old is not None and old.key != new.key:
+                self.rec.delete_service(cfg, old.key)
+            res = self.rec.upsert_service(cfg, new)
+            self.cfg = cfg
+            return res.as_dict()
+
+    def _api_delete(self, req: dict) -> dict:
+        with self.lock:
+            d = config_to_dict(self.cfg)
+            before = len(d["services"])
+            d["services"] = [s for s in d["services"] if s["name"] != req["name"]]
+            if len(d["services"]) == before:
+                raise api.ApiError(f"no service named {req['name']!r}")
+            old = next(s for s in self.cfg.services if s.name == req["name"])
+            cfg = config_from_dict(d)
+            res = self.rec.delete_service(cfg, old.key)
+            self.cfg = cfg
+            return res.as_dict()
+
+    def _api_flow(self, req: dict) -> dict:
+        proto = req["proto"].lower()
+        if proto not in PROTOCOLS:
+            raise api.ApiError(f"protocol must be one of {sorted(PROTOCOLS)}, not {proto!r}")
+        with self.lock:
+            if self._dry is None:
+                self._dry = Dataplane.open(self.cfg, self.object_path, dry_run=True, share_with=self.dp)
+            ifindex = req.get("ifindex") or self.ifindexes[0]
+            return flow.probe(self._dry, self.rec, req["src"], int(req["sport"]), req["dst"],
+                              int(req["dport"]), proto, ingress_ifindex=ifindex)
+
+    def _api_shutdown(self, req: dict) -> dict:
+        self.stop.set()
+        return {"stopping": True}
+
+
+def run(config_path: str, netns: str | None = None, object_path: Path | None = None) -> int:
+    cfg = load_config(config_path)
+    netns = netns or cfg.netns
+    if netns:
+        enter_netns(netns)
+    d = Daemon(config_path, cfg, object_path)
+    signal.signal(signal.SIGHUP, lambda *_: d.reload_requested.set())
+    signal.signal(signal.SIGTERM, lambda *_: d.stop.set())
+    signal.signal(signal.SIGINT, lambda *_: d.stop.set())
+    try:
+        d.start()
+        d.serve_forever()
+    finally:
+        d.shutdown()
+    return 0

@@ -1,0 +1,258 @@
+"""The loaded XDP program, its pinned maps and its XDP links.
+
+Pin layout under the config's ``bpffs`` directory (default /sys/fs/bpf/xdplb)::
+
+    maps/<map name>     every map but the dry-run probe
+    links/<ifname>      one bpf_link per attached interface
+
+Maps and links outlive the daemon: a restart (or kill -9) leaves traffic
+flowing, and the next start reuses the maps and swaps the program in the
+pinned links atomically (bpf_link_update).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from loader import BpfError, BpfObject, Map, XdpLink
+from loader.netlink import ifindex as lookup_ifindex
+
+from .config import Config
+
+PROGRAM = "xdplb_main"
+UNPINNED_MAPS = frozenset({"probe"})
+
+
+def default_object_path() -> Path:
+    env = os.environ.get("XDPLB_OBJECT")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "bpf" / "xdp" / "xdplb.o"
+
+
+class LayoutVersionError(BpfError):
+    pass
+
+
+@dataclass(frozen=True)
+class Constants:
+    """Enums and limits read from the object's BTF (constants.h)."""
+
+    enums: dict[str, dict[str, int]]
+
+    def __getattr__(self, name: str) -> int:
+        for members in self.enums.values():
+            if name in members:
+                return members[name]
+        raise AttributeError(name)
+
+    def names(self, enum: str) -> dict[int, str]:
+        return {v: k for k, v in self.enums[enum].items()}
+
+
+def addr_word(ip) -> int:
+    """An IPv4 address as the __u32 that holds it in network order."""
+    return int.from_bytes(ip.packed, "little")
+
+
+def word_addr(word: int):
+    import ipaddress
+
+    return ipaddress.IPv4Address(int(word).to_bytes(4, "little"))
+
+
+def htons(port: int) -> int:
+    return int.from_bytes(int(port).to_bytes(2, "big"), "little")
+
+
+ntohs = htons
+
+
+class Dataplane:
+    """Open (or create) the pinned maps, load the program, attach it."""
+
+    def __init__(self, obj: BpfObject, pin_dir: Path, consts: Constants):
+        self.obj = obj
+        self.pin_dir = pin_dir
+        self.consts = consts
+        self.maps: dict[str, Map] = obj.maps
+        self.prog = obj.program(PROGRAM)
+        self._views: dict[str, np.ndarray] = {}
+
+    # -- lifecycle -----------------------------------------------------
+
+    @classmethod
+    def open(cls, cfg: Config, object_path: Path | None = None, *, dry_run: bool = False,
+             share_with: "Dataplane | None" = None) -> "Dataplane":
+        obj = BpfObject(object_path or default_object_path())
+        consts = Constants(obj.btf.enums())
+        pin_dir = Path(cfg.bpffs)
+        try:
+            _size_maps(obj, cfg, consts)
+            if dry_run:
+                obj.set_rodata("dry_run", 1)
+            if share_with is not None:
+                for name, m in share_with.maps.items():
+                    if name not in UNPINNED_MAPS:
+                        obj.reuse_map_fd(name, m.fd)
+            else:
+                obj.reuse_pinned(pin_dir / "maps")
+            obj.load()
+            if share_with is None and not dry_run:
+                names = [n for n in obj.map_names() if n in obj.maps and n not in UNPINNED_MAPS]
+                obj.pin_maps(pin_dir / "maps", names)
+        except BaseException:
+            obj.close()
+            raise
+        dp = cls(obj, pin_dir, consts)
+        if share_with is None and not dry_run:
+            dp._check_layout_version()
+        return dp
+
+    def close(self) -> None:
+        self._views.clear()
+        self.obj.close()
+
+    def __enter__(self) -> "Dataplane":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_layout_version(self) -> None:
+        meta = self.maps["meta"]
+        cur = meta.lookup(0)
+        want = self.consts.XDPLB_LAYOUT_VERSION
+        if cur.layout_version == 0:
+            cur.layout_version = want
+            meta.update(0, cur)
+        elif cur.layout_version != want:
+            raise LayoutVersionError(
+                f"pinned maps in {self.pin_dir / 'maps'} have layout version "
+                f"{cur.layout_version}, this build uses {want}; refusing to reuse them. "
+                f"Run `xdplb down --purge` to remove them (this drops all flows)."
+            )
+
+    # -- XDP links ------------------------------------------------------
+
+    def link_path(self, ifname: str) -> Path:
+        return self.pin_dir / "links" / ifname
+
+    def attach(self, ifnames: list[str], mode: str = "native") -> list[int]:
+        """Attach to (or swap the program on) every interface; returns ifindexes."""
+        indexes = []
+        for ifname in ifnames:
+            idx = lookup_ifindex(ifname)
+            path = self.link_path(ifname)
+            if path.exists():
+                link = XdpLink.from_pin(str(path))
+                try:
+                    if link.info().ifindex != idx:
+                        raise BpfError(
+                            f"pinned link {path} belongs to another ifindex than {ifname} "
+                            f"({idx}); run `xdplb down` first")
+                    link.update(self.prog.fd)
+                finally:
+                    link.close()
+            else:
+                link = XdpLink.attach(self.prog.fd, idx, mode=mode, ifname=ifname)
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    link.pin(str(path))
+                finally:
+                    link.close()
+            self.maps["tx_ports"].update(idx, ctypes.c_uint32(idx))
+            indexes.append(idx)
+        return indexes
+
+    @staticmethod
+    def detach_link(pin_dir: Path, ifname: str) -> bool:
+        path = pin_dir / "links" / ifname
+        if not path.exists():
+            return False
+        link = XdpLink.from_pin(str(path))
+        try:
+            link.detach()
+        finally:
+            link.close()
+        path.unlink()
+        return True
+
+    @staticmethod
+    def detach(pin_dir: Path, purge: bool = False) -> list[str]:
+        """Detach every pinned link (and optionally remove the pinned maps)."""
+        done = []
+        links = pin_dir / "links"
+        if links.is_dir():
+            for path in sorted(links.iterdir()):
+                link = XdpLink.from_pin(str(path))
+                try:
+                    link.detach()
+                finally:
+                    link.close()
+                path.unlink()
+                done.append(path.name)
+            links.rmdir()
+        if purge:
+            maps = pin_dir / "maps"
+            if maps.is_dir():
+                for path in maps.iterdir():
+                    path.unlink()
+                maps.rmdir()
+            if pin_dir.is_dir() and not any(pin_dir.iterdir()):
+                pin_dir.rmdir()
+        return done
+
+    def attached(self) -> dict[str, int]:
+        out = {}
+        links = self.pin_dir / "links"
+        if links.is_dir():
+            for path in sorted(links.iterdir()):
+                link = XdpLink.from_pin(str(path))
+                try:
+                    out[path.name] = link.info().prog_id
+                finally:
+                    link.close()
+        return out
+
+    # -- views --------------------------------------------------------------
+
+    def view(self, name: str) -> np.ndarray:
+        """A numpy view of an mmap()able array map (backends, maglev_pool)."""
+        v = self._views.get(name)
+        if v is None:
+            m = self.maps[name]
+            stride = -(-m.value_size // 8) * 8  # array elements are 8-byte aligned
+            if name == "maglev_pool":
+                dt, count = np.dtype(np.uint32), m.max_entries * stride // 4
+            else:
+                dt, count = self.obj.layouts.dtype(_struct_of(self.obj, name)), m.max_entries
+                assert dt.itemsize == stride, (name, dt.itemsize, stride)
+            v = np.frombuffer(m.mmap(), dtype=dt, count=count)
+            self._views[name] = v
+        return v
+
+    def struct(self, name: str):
+        return self.obj.layouts.struct(name)
+
+
+def _struct_of(obj: BpfObject, map_name: str) -> str:
+    btf = obj.btf
+    vid = btf.map_defs()[map_name].value_type_id
+    return btf.type(btf.resolve(vid)).name
+
+
+def _size_maps(obj: BpfObject, cfg: Config, consts: Constants) -> None:
+    limits = cfg.limits
+    chunk = consts.MAGLEV_CHUNK_SLOTS
+    if limits.maglev_slots:
+        obj.set_max_entries("maglev_pool", -(-limits.maglev_slots // chunk))
+    if limits.conntrack:
+        obj.set_max_entries("conntrack", limits.conntrack)
+    if limits.nat:
+        obj.set_max_entries("rev_nat", limits.nat)

@@ -1,0 +1,526 @@
+"""Turn the desired state into map contents, one atomic step per service.
+
+Invariant: a packet sees either the old or the new version of a service,
+never a mix. It holds because
+
+1. everything a service record points at (backend records, the Maglev table
+   region, the policy entries of its generation) is written *before* the
+   record, into ids, slots and generations that no live record references;
+2. the record itself is replaced by one map update of a non-preallocated hash
+   map, which the kernel swaps under RCU, and the program copies it to the
+   stack once per packet;
+3. what the old record pointed at is retired, not freed: ids and slots are
+   reused only after an RCU grace period (membarrier, see lb.alloc), so a
+   packet that read the old record still finds what it expects.
+
+A backend's address and port never change under its id; only its `state`
+word changes in place (one aligned 4-byte store), which is harmless to read
+torn. Validation and capacity checks run before the first write, so a
+rejected config leaves every map byte-for-byte unchanged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+
+import numpy as np
+
+from . import maglev
+from .alloc import IdAllocator, Reclaimer, RegionAllocator
+from .config import Config, ConfigError, Service
+from .dataplane import Dataplane, addr_word, htons, ntohs, word_addr
+
+log = logging.getLogger("xdplb.reconcile")
+
+PROTOCOLS = {"tcp": 6, "udp": 17}
+PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
+FAMILY_IPV4 = 2
+
+SvcKey = tuple[IPv4Address, int, str]
+
+
+class CapacityError(ConfigError):
+    """The config is valid but does not fit in the maps."""
+
+
+@dataclass
+class LiveBackend:
+    id: int
+    gen: int
+    state: int
+    address: IPv4Address
+    port: int
+
+
+@dataclass
+class LiveService:
+    key: SvcKey
+    svc_id: int
+    ring_offset: int
+    ring_size: int
+    policy_gen: int
+    flags: int
+    backends: dict[tuple[IPv4Address, int], LiveBackend] = field(default_factory=dict)
+    policy: dict[int, int] = field(default_factory=dict)
+    name: str | None = None
+    applied: Service | None = None     # the model last applied (None if recovered)
+
+
+@dataclass
+class ApplyResult:
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    rings_written: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Change:
+    """What one service needs, computed before any write."""
+
+    svc: Service
+    live: LiveService | None
+    svc_id: int = 0
+    new_backends: list = field(default_factory=list)      # (Backend, id, gen)
+    kept: dict = field(default_factory=dict)               # (addr, port) -> LiveBackend
+    state_changes: list = field(default_factory=list)      # (id, new_state)
+    removed_backends: list = field(default_factory=list)   # LiveBackend
+    ring_ids: np.ndarray | None = None                     # new table, or None = keep
+    ring_offset: int = 0
+    policy: dict = field(default_factory=dict)
+    flags: int = 0
+    policy_gen: int = 0
+    policy_changed: bool = False
+
+
+class Reconciler:
+    def __init__(self, dp: Dataplane, reclaimer: Reclaimer | None = None):
+        self.dp = dp
+        self.c = dp.consts
+        self.reclaimer = reclaimer or Reclaimer()
+        self.services: dict[SvcKey, LiveService] = {}
+        self.identities: dict[IPv4Network, int] = {}
+        self.vips: dict[IPv4Address, int] = {}
+        self.config: Config | None = None
+        self.generation = 0
+        self.pending_policy = 0       # old-generation entries awaiting a grace period
+        m = dp.maps
+        self.svc_ids = IdAllocator(1, m["services"].max_entries)
+        self.backend_ids = IdAllocator(1, m["backends"].max_entries)
+        self.pool = RegionAllocator(m["maglev_pool"].max_entries * self.c.MAGLEV_CHUNK_SLOTS)
+        self._recover()
+
+    # -- recovery from the pinned maps --------------------------------------
+
+    def _recover(self) -> None:
+        """Rebuild the allocators and the live view from what the maps hold."""
+        dp, c = self.dp, self.c
+        bview = dp.view("backends")
+        for key, val in dp.maps["services"].items():
+            skey = (word_addr(key.vip[0]), ntohs(key.port), PROTOCOL_NAMES.get(key.proto, str(key.proto)))
+            live = LiveService(skey, val.svc_id, val.ring_offset, val.ring_size,
+                               val.policy_gen, int(val.flags))
+            self.services[skey] = live
+            self.svc_ids.reserve(val.svc_id)
+            if val.ring_size:
+                self.pool.reserve(val.ring_offset, val.ring_size)
+        by_id = {s.svc_id: s for s in self.services.values()}
+        used = np.nonzero(bview["state"] != c.BACKEND_FREE)[0]
+        for bid in used:
+            rec = bview[bid]
+            owner = by_id.get(int(rec["svc_id"]))
+            if owner is None:            # orphan of an interrupted apply
+                bview["state"][bid] = c.BACKEND_FREE
+                continue
+            b = LiveBackend(int(bid), int(rec["gen"]), int(rec["state"]),
+                            word_addr(rec["addr"][0]), ntohs(int(rec["port"])))
+            owner.backends[(b.address, b.port)] = b
+            self.backend_ids.reserve(int(bid))
+        stale = []
+        for key, val in dp.maps["policy"].items():
+            owner = by_id.get(key.svc_id)
+            if owner is None or key.gen != owner.policy_gen:
+                stale.append(key)
+            else:
+                owner.policy[key.identity] = int(val.verdict)
+        for key in stale:
+            dp.maps["policy"].delete(key)
+        for key, val in dp.maps["identities"].items():
+            net = IPv4Network((word_addr(key.addr[0]), key.prefixlen - 32))
+            self.identities[net] = val.identity
+        for key, val in dp.maps["vips"].items():
+            self.vips[word_addr(key.addr[0])] = val.services
+
+    # -- apply ----------------------------------------------------------
+
+    def apply(self, cfg: Config) -> ApplyResult:
+        """Make the maps hold `cfg`. Raises ConfigError before any write."""
+        t0 = time.perf_counter()
+        desired = {s.key: s for s in cfg.services}
+        changed = [s for k, s in desired.items()
+                   if k not in self.services or self.services[k].applied != s]
+        removed = [k for k in self.services if k not in desired]
+        result = self._apply(cfg, changed, removed)
+        result.unchanged = len(desired) - len(changed)
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def upsert_service(self, cfg: Config, svc: Service) -> ApplyResult:
+        """Apply one service of an already validated `cfg` (the API path)."""
+        t0 = time.perf_counter()
+        result = self._apply(cfg, [svc], [], identities=False)
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def delete_service(self, cfg: Config, key: SvcKey) -> ApplyResult:
+        t0 = time.perf_counter()
+        result = self._apply(cfg, [], [key], identities=False)
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def _apply(self, cfg: Config, changed: list[Service], removed: list[SvcKey],
+               identities: bool = True) -> ApplyResult:
+        ids = cfg.identity_ids()
+        plan = [self._plan(svc, ids) for svc in changed]
+        self._compute_rings(plan)
+        self._check_capacity(cfg, plan, removed)
+        self._allocate(plan)
+        # --- from here on, writes ---
+        if identities:
+            self._write_identities(cfg, ids)
+        self._write_config(cfg)
+        self._write_tables(plan)
+        self._flip(plan)
+        self._remove(removed)
+        self._retire(plan)
+        if identities:
+            self._remove_identities(cfg)
+        self.config = cfg
+        self.generation += 1
+        res = ApplyResult(removed=len(removed), rings_written=sum(ch.ring_ids is not None for ch in plan))
+        res.added = sum(ch.live is None for ch in plan)
+        res.updated = len(plan) - res.added
+        return res
+
+    # -- planning (no writes) ----------------------------------------------
+
+    def _plan(self, svc: Service, ids: dict[str, int]) -> _Change:
+        c = self.c
+        live = self.services.get(svc.key)
+        ch = _Change(svc, live)
+        live_backends = dict(live.backends) if live else {}
+        for b in svc.backends:
+            state = c.BACKEND_ACTIVE if b.state == "active" else c.BACKEND_DRAINING
+            lb = live_backends.pop((b.address, b.port), None)
+            if lb is None:
+                ch.new_backends.append([b, 0, 0, state])
+            else:
+                ch.kept[(b.address, b.port)] = lb
+                if lb.state != state:
+                    ch.state_changes.append((lb, state))
+        ch.removed_backends = list(live_backends.values())
+        # Policy: explicit entries, and default-deny when an allow list exists.
+        world = c.IDENTITY_WORLD
+        ident = lambda name: world if name == "world" else ids[name]  # noqa: E731
+        for name in svc.allow or []:
+            ch.policy[ident(name)] = c.VERDICT_ALLOW
+        for name in svc.deny or []:
+            ch.policy[ident(name)] = c.VERDICT_DENY
+        if svc.allow is not None:
+            ch.flags |= c.SVC_F_HAS_POLICY | c.SVC_F_DEFAULT_DENY
+        if ch.policy:
+            ch.flags |= c.SVC_F_HAS_POLICY
+        if live:
+            ch.policy_changed = ch.policy != live.policy or (ch.flags != live.flags)
+            ch.policy_gen = live.policy_gen + 1 if ch.policy_changed else live.policy_gen
+        else:
+            ch.policy_changed = True
+            ch.policy_gen = 1
+        return ch
+
+    def _compute_rings(self, plan: list[_Change]) -> None:
+        """Maglev tables for every planned service, in one numba call."""
+        inputs = [[(b.key, b.weight) for b in ch.svc.backends if b.state == "active"] for ch in plan]
+        flat, offsets, sizes = maglev.build_tables(inputs)
+        for ch, off, size in zip(plan, offsets, sizes):
+            ch.ring_ids = flat[off:off + size]          # indices into the active list, for now
+            ch._ring_size = int(size)
+
+    def _check_capacity(self, cfg: Config, plan: list[_Change], removed: list[SvcKey]) -> None:
+        """Simulate every allocation on copies; reject before writing."""
+        m = self.dp.maps
+        errors: list[str] = []
+        for attempt in (0, 1):
+            errors = self._simulate(cfg, plan, removed)
+            if not errors or not self.reclaimer.pending:
+                break
+            self.reclaimer.synchronize()     # retired ids/slots become free
+        if errors:
+            raise CapacityError(errors)
+        n_idents = len({net for nets in cfg.identities.values() for net in nets} | set(self.identities))
+        if n_idents > m["identities"].max_entries:
+            raise CapacityError([f"identities: {n_idents} CIDRs exceed the map's "
+                                 f"{m['identities'].max_entries} entries"])
+
+    def _simulate(self, cfg: Config, plan: list[_Change], removed: list[SvcKey]) -> list[str]:
+        m = self.dp.maps
+        svc_ids, backend_ids, pool = self.svc_ids.copy(), self.backend_ids.copy(), self.pool.copy()
+        errors = []
+        index = {s.key: i for i, s in enumerate(cfg.services)}
+        policy_entries = sum(len(s.policy) for s in self.services.values()) + self.pending_policy
+        for ch in plan:
+            where = f"services[{index.get(ch.svc.key, '?')}] '{ch.svc.name}'"
+            if ch.live is None and svc_ids.alloc() is None:
+                errors.append(f"{where}: no free service id (map holds {m['services'].max_entries - 1} services)")
+            for _ in ch.new_backends:
+                if backend_ids.alloc() is None:
+                    errors.append(f"{where}: no free backend id (map holds "
+                                  f"{m['backends'].max_entries - 1} backends)")
+                    break
+            if ch._ring_size and pool.alloc(ch._ring_size) is None:
+                errors.append(f"{where}: Maglev pool full: needs {ch._ring_size} slots, "
+                              f"{pool.free_total} free of {pool.total if hasattr(pool, 'total') else '?'} "
+                              f"(raise limits.maglev_slots)")
+            if ch.policy_changed:
+                policy_entries += len(ch.policy)
+        if policy_entries > m["policy"].max_entries:
+            errors.append(f"policy: {policy_entries} entries needed during the update, "
+                          f"the map holds {m['policy'].max_entries}")
+        n_services = len(set(self.services) | {ch.svc.key for ch in plan}) - len(removed)
+        if n_services > m["services"].max_entries - 1:
+            errors.append(f"services: {n_services} exceed the map's capacity")
+        return errors
+
+    def _allocate(self, plan: list[_Change]) -> None:
+        view = self.dp.view("backends")
+        for ch in plan:
+            ch.svc_id = ch.live.svc_id if ch.live else self._alloc(self.svc_ids)
+            for nb in ch.new_backends:
+                bid = self._alloc(self.backend_ids)
+                nb[1] = bid
+                nb[2] = (int(view["gen"][bid]) + 1) & 0xFFFFFFFF
+            active = [b for b in ch.svc.backends if b.state == "active"]
+            id_of = {(nb[0].address, nb[0].port): nb[1] for nb in ch.new_backends}
+            id_of.update({k: lb.id for k, lb in ch.kept.items()})
+            ids = np.array([id_of[(b.address, b.port)] for b in active], dtype=np.uint32)
+            table = ids[ch.ring_ids] if len(ids) else np.zeros(0, np.uint32)
+            live = ch.live
+            if live and live.ring_size == len(table) and len(table) and np.array_equal(
+                    self.dp.view("maglev_pool")[live.ring_offset:live.ring_offset + live.ring_size], table):
+                ch.ring_ids = None                      # identical table: keep it
+                ch.ring_offset = live.ring_offset
+            elif live and not len(table) and not live.ring_size:
+                ch.ring_ids = None
+                ch.ring_offset = 0
+            else:
+                ch.ring_ids = table
+                ch.ring_offset = self._alloc(self.pool, len(table)) if len(table) else 0
+
+    def _alloc(self, allocator, *args) -> int:
+        got = allocator.alloc(*args)
+        if got is None:
+            self.reclaimer.synchronize()
+            got = allocator.alloc(*args)
+        if got is None:     # _check_capacity makes this unreachable
+            raise CapacityError([f"allocation failed in {type(allocator).__name__}"])
+        return got
+
+    # -- writes ---------------------------------------------------------------
+
+    def _write_identities(self, cfg: Config, ids: dict[str, int]) -> None:
+        m = self.dp.maps["identities"]
+        K, V = m.key_type, m.value_type
+        for name, nets in cfg.identities.items():
+            for net in nets:
+                if self.identities.get(net) != ids[name]:
+                    m.update(_ident_key(K, net), V(identity=ids[name]))
+                    self.identities[net] = ids[name]
+
+    def _remove_identities(self, cfg: Config) -> None:
+        m = self.dp.maps["identities"]
+        want = {net for nets in cfg.identities.values() for net in nets}
+        for net in [n for n in self.identities if n not in want]:
+            m.delete(_ident_key(m.key_type, net))
+            del self.identities[net]
+
+    def _write_config(self, cfg: Config) -> None:
+        c, maps = self.c, self.dp.maps
+        meta = maps["meta"].lookup(0)
+        conf = maps["config"]
+        want = conf.value_type()
+        if cfg.snat_address is not None:
+            want.snat_addr[0] = addr_word(cfg.snat_address)
+            want.snat_family = FAMILY_IPV4
+        want.snat_port_min = cfg.snat_ports.min
+        want.snat_port_max = cfg.snat_ports.max
+        want.hash_seed = cfg.hash_seed
+        if bytes(conf.lookup(meta.active_config)) == bytes(want):
+            return
+        # The inactive copy may still be read by packets that saw it active
+        # before the previous flip: wait a grace period before rewriting it.
+        self.reclaimer.synchronize()
+        inactive = meta.active_config ^ 1
+        conf.update(inactive, want)
+        meta.active_config = inactive
+        meta.layout_version = c.XDPLB_LAYOUT_VERSION
+        maps["meta"].update(0, meta)
+
+    def _write_tables(self, plan: list[_Change]) -> None:
+        """Backends, Maglev slots, policy entries and zeroed counters: all
+        into ids/slots/generations that no live record points at yet."""
+        c, maps = self.c, self.dp.maps
+        bview, pool = self.dp.view("backends"), self.dp.view("maglev_pool")
+        new = [(ch, nb) for ch in plan for nb in ch.new_backends]
+        if new:
+            ids = np.array([nb[1] for _, nb in new], dtype=np.int64)
+            recs = np.zeros(len(new), dtype=bview.dtype)
+            recs["addr"][:, 0] = [addr_word(nb[0].address) for _, nb in new]
+            recs["port"] = [htons(nb[0].port) for _, nb in new]
+            recs["family"] = FAMILY_IPV4
+            recs["state"] = [nb[3] for _, nb in new]
+            recs["gen"] = [nb[2] for _, nb in new]
+            recs["svc_id"] = [ch.svc_id for ch, _ in new]
+            bview[ids] = recs
+            _zero_counters(maps["backend_stats"], ids)
+        fresh = [ch.svc_id for ch in plan if ch.live is None]
+        if fresh:
+            _zero_counters(maps["svc_stats"], np.array(fresh, dtype=np.int64))
+        for ch in plan:
+            if ch.ring_ids is not None and len(ch.ring_ids):
+                pool[ch.ring_offset:ch.ring_offset + len(ch.ring_ids)] = ch.ring_ids
+        pm = maps["policy"]
+        keys, vals = [], []
+        for ch in plan:
+            if ch.policy_changed:
+                for ident, verdict in ch.policy.items():
+                    keys.append(pm.key_type(svc_id=ch.svc_id, identity=ident, gen=ch.policy_gen))
+                    vals.append(pm.value_type(verdict=verdict))
+        if keys:
+            pm.update_batch((pm.key_type * len(keys))(*keys), (pm.value_type * len(vals))(*vals))
+        # Draining <-> active: one aligned 4-byte store per backend.
+        for ch in plan:
+            for lb, state in ch.state_changes:
+                bview["state"][lb.id] = state
+                lb.state = state
+
+    def _flip(self, plan: list[_Change]) -> None:
+        maps = self.dp.maps
+        sm = maps["services"]
+        for ch in plan:
+            if ch.live is None:
+                self._vip_ref(ch.svc.vip, +1)
+        keys = (sm.key_type * len(plan))()
+        vals = (sm.value_type * len(plan))()
+        for i, ch in enumerate(plan):
+            _svc_key(keys[i], ch.svc.key)
+            v = vals[i]
+            v.svc_id = ch.svc_id
+            v.ring_offset = ch.ring_offset
+            v.ring_size = len(ch.ring_ids) if ch.ring_ids is not None else ch.live.ring_size
+            v.policy_gen = ch.policy_gen
+            v.flags = ch.flags
+            ch._ring_size = v.ring_size
+        if plan:
+            sm.update_batch(keys, vals)
+
+    def _vip_ref(self, vip: IPv4Address, delta: int) -> None:
+        vm = self.dp.maps["vips"]
+        key = vm.key_type(family=FAMILY_IPV4)
+        key.addr[0] = addr_word(vip)
+        n = self.vips.get(vip, 0) + delta
+        if n > 0:
+            vm.update(key, vm.value_type(services=n))
+            self.vips[vip] = n
+        else:
+            vm.delete(key)
+            self.vips.pop(vip, None)
+
+    def _remove(self, removed: list[SvcKey]) -> None:
+        c, maps = self.c, self.dp.maps
+        sm, pm = maps["services"], maps["policy"]
+        bview = self.dp.view("backends")
+        for key in removed:
+            live = self.services.pop(key)
+            k = sm.key_type()
+            _svc_key(k, key)
+            sm.delete(k)
+            self._vip_ref(key[0], -1)
+            for b in live.backends.values():
+                bview["state"][b.id] = c.BACKEND_FREE
+                self.reclaimer.retire_id(self.backend_ids, b.id)
+            if live.ring_size:
+                self.reclaimer.retire_region(self.pool, live.ring_offset, live.ring_size)
+            self._retire_policy(pm, live.svc_id, live.policy_gen, live.policy)
+            self.reclaimer.retire_id(self.svc_ids, live.svc_id)
+
+    def _retire_policy(self, pm, svc_id: int, gen: int, entries: dict[int, int]) -> None:
+        if not entries:
+            return
+        keys = [pm.key_type(svc_id=svc_id, identity=i, gen=gen) for i in entries]
+        self.pending_policy += len(keys)
+
+        def delete_old_generation() -> None:
+            for k in keys:
+                pm.delete(k)
+            self.pending_policy -= len(keys)
+
+        self.reclaimer.retire_callback(delete_old_generation)
+
+    def _retire(self, plan: list[_Change]) -> None:
+        """Record the new live state; retire what only old records use."""
+        c = self.c
+        bview = self.dp.view("backends")
+        pm = self.dp.maps["policy"]
+        for ch in plan:
+            live = ch.live
+            if live is not None:
+                for b in ch.removed_backends:
+                    # A removed backend loses its flows now (conntrack sees
+                    # FREE and re-picks); its id is reused after a grace period.
+                    bview["state"][b.id] = c.BACKEND_FREE
+                    self.reclaimer.retire_id(self.backend_ids, b.id)
+                if ch.ring_ids is not None and live.ring_size:
+                    self.reclaimer.retire_region(self.pool, live.ring_offset, live.ring_size)
+                if ch.policy_changed:
+                    self._retire_policy(pm, live.svc_id, live.policy_gen, live.policy)
+            backends = dict(ch.kept)
+            for b, bid, gen, state in ch.new_backends:
+                backends[(b.address, b.port)] = LiveBackend(bid, gen, state, b.address, b.port)
+            self.services[ch.svc.key] = LiveService(
+                ch.svc.key, ch.svc_id, ch.ring_offset, ch._ring_size, ch.policy_gen, ch.flags,
+                backends, dict(ch.policy), ch.svc.name, ch.svc)
+
+
+def _zero_counters(m, ids: np.ndarray) -> None:
+    """Per-CPU counters of a newly (re)used id start at zero."""
+    if not len(ids):
+        return
+    keys = ids.astype(np.uint32)
+    values = np.zeros((len(ids), m.ncpus * 2), dtype=np.uint64)  # struct counter per CPU
+    m.update_batch(keys, values)
+
+
+def _svc_key(k, key: SvcKey) -> None:
+    vip, port, proto = key
+    k.vip[0] = addr_word(vip)
+    k.port = htons(port)
+    k.proto = PROTOCOLS[proto]
+    k.family = FAMILY_IPV4
+
+
+def _ident_key(K, net: IPv4Network):
+    k = K(prefixlen=32 + net.prefixlen, family=FAMILY_IPV4)
+    k.addr[0] = addr_word(net.network_address)
+    return k
+
+
+__all__ = ["Reconciler", "CapacityError", "ApplyResult", "PROTOCOLS", "ipaddress"]

@@ -1,0 +1,113 @@
+"""Test harness: the real program and control plane on the lab."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+from pathlib import Path
+
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+
+from lb.config import config_from_dict
+from lb.dataplane import Dataplane
+from lb.demo import lab_config
+from lb.reconcile import Reconciler
+from loader.testrun import test_run
+
+XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
+_seq = itertools.count()
+
+
+def pin_dir() -> str:
+    return f"/sys/fs/bpf/xdplb-test-{os.getpid()}-{next(_seq)}"
+
+
+class Harness:
+    """Loads xdplb, applies a config, attaches it to the lab's LB."""
+
+    def __init__(self, lab, topo, cfg: dict | None = None, *, attach: bool = True, **cfg_kw):
+        self.lab, self.topo = lab, topo
+        self.bpffs = pin_dir()
+        self.cfg_dict = cfg or lab_config(topo, fillers=0, bpffs=self.bpffs,
+                                          socket=f"/run/xdplb/test-{os.getpid()}.sock", **cfg_kw)
+        self.cfg_dict["bpffs"] = self.bpffs
+        self.cfg = config_from_dict(self.cfg_dict)
+        self.dp = Dataplane.open(self.cfg)
+        try:
+            self.rec = Reconciler(self.dp)
+            self.rec.apply(self.cfg)
+            with lab.inside(topo.lb_ns):
+                if attach:
+                    self.ifindexes = self.dp.attach(self.cfg.interfaces)
+                else:   # test-run only: the devmap still needs the egress ports
+                    self.ifindexes = [lab.ifindex(topo.lb_ns, i) for i in self.cfg.interfaces]
+                    for idx in self.ifindexes:
+                        self.dp.maps["tx_ports"].update(idx, idx)
+        except BaseException:
+            self.close()
+            raise
+
+    def apply(self, cfg_dict: dict):
+        self.cfg_dict = cfg_dict
+        self.cfg = config_from_dict(cfg_dict)
+        return self.rec.apply(self.cfg)
+
+    def edit(self):
+        return copy.deepcopy(self.cfg_dict)
+
+    def run(self, pkt, ifname: str = "l0"):
+        """BPF test-run in the lb namespace, as if `pkt` arrived on `ifname`."""
+        with self.lab.inside(self.topo.lb_ns):
+            ifindex = self.lab.ifindex(self.topo.lb_ns, ifname)
+            res = test_run(self.dp.prog.fd, bytes(pkt), ingress_ifindex=ifindex)
+        return res.retval, Ether(res.data_out)
+
+    def counters(self, map_name: str, key) -> tuple[int, int]:
+        vals = self.dp.maps[map_name].lookup(key)
+        return sum(v.packets for v in vals), sum(v.bytes for v in vals)
+
+    def drop_count(self, reason: str) -> int:
+        return self.counters("drop_stats", getattr(self.dp.consts, "DROP_" + reason.upper()))[0]
+
+    def close(self) -> None:
+        try:
+            self.dp.close()
+        finally:
+            Dataplane.detach(Path(self.bpffs), purge=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def tcp(src: str, sport: int, dst: str, dport: int, flags: str = "S", payload: bytes = b"",
+        dmac: str = "02:00:00:00:00:02"):
+    return Ether(src="02:00:00:00:00:01", dst=dmac) / IP(src=src, dst=dst, ttl=64, id=1) / \
+        TCP(sport=sport, dport=dport, flags=flags, seq=1000) / payload
+
+
+def udp(src: str, sport: int, dst: str, dport: int, payload: bytes = b"hello", chksum=None):
+    u = UDP(sport=sport, dport=dport)
+    if chksum is not None:
+        u.chksum = chksum
+    return Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=src, dst=dst, ttl=64) / u / payload
+
+
+def assert_checksums_valid(pkt) -> None:
+    """Recompute every checksum with scapy and compare with what is on the wire."""
+    ip = pkt[IP]
+    fresh = IP(bytes(ip))
+    del fresh.chksum
+    assert IP(bytes(fresh)).chksum == ip.chksum, "bad IPv4 header checksum"
+    for layer in (TCP, UDP):
+        if layer in pkt:
+            l4 = pkt[layer]
+            if layer is UDP and l4.chksum == 0:
+                continue
+            fresh = IP(bytes(ip))
+            del fresh[layer].chksum
+            assert IP(bytes(fresh))[layer].chksum == l4.chksum, f"bad {layer.__name__} checksum"
