@@ -1,0 +1,616 @@
+"""Desired state: the YAML config, parsed and validated.
+
+Everything a user can get wrong is caught here, before any map is touched,
+and reported all at once: each message names the entry it is about, e.g.
+``services[2] 'api': backends[1] '10.0.0.1:99999': port must be in 1..65535``.
+
+The models are frozen pydantic v2 models. `load_config`, `parse_config` and
+`config_from_dict` raise `ConfigError` (never pydantic's ValidationError).
+
+Numeric identities are derived from identity names by hashing, so they are
+the same on every machine and across restarts without being stored anywhere.
+The reserved values live in bpf/xdp/constants.h; the defaults below mirror
+it and callers that have read the object's BTF pass the real values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from collections.abc import Mapping
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "Backend",
+    "Config",
+    "ConfigError",
+    "DEFAULT_HASH_SEED",
+    "IDENTITY_USER_MIN",
+    "IDENTITY_WORLD",
+    "Limits",
+    "Service",
+    "SnatPorts",
+    "WORLD",
+    "config_from_dict",
+    "config_to_dict",
+    "identity_id",
+    "load_config",
+    "parse_config",
+]
+
+# Mirrors of enum xdplb_identity (constants.h). Callers that read the BTF
+# pass its values to identity_id()/Config.identity_ids(); reassigning these
+# module attributes also works, since defaults are resolved at call time.
+IDENTITY_WORLD = 2
+IDENTITY_USER_MIN = 256
+IDENTITY_ID_LIMIT = 2**31  # user ids stay below this (fits __u32, never "negative")
+
+WORLD = "world"  # the identity of every source that matches no CIDR
+DEFAULT_HASH_SEED = 0x9E3779B9
+IPPROTO = {"tcp": 6, "udp": 17}
+
+_COLLECT = "xdplb.collect"  # validation context key: report cross-entry rules at Config level
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9._-]{1,63}")
+_IDENTITY_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used. `errors` lists every problem found."""
+
+    def __init__(self, errors: list[str], source: str | None = None) -> None:
+        self.errors = list(errors)
+        self.source = source
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"{self.source}: " if self.source else ""
+        if len(self.errors) == 1:
+            return f"{where}{self.errors[0]}"
+        lines = "\n".join(f"  - {e}" for e in self.errors)
+        return f"{where}{len(self.errors)} problems:\n{lines}"
+
+
+class _Problems(ValueError):
+    """Several problems found by one validator. Messages are relative to the
+    validated object; `_translate` prefixes them with its location."""
+
+    def __init__(self, messages: list[str]) -> None:
+        self.messages = messages
+        super().__init__("; ".join(messages))
+
+
+# ---- scalar types -------------------------------------------------------
+
+
+def _int_range(lo: int, hi: int):
+    def check(v: int) -> int:
+        if not lo <= v <= hi:
+            raise ValueError(f"must be in {lo}..{hi}")
+        return v
+
+    return AfterValidator(check)
+
+
+def _is_ipv6(v: str) -> bool:
+    if ":" not in v:
+        return False
+    try:
+        ipaddress.IPv6Network(v.strip("[]"), strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _ipv4_address(v: Any) -> Any:
+    if isinstance(v, IPv4Address):
+        return v
+    if not isinstance(v, str):
+        raise ValueError("must be an IPv4 address string")
+    if _is_ipv6(v):
+        raise ValueError(f"IPv6 is not supported yet ({v})")
+    try:
+        return IPv4Address(v)
+    except ValueError:
+        raise ValueError(f"is not a valid IPv4 address: {v!r}") from None
+
+
+def _ipv4_network(v: Any) -> Any:
+    if isinstance(v, IPv4Network):
+        return v
+    if not isinstance(v, str):
+        raise ValueError("must be an IPv4 CIDR string")
+    # No value in these messages: a CIDR is always named by its entry label.
+    if _is_ipv6(v):
+        raise ValueError("IPv6 is not supported yet")
+    try:
+        return IPv4Network(v)
+    except ValueError:
+        pass
+    try:
+        loose = IPv4Network(v, strict=False)
+    except ValueError:
+        raise ValueError("not a valid IPv4 network") from None
+    # The LPM trie would silently mask them off; say so instead.
+    raise ValueError(f"host bits are set (did you mean {loose}?)")
+
+
+def _lower(v: Any) -> Any:
+    return v.lower() if isinstance(v, str) else v
+
+
+def _protocol(v: Any) -> Any:
+    v = _lower(v)
+    if v == "sctp":
+        raise ValueError("sctp is not supported (use tcp or udp)")
+    if v not in IPPROTO:
+        raise ValueError(f"must be tcp or udp, not {v!r}")
+    return v
+
+
+def _service_name(v: str) -> str:
+    if not _SERVICE_NAME.fullmatch(v):
+        raise ValueError("must be 1..63 characters from [A-Za-z0-9._-]")
+    return v
+
+
+def _identity_name(v: str) -> str:
+    if v == WORLD:
+        raise ValueError(f"'{WORLD}' is reserved (every unmatched source) and cannot be defined")
+    if not _IDENTITY_NAME.fullmatch(v):
+        raise ValueError("name must match [a-z0-9][a-z0-9._-]*")
+    return v
+
+
+def _ifname(v: str) -> str:
+    # The kernel's dev_valid_name(): < IFNAMSIZ, no '/', ':' or whitespace.
+    if not v or len(v) > 15 or v in (".", "..") or any(c in "/:" or c.isspace() for c in v):
+        raise ValueError("not a valid interface name (1..15 chars, no '/', ':' or spaces)")
+    return v
+
+
+def _netns_name(v: str) -> str:
+    if not v or v in (".", "..") or "/" in v or "\0" in v:
+        raise ValueError(f"is not a valid network namespace name: {v!r}")
+    return v
+
+
+def _absolute(v: Path) -> Path:
+    if not v.is_absolute():
+        raise ValueError(f"must be an absolute path, not {str(v)!r}")
+    return v
+
+
+Port = Annotated[int, Strict(), _int_range(1, 65535)]
+Weight = Annotated[int, Strict(), _int_range(1, 65535)]
+Uint32 = Annotated[int, Strict(), _int_range(0, 2**32 - 1)]
+Positive = Annotated[int, Strict(), _int_range(1, 2**32 - 1)]
+Address = Annotated[IPv4Address, BeforeValidator(_ipv4_address)]
+Network = Annotated[IPv4Network, BeforeValidator(_ipv4_network)]
+Protocol = Annotated[Literal["tcp", "udp"], BeforeValidator(_protocol)]
+ServiceName = Annotated[str, Strict(), AfterValidator(_service_name)]
+IdentityName = Annotated[str, Strict(), AfterValidator(_identity_name)]
+IdentityRef = Annotated[str, Strict()]  # checked against the defined names later
+IfName = Annotated[str, Strict(), AfterValidator(_ifname)]
+AbsPath = Annotated[Path, AfterValidator(_absolute)]
+BackendState = Annotated[Literal["active", "draining"], BeforeValidator(_lower)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---- models -------------------------------------------------------------
+
+
+class Backend(_Model):
+    """One backend: `"10.244.1.2:8080"` or a mapping with weight and state."""
+
+    address: Address
+    port: Port
+    weight: Weight = 1
+    # draining: keeps its flows (conntrack) but gets no new ones.
+    state: BackendState = "active"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) or isinstance(data, Backend):
+            return data
+        if not isinstance(data, str):
+            raise ValueError("must be 'address:port' or a mapping {address, port, weight, state}")
+        address, sep, port = data.rpartition(":")
+        if _is_ipv6(address) or _is_ipv6(data):
+            raise ValueError("IPv6 is not supported yet")
+        if not sep or not address:
+            raise ValueError("must be 'address:port'")
+        # Leave a non-numeric port as a string so the field reports it.
+        return {"address": address, "port": int(port) if port.isdigit() else port}
+
+    @property
+    def key(self) -> str:
+        """Stable identity of the backend, e.g. ``10.244.1.2:8080``; also
+        what the Maglev permutation is derived from."""
+        return f"{self.address}:{self.port}"
+
+
+class Service(_Model):
+    name: ServiceName
+    vip: Address
+    port: Port
+    protocol: Protocol
+    backends: tuple[Backend, ...] = ()
+    # None: no policy, everyone allowed. A list (even empty): default deny.
+    allow: tuple[IdentityRef, ...] | None = None
+    deny: tuple[IdentityRef, ...] = ()
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> Service:
+        # Inside config_from_dict() the Config-level pass reports these along
+        # with every other cross-entry problem; standalone, check here.
+        if not (info.context or {}).get(_COLLECT):
+            problems = _service_problems(self)
+            if problems:
+                raise _Problems(problems)
+        return self
+
+    @property
+    def key(self) -> tuple[IPv4Address, int, str]:
+        """What the data plane looks the service up by: (vip, port, protocol)."""
+        return (self.vip, self.port, self.protocol)
+
+    @property
+    def proto_number(self) -> int:
+        return IPPROTO[self.protocol]
+
+    @property
+    def active_backends(self) -> tuple[Backend, ...]:
+        """The backends that take new flows (the Maglev table's members)."""
+        return tuple(b for b in self.backends if b.state == "active")
+
+    @property
+    def has_policy(self) -> bool:
+        return self.allow is not None or bool(self.deny)
+
+
+class SnatPorts(_Model):
+    # Below Linux's default ephemeral range (32768..60999), so SNAT ports do
+    # not collide with the host's own outgoing connections.
+    min: Port = 10000
+    max: Port = 32767
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SnatPorts:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+        return self
+
+    @property
+    def count(self) -> int:
+        return self.max - self.min + 1
+
+
+class Limits(_Model):
+    """Overrides for the sizable map capacities (constants.h defaults)."""
+
+    maglev_slots: Positive = 262144 * 16
+    conntrack: Positive = 262144
+    nat: Positive = 262144
+
+
+class Config(_Model):
+    interfaces: tuple[IfName, ...]
+    xdp_mode: Annotated[Literal["native", "generic"], BeforeValidator(_lower)] = "native"
+    snat_address: Address | None = None  # None: DNAT-only gateway mode
+    snat_ports: SnatPorts = Field(default_factory=SnatPorts)
+    hash_seed: Uint32 = DEFAULT_HASH_SEED
+    bpffs: AbsPath = Path("/sys/fs/bpf/xdplb")
+    api_socket: AbsPath = Path("/run/xdplb/api.sock")
+    netns: Annotated[str, Strict(), AfterValidator(_netns_name)] | None = None
+    limits: Limits = Field(default_factory=Limits)
+    identities: dict[IdentityName, tuple[Network, ...]] = Field(default_factory=dict)
+    services: tuple[Service, ...] = ()
+
+    @field_validator("interfaces")
+    @classmethod
+    def _some_interface(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("must name at least one interface")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        problems = _cross_checks(self)
+        if problems:
+            raise _Problems(problems)
+        return self
+
+    @property
+    def snat(self) -> bool:
+        return self.snat_address is not None
+
+    def service(self, name: str) -> Service:
+        for s in self.services:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def identity_ids(self, user_min: int | None = None, world: int | None = None) -> dict[str, int]:
+        """Name -> numeric identity, `world` included. Raises ConfigError if
+        two names hash to the same id under these constants."""
+        ids, problems = _identity_ids(self.identities, user_min, world)
+        if problems:
+            raise ConfigError(problems)
+        return ids
+
+
+def identity_id(name: str, user_min: int | None = None) -> int:
+    """The numeric identity of `name`: a hash, so no state has to be kept."""
+    lo = IDENTITY_USER_MIN if user_min is None else user_min
+    h = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "big")
+    return lo + h % (IDENTITY_ID_LIMIT - lo)
+
+
+def _identity_ids(
+    names: Mapping[str, Any], user_min: int | None, world: int | None
+) -> tuple[dict[str, int], list[str]]:
+    world_id = IDENTITY_WORLD if world is None else world
+    lo = IDENTITY_USER_MIN if user_min is None else user_min
+    ids = {WORLD: world_id}
+    owner: dict[int, str] = {world_id: WORLD}
+    problems = []
+    if world_id >= lo:
+        problems.append(f"identity constants: world ({world_id}) must be below user_min ({lo})")
+    for name in names:
+        i = identity_id(name, lo)
+        if i in owner:
+            problems.append(
+                f"identities[{name!r}]: its id {i} collides with identities[{owner[i]!r}]; rename one"
+            )
+        owner.setdefault(i, name)
+        ids[name] = i
+    return ids, problems
+
+
+def _service_problems(svc: Service) -> list[str]:
+    """Rules between the entries of one service (messages relative to it)."""
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    for i, b in enumerate(svc.backends):
+        if b.key in seen:
+            problems.append(f"backends[{i}] '{b.key}': duplicate of backends[{seen[b.key]}]")
+        seen.setdefault(b.key, i)
+    for field in ("allow", "deny"):
+        names = getattr(svc, field) or ()
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                problems.append(f"{field}[{i}] '{name}': listed twice")
+    for name in dict.fromkeys(svc.allow or ()):
+        if name in svc.deny:
+            problems.append(f"identity '{name}' is in both allow and deny")
+    return problems
+
+
+def _svc(i: int, s: Service) -> str:
+    return f"services[{i}] '{s.name}'"
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    """Rules that span entries; each message names every entry involved."""
+    problems: list[str] = []
+
+    first_if: dict[str, int] = {}
+    for i, name in enumerate(cfg.interfaces):
+        if name in first_if:
+            problems.append(f"interfaces[{i}] '{name}': listed twice (also interfaces[{first_if[name]}])")
+        first_if.setdefault(name, i)
+
+    cidr_owner: dict[IPv4Network, tuple[str, int]] = {}
+    for ident, nets in cfg.identities.items():
+        for j, net in enumerate(nets):
+            where = f"identities[{ident!r}][{j}] '{net}'"
+            if net in cidr_owner:
+                other, k = cidr_owner[net]
+                if other == ident:
+                    problems.append(f"{where}: listed twice")
+                else:
+                    problems.append(f"{where}: also in identities[{other!r}]; a CIDR can have one identity")
+            else:
+                cidr_owner[net] = (ident, j)
+    problems += _identity_ids(cfg.identities, None, None)[1]
+
+    names: dict[str, int] = {}
+    keys: dict[tuple[IPv4Address, int, str], int] = {}
+    known = set(cfg.identities) | {WORLD}
+    for i, s in enumerate(cfg.services):
+        problems += [f"{_svc(i, s)}: {m}" for m in _service_problems(s)]
+        if s.name in names:
+            j = names[s.name]
+            problems.append(f"{_svc(i, s)}: name already used by services[{j}]")
+        names.setdefault(s.name, i)
+        if s.key in keys:
+            j = keys[s.key]
+            problems.append(
+                f"{_svc(i, s)}: {s.vip}:{s.port}/{s.protocol} is already used by {_svc(j, cfg.services[j])}"
+            )
+        keys.setdefault(s.key, i)
+        for field in ("allow", "deny"):
+            for k, ref in enumerate(getattr(s, field) or ()):
+                if ref not in known:
+                    defined = ", ".join(sorted(known))
+                    problems.append(
+                        f"{_svc(i, s)}: {field}[{k}] '{ref}': unknown identity '{ref}' (defined: {defined})"
+                    )
+    return problems
+
+
+# ---- loading and error translation --------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML keeps the last one)."""
+
+
+def _mapping_no_dups(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            dup = key in seen
+        except TypeError:
+            continue  # unhashable: construct_mapping reports it
+        if dup:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_no_dups)
+
+
+def load_config(path: str | Path) -> Config:
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"cannot read: {getattr(e, 'strerror', None) or e}"], str(path)) from None
+    return parse_config(text, source=str(path))
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = " ".join(p for p in (e.context, e.problem) if p)
+        raise ConfigError([f"YAML syntax error at {at}{what}"], source) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"YAML error: {e}"], source) from None
+    return config_from_dict(data, source=source)
+
+
+def config_from_dict(d: Any, source: str | None = None) -> Config:
+    if not isinstance(d, Mapping):
+        what = "empty" if d is None else f"a {type(d).__name__}"
+        raise ConfigError([f"the config must be a mapping, not {what}"], source)
+    try:
+        return Config.model_validate(d, context={_COLLECT: True})
+    except ValidationError as e:
+        raise ConfigError(_translate(e, d), source) from None
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain data (YAML/JSON-safe) that config_from_dict() turns back into
+    an equal Config. Backends with default weight and state are written in
+    the short "ip:port" form."""
+    d = cfg.model_dump(mode="json", exclude_none=True)
+    for svc, out in zip(cfg.services, d["services"]):
+        out["backends"] = [
+            b.key if (b.weight, b.state) == (1, "active") else {**bm}
+            for b, bm in zip(svc.backends, out["backends"])
+        ]
+    return d
+
+
+# Messages from pydantic's own checks, reworded to match ours.
+_MESSAGES = {
+    "missing": "is required",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+    "dict_type": "must be a mapping",
+    "list_type": "must be a list",
+    "tuple_type": "must be a list",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "string_type": "must be a string",
+}
+
+
+def _translate(e: ValidationError, raw: Any) -> list[str]:
+    out: list[str] = []
+    for err in e.errors():
+        loc = list(err["loc"])
+        if loc and loc[-1] == "[key]":  # an identity name: the dict key is the entry
+            loc.pop()
+        exc = (err.get("ctx") or {}).get("error")
+        if err["type"] == "extra_forbidden":
+            where = _where(loc[:-1], raw)
+            msg = f"unknown key {loc[-1]!r}"
+            out.append(f"{where}: {msg}" if where else msg)
+            continue
+        if isinstance(exc, _Problems):
+            where = _where(loc, raw)
+            out += [f"{where}: {m}" if where else m for m in exc.messages]
+            continue
+        if isinstance(exc, Exception):
+            msg = str(exc)
+        else:
+            msg = _MESSAGES.get(err["type"]) or err["msg"].replace("Input should be", "must be")
+        out.append(_join(_where(loc, raw), loc, msg))
+    return out
+
+
+def _join(where: str, loc: list, msg: str) -> str:
+    if not where:
+        return msg
+    # "port must be in 1..65535" reads better than "port: must be ..."
+    if loc and isinstance(loc[-1], str) and msg.startswith(("must ", "is ", "has ")):
+        return f"{where} {msg}"
+    return f"{where}: {msg}"
+
+
+def _label(field: str | None, item: Any) -> str:
+    """How an entry of a list is named in messages: the service's name, the
+    backend as written, the CIDR, ..."""
+    if field == "services" and isinstance(item, Mapping):
+        name = item.get("name")
+        return f" '{name}'" if isinstance(name, str) and name else ""
+    if field == "backends" and isinstance(item, Mapping):
+        a, p = item.get("address"), item.get("port")
+        return f" '{a}:{p}'" if a is not None and p is not None else ""
+    if isinstance(item, (str, int)) and not isinstance(item, bool):
+        return f" '{item}'"
+    return ""
+
+
+def _where(loc: list, raw: Any) -> str:
+    """Render a pydantic location against the raw input, e.g.
+    ('services', 2, 'backends', 1) -> "services[2] 'api': backends[1] '...'"."""
+    out = ""
+    node: Any = raw
+    field: str | None = None  # the list or dict being indexed
+    after_item = False  # the last segment named a labelled entry
+    for seg in loc:
+        if isinstance(seg, int):
+            item = node[seg] if isinstance(node, (list, tuple)) and seg < len(node) else None
+            out += f"[{seg}]{_label(field, item)}"
+            node, after_item = item, True
+        elif field == "identities" and isinstance(node, Mapping):
+            # A key of the free-form identities mapping, not a model field.
+            out += f"[{seg!r}]"
+            node, field, after_item = node.get(seg), seg, True
+        else:
+            sep = ": " if after_item else "."
+            out += (sep if out else "") + str(seg)
+            node = node.get(seg) if isinstance(node, Mapping) else None
+            field, after_item = str(seg), False
+    return out
