@@ -6,6 +6,9 @@ and reported all at once: each message names the entry it is about, e.g.
 
 The models are frozen pydantic v2 models. `load_config`, `parse_config` and
 `config_from_dict` raise `ConfigError` (never pydantic's ValidationError).
+Rules between entries (unique names, known identities, ...) are checked
+once every entry is valid on its own, so a config with malformed entries
+reports those first.
 
 Numeric identities are derived from identity names by hashing, so they are
 the same on every machine and across restarts without being stored anywhere.
@@ -251,6 +254,8 @@ class Backend(_Model):
 
 
 class Service(_Model):
+    """A (VIP, port, protocol) and its backends and policy."""
+
     name: ServiceName
     vip: Address
     port: Port
@@ -315,6 +320,8 @@ class Limits(_Model):
 
 
 class Config(_Model):
+    """The whole desired state of one load balancer."""
+
     interfaces: tuple[IfName, ...]
     xdp_mode: Annotated[Literal["native", "generic"], BeforeValidator(_lower)] = "native"
     snat_address: Address | None = None  # None: DNAT-only gateway mode
@@ -363,6 +370,8 @@ class Config(_Model):
 def identity_id(name: str, user_min: int | None = None) -> int:
     """The numeric identity of `name`: a hash, so no state has to be kept."""
     lo = IDENTITY_USER_MIN if user_min is None else user_min
+    if not 0 <= lo < IDENTITY_ID_LIMIT:
+        raise ValueError(f"user_min {lo} is outside [0, 2**31)")
     h = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "big")
     return lo + h % (IDENTITY_ID_LIMIT - lo)
 

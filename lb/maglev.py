@@ -35,6 +35,7 @@ import numpy as np
 from numba import njit, prange
 
 __all__ = [
+    "KEEP_STEPS",
     "MAX_BACKENDS_PER_SERVICE",
     "PRIMES",
     "build_table",

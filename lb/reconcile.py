@@ -250,7 +250,11 @@ class Reconciler:
     def _compute_rings(self, plan: list[_Change]) -> None:
         """Maglev tables for every planned service, in one numba call."""
         inputs = [[(b.key, b.weight) for b in ch.svc.backends if b.state == "active"] for ch in plan]
-        flat, offsets, sizes = maglev.build_tables(inputs)
+        # Keep a service's table size while it still fits: a new size
+        # would remap every flow, not just the ones Maglev has to move.
+        want = [maglev.table_size(len(i), current=ch.live.ring_size if ch.live else 0)
+                for i, ch in zip(inputs, plan)]
+        flat, offsets, sizes = maglev.build_tables(inputs, sizes=want)
         for ch, off, size in zip(plan, offsets, sizes):
             ch.ring_ids = flat[off:off + size]          # indices into the active list, for now
             ch._ring_size = int(size)

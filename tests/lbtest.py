@@ -111,3 +111,41 @@ def assert_checksums_valid(pkt) -> None:
             fresh = IP(bytes(ip))
             del fresh[layer].chksum
             assert IP(bytes(fresh))[layer].chksum == l4.chksum, f"bad {layer.__name__} checksum"
+
+
+def _raw(v) -> bytes:
+    if isinstance(v, list):
+        return b"".join(_raw(x) for x in v)
+    if isinstance(v, int):
+        return v.to_bytes(8, "little")
+    return bytes(v)
+
+
+def dump_maps(maps: dict, skip: tuple[str, ...] = ()) -> dict[str, bytes | list]:
+    """Every entry of every map, as bytes, to compare before/after."""
+    out = {}
+    for name, m in sorted(maps.items()):
+        if name in skip:
+            continue
+        if m.map_flags & 1024:                      # BPF_F_MMAPABLE: the whole array
+            out[name] = bytes(m.mmap(writable=False))
+        else:
+            out[name] = sorted((_raw(k), _raw(v)) for k, v in m.lookup_batch())
+    return out
+
+
+def open_pinned_maps(bpffs: str) -> dict:
+    """The daemon's maps, opened from their pins with types from BTF."""
+    from loader import BpfObject, Map
+
+    from lb.dataplane import default_object_path
+
+    obj = BpfObject(default_object_path())
+    try:
+        maps = {}
+        for p in sorted((Path(bpffs) / "maps").iterdir()):
+            maps[p.name] = Map.open_pinned(p, obj.layouts.map_key_type(p.name),
+                                           obj.layouts.map_value_type(p.name), name=p.name)
+        return maps
+    finally:
+        obj.close()
