@@ -123,6 +123,21 @@ def cmd_flow(args) -> int:
     return 0
 
 
+def cmd_service(args) -> int:
+    import yaml
+
+    if args.action == "put":
+        svc = yaml.safe_load(Path(args.file).read_text())
+        res = api.call(args.socket, "upsert_service", service=svc)
+    else:
+        res = api.call(args.socket, "delete_service", name=args.name)
+    if args.json:
+        _print_json(res)
+    else:
+        console.print(f"{args.action}: {res}")
+    return 0
+
+
 def cmd_down(args) -> int:
     from .dataplane import Dataplane
 
@@ -174,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("proto", choices=["tcp", "udp"])
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_flow)
+
+    s = sub.add_parser("service", help="add/replace or delete one service through the daemon")
+    sv = s.add_subparsers(dest="action", required=True)
+    put = sv.add_parser("put", help="add or replace the service described by a YAML file")
+    put.add_argument("-f", "--file", required=True)
+    put.add_argument("--json", action="store_true")
+    rm = sv.add_parser("delete", help="delete a service by name")
+    rm.add_argument("name")
+    rm.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_service)
 
     s = sub.add_parser("down", help="stop the daemon and detach XDP on purpose")
     s.add_argument("--bpffs", default=DEFAULT_BPFFS)

@@ -170,6 +170,14 @@ class Dataplane:
             indexes.append(idx)
         return indexes
 
+    def detach_others(self, keep: list[str] | tuple[str, ...]) -> list[str]:
+        """Detach pinned links of interfaces that are no longer configured."""
+        links = self.pin_dir / "links"
+        gone = [p.name for p in links.iterdir() if p.name not in keep] if links.is_dir() else []
+        for name in gone:
+            self.detach_link(self.pin_dir, name)
+        return gone
+
     @staticmethod
     def detach_link(pin_dir: Path, ifname: str) -> bool:
         path = pin_dir / "links" / ifname

@@ -113,6 +113,7 @@ class Reconciler:
         self.config: Config | None = None
         self.generation = 0
         self.pending_policy = 0       # old-generation entries awaiting a grace period
+        self.policy_entries = 0       # entries of live generations
         m = dp.maps
         self.svc_ids = IdAllocator(1, m["services"].max_entries)
         self.backend_ids = IdAllocator(1, m["backends"].max_entries)
@@ -152,6 +153,7 @@ class Reconciler:
                 stale.append(key)
             else:
                 owner.policy[key.identity] = int(val.verdict)
+                self.policy_entries += 1
         for key in stale:
             dp.maps["policy"].delete(key)
         for key, val in dp.maps["identities"].items():
@@ -192,7 +194,7 @@ class Reconciler:
         ids = cfg.identity_ids()
         plan = [self._plan(svc, ids) for svc in changed]
         self._compute_rings(plan)
-        self._check_capacity(cfg, plan, removed)
+        self._check_capacity(cfg, plan, removed, identities)
         self._allocate(plan)
         # --- from here on, writes ---
         if identities:
@@ -259,49 +261,61 @@ class Reconciler:
             ch.ring_ids = flat[off:off + size]          # indices into the active list, for now
             ch._ring_size = int(size)
 
-    def _check_capacity(self, cfg: Config, plan: list[_Change], removed: list[SvcKey]) -> None:
-        """Simulate every allocation on copies; reject before writing."""
-        m = self.dp.maps
+    def _check_capacity(self, cfg: Config, plan: list[_Change], removed: list[SvcKey],
+                        identities: bool) -> None:
+        """Check every allocation before the first write. Costs O(changes),
+        so a one-service update stays cheap at 20k services."""
         errors: list[str] = []
-        for attempt in (0, 1):
+        for _attempt in (0, 1):
             errors = self._simulate(cfg, plan, removed)
             if not errors or not self.reclaimer.pending:
                 break
             self.reclaimer.synchronize()     # retired ids/slots become free
+        if identities:
+            m = self.dp.maps["identities"]
+            n = len({net for nets in cfg.identities.values() for net in nets} | set(self.identities))
+            if n > m.max_entries:
+                errors.append(f"identities: {n} CIDRs exceed the map's {m.max_entries} entries")
         if errors:
             raise CapacityError(errors)
-        n_idents = len({net for nets in cfg.identities.values() for net in nets} | set(self.identities))
-        if n_idents > m["identities"].max_entries:
-            raise CapacityError([f"identities: {n_idents} CIDRs exceed the map's "
-                                 f"{m['identities'].max_entries} entries"])
 
     def _simulate(self, cfg: Config, plan: list[_Change], removed: list[SvcKey]) -> list[str]:
         m = self.dp.maps
-        svc_ids, backend_ids, pool = self.svc_ids.copy(), self.backend_ids.copy(), self.pool.copy()
-        errors = []
-        index = {s.key: i for i, s in enumerate(cfg.services)}
-        policy_entries = sum(len(s.policy) for s in self.services.values()) + self.pending_policy
+        errors: list[str] = []
+
+        def where(ch: _Change) -> str:
+            i = next((i for i, s in enumerate(cfg.services) if s.key == ch.svc.key), "?")
+            return f"services[{i}] '{ch.svc.name}'"
+
+        new_services = [ch for ch in plan if ch.live is None]
+        free_svc = self.svc_ids.capacity - self.svc_ids.count
+        if len(new_services) > free_svc:
+            ch = new_services[free_svc]
+            errors.append(f"{where(ch)}: no free service id: {len(new_services)} new services, "
+                          f"{free_svc} free (the services map holds {m['services'].max_entries - 1})")
+        free_backends = self.backend_ids.capacity - self.backend_ids.count
+        need = 0
         for ch in plan:
-            where = f"services[{index.get(ch.svc.key, '?')}] '{ch.svc.name}'"
-            if ch.live is None and svc_ids.alloc() is None:
-                errors.append(f"{where}: no free service id (map holds {m['services'].max_entries - 1} services)")
-            for _ in ch.new_backends:
-                if backend_ids.alloc() is None:
-                    errors.append(f"{where}: no free backend id (map holds "
-                                  f"{m['backends'].max_entries - 1} backends)")
+            need += len(ch.new_backends)
+            if need > free_backends:
+                errors.append(f"{where(ch)}: no free backend id: the update needs {need}, "
+                              f"{free_backends} free (the backends map holds "
+                              f"{m['backends'].max_entries - 1})")
+                break
+        rings = [ch for ch in plan if ch._ring_size]
+        if rings:
+            pool = self.pool.copy()
+            for ch in rings:
+                if pool.alloc(ch._ring_size) is None:
+                    errors.append(f"{where(ch)}: Maglev pool full: needs {ch._ring_size} slots, "
+                                  f"{pool.free_total} free of {pool.total} "
+                                  f"(raise limits.maglev_slots)")
                     break
-            if ch._ring_size and pool.alloc(ch._ring_size) is None:
-                errors.append(f"{where}: Maglev pool full: needs {ch._ring_size} slots, "
-                              f"{pool.free_total} free of {pool.total if hasattr(pool, 'total') else '?'} "
-                              f"(raise limits.maglev_slots)")
-            if ch.policy_changed:
-                policy_entries += len(ch.policy)
-        if policy_entries > m["policy"].max_entries:
-            errors.append(f"policy: {policy_entries} entries needed during the update, "
+        entries = self.policy_entries + self.pending_policy + sum(
+            len(ch.policy) for ch in plan if ch.policy_changed)
+        if entries > m["policy"].max_entries:
+            errors.append(f"policy: {entries} entries needed during the update, "
                           f"the map holds {m['policy'].max_entries}")
-        n_services = len(set(self.services) | {ch.svc.key for ch in plan}) - len(removed)
-        if n_services > m["services"].max_entries - 1:
-            errors.append(f"services: {n_services} exceed the map's capacity")
         return errors
 
     def _allocate(self, plan: list[_Change]) -> None:
@@ -464,6 +478,7 @@ class Reconciler:
             if live.ring_size:
                 self.reclaimer.retire_region(self.pool, live.ring_offset, live.ring_size)
             self._retire_policy(pm, live.svc_id, live.policy_gen, live.policy)
+            self.policy_entries -= len(live.policy)
             self.reclaimer.retire_id(self.svc_ids, live.svc_id)
 
     def _retire_policy(self, pm, svc_id: int, gen: int, entries: dict[int, int]) -> None:
@@ -496,6 +511,9 @@ class Reconciler:
                     self.reclaimer.retire_region(self.pool, live.ring_offset, live.ring_size)
                 if ch.policy_changed:
                     self._retire_policy(pm, live.svc_id, live.policy_gen, live.policy)
+                    self.policy_entries -= len(live.policy)
+            if ch.policy_changed:
+                self.policy_entries += len(ch.policy)
             backends = dict(ch.kept)
             for b, bid, gen, state in ch.new_backends:
                 backends[(b.address, b.port)] = LiveBackend(bid, gen, state, b.address, b.port)
