@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,17 +38,14 @@ class LayoutVersionError(BpfError):
     pass
 
 
-@dataclass(frozen=True)
 class Constants:
-    """Enums and limits read from the object's BTF (constants.h)."""
+    """Enums and limits read from the object's BTF (constants.h), as
+    attributes: ``consts.DROP_POLICY``."""
 
-    enums: dict[str, dict[str, int]]
-
-    def __getattr__(self, name: str) -> int:
-        for members in self.enums.values():
-            if name in members:
-                return members[name]
-        raise AttributeError(name)
+    def __init__(self, enums: dict[str, dict[str, int]]):
+        self.enums = enums
+        for members in enums.values():
+            self.__dict__.update(members)
 
     def names(self, enum: str) -> dict[int, str]:
         return {v: k for k, v in self.enums[enum].items()}

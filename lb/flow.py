@@ -48,7 +48,7 @@ def probe(dry: Dataplane, rec, src: str, sport: int, dst: str, dport: int, proto
     p = pm.lookup(0)
     out = Ether(res.data_out)
     action = XDP_ACTIONS.get(res.retval, str(res.retval))
-    ids = {v: k for k, v in (rec.config.identity_ids() if rec.config else {}).items()}
+    ids = {v: k for k, v in rec.identity_ids().items()}
     ids[c.IDENTITY_WORLD] = "world"
     by_id = {s.svc_id: s for s in rec.services.values()}
     svc = by_id.get(p.svc_id)

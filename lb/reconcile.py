@@ -21,7 +21,7 @@ rejected config leaves every map byte-for-byte unchanged.
 
 from __future__ import annotations
 
-import ipaddress
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,14 +31,13 @@ import numpy as np
 
 from . import maglev
 from .alloc import IdAllocator, Reclaimer, RegionAllocator
-from .config import Config, ConfigError, Service
+from .config import IPPROTO, Config, ConfigError, Service
 from .dataplane import Dataplane, addr_word, htons, ntohs, word_addr
 
 log = logging.getLogger("xdplb.reconcile")
 
-PROTOCOLS = {"tcp": 6, "udp": 17}
+PROTOCOLS = IPPROTO                                  # IANA numbers, not ours
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
-FAMILY_IPV4 = 2
 
 SvcKey = tuple[IPv4Address, int, str]
 
@@ -47,7 +46,13 @@ class CapacityError(ConfigError):
     """The config is valid but does not fit in the maps."""
 
 
-@dataclass
+def bkey(address: IPv4Address, port: int) -> int:
+    """A backend's (address, port) as one int: cheap to hash at 200k backends.
+    (`_ip` is IPv4Address's int value; int() costs a method call per use.)"""
+    return (address._ip << 16) | port
+
+
+@dataclass(slots=True)
 class LiveBackend:
     id: int
     gen: int
@@ -64,7 +69,7 @@ class LiveService:
     ring_size: int
     policy_gen: int
     flags: int
-    backends: dict[tuple[IPv4Address, int], LiveBackend] = field(default_factory=dict)
+    backends: dict[int, LiveBackend] = field(default_factory=dict)     # by bkey()
     policy: dict[int, int] = field(default_factory=dict)
     name: str | None = None
     applied: Service | None = None     # the model last applied (None if recovered)
@@ -91,9 +96,10 @@ class _Change:
     live: LiveService | None
     svc_id: int = 0
     new_backends: list = field(default_factory=list)      # (Backend, id, gen)
-    kept: dict = field(default_factory=dict)               # (addr, port) -> LiveBackend
+    kept: dict = field(default_factory=dict)               # bkey -> LiveBackend
     state_changes: list = field(default_factory=list)      # (id, new_state)
     removed_backends: list = field(default_factory=list)   # LiveBackend
+    keys: list = field(default_factory=list)               # bkey of each backend, in order
     ring_ids: np.ndarray | None = None                     # new table, or None = keep
     ring_offset: int = 0
     policy: dict = field(default_factory=dict)
@@ -114,6 +120,7 @@ class Reconciler:
         self.generation = 0
         self.pending_policy = 0       # old-generation entries awaiting a grace period
         self.policy_entries = 0       # entries of live generations
+        self._backend_names: dict[int, str] = {}     # bkey -> "ip:port", for Maglev
         m = dp.maps
         self.svc_ids = IdAllocator(1, m["services"].max_entries)
         self.backend_ids = IdAllocator(1, m["backends"].max_entries)
@@ -144,7 +151,7 @@ class Reconciler:
                 continue
             b = LiveBackend(int(bid), int(rec["gen"]), int(rec["state"]),
                             word_addr(rec["addr"][0]), ntohs(int(rec["port"])))
-            owner.backends[(b.address, b.port)] = b
+            owner.backends[bkey(b.address, b.port)] = b
             self.backend_ids.reserve(int(bid))
         stale = []
         for key, val in dp.maps["policy"].items():
@@ -161,6 +168,13 @@ class Reconciler:
             self.identities[net] = val.identity
         for key, val in dp.maps["vips"].items():
             self.vips[word_addr(key.addr[0])] = val.services
+
+    def identity_ids(self, cfg: Config | None = None) -> dict[str, int]:
+        """Identity name -> id, with the reserved values from BTF."""
+        cfg = cfg or self.config
+        if cfg is None:
+            return {"world": self.c.IDENTITY_WORLD}
+        return cfg.identity_ids(user_min=self.c.IDENTITY_USER_MIN, world=self.c.IDENTITY_WORLD)
 
     # -- apply ----------------------------------------------------------
 
@@ -191,7 +205,19 @@ class Reconciler:
 
     def _apply(self, cfg: Config, changed: list[Service], removed: list[SvcKey],
                identities: bool = True) -> ApplyResult:
-        ids = cfg.identity_ids()
+        # A full sync allocates ~1M small objects; generational GC passes
+        # over them would cost more than the sync itself.
+        gc_was_on = gc.isenabled()
+        gc.disable()
+        try:
+            return self._apply_locked(cfg, changed, removed, identities)
+        finally:
+            if gc_was_on:
+                gc.enable()
+
+    def _apply_locked(self, cfg: Config, changed: list[Service], removed: list[SvcKey],
+                      identities: bool) -> ApplyResult:
+        ids = self.identity_ids(cfg)
         plan = [self._plan(svc, ids) for svc in changed]
         self._compute_rings(plan)
         self._check_capacity(cfg, plan, removed, identities)
@@ -220,13 +246,17 @@ class Reconciler:
         live = self.services.get(svc.key)
         ch = _Change(svc, live)
         live_backends = dict(live.backends) if live else {}
+        active, draining = c.BACKEND_ACTIVE, c.BACKEND_DRAINING
+        keys = ch.keys
         for b in svc.backends:
-            state = c.BACKEND_ACTIVE if b.state == "active" else c.BACKEND_DRAINING
-            lb = live_backends.pop((b.address, b.port), None)
+            state = active if b.state == "active" else draining
+            k = (b.address._ip << 16) | b.port          # bkey(), inlined: hot at 200k
+            keys.append(k)
+            lb = live_backends.pop(k, None)
             if lb is None:
-                ch.new_backends.append([b, 0, 0, state])
+                ch.new_backends.append([b, 0, 0, state, k])
             else:
-                ch.kept[(b.address, b.port)] = lb
+                ch.kept[k] = lb
                 if lb.state != state:
                     ch.state_changes.append((lb, state))
         ch.removed_backends = list(live_backends.values())
@@ -251,7 +281,17 @@ class Reconciler:
 
     def _compute_rings(self, plan: list[_Change]) -> None:
         """Maglev tables for every planned service, in one numba call."""
-        inputs = [[(b.key, b.weight) for b in ch.svc.backends if b.state == "active"] for ch in plan]
+        names = self._backend_names
+        inputs = []
+        for ch in plan:
+            row = []
+            for b, k in zip(ch.svc.backends, ch.keys):
+                if b.state == "active":
+                    name = names.get(k)
+                    if name is None:
+                        name = names[k] = b.key
+                    row.append((name, b.weight))
+            inputs.append(row)
         # Keep a service's table size while it still fits: a new size
         # would remap every flow, not just the ones Maglev has to move.
         want = [maglev.table_size(len(i), current=ch.live.ring_size if ch.live else 0)
@@ -326,10 +366,10 @@ class Reconciler:
                 bid = self._alloc(self.backend_ids)
                 nb[1] = bid
                 nb[2] = (int(view["gen"][bid]) + 1) & 0xFFFFFFFF
-            active = [b for b in ch.svc.backends if b.state == "active"]
-            id_of = {(nb[0].address, nb[0].port): nb[1] for nb in ch.new_backends}
+            id_of = {nb[4]: nb[1] for nb in ch.new_backends}
             id_of.update({k: lb.id for k, lb in ch.kept.items()})
-            ids = np.array([id_of[(b.address, b.port)] for b in active], dtype=np.uint32)
+            ids = np.array([id_of[k] for b, k in zip(ch.svc.backends, ch.keys)
+                            if b.state == "active"], dtype=np.uint32)
             table = ids[ch.ring_ids] if len(ids) else np.zeros(0, np.uint32)
             live = ch.live
             if live and live.ring_size == len(table) and len(table) and np.array_equal(
@@ -360,14 +400,14 @@ class Reconciler:
         for name, nets in cfg.identities.items():
             for net in nets:
                 if self.identities.get(net) != ids[name]:
-                    m.update(_ident_key(K, net), V(identity=ids[name]))
+                    m.update(_ident_key(K, net, self.c.FAMILY_IPV4), V(identity=ids[name]))
                     self.identities[net] = ids[name]
 
     def _remove_identities(self, cfg: Config) -> None:
         m = self.dp.maps["identities"]
         want = {net for nets in cfg.identities.values() for net in nets}
         for net in [n for n in self.identities if n not in want]:
-            m.delete(_ident_key(m.key_type, net))
+            m.delete(_ident_key(m.key_type, net, self.c.FAMILY_IPV4))
             del self.identities[net]
 
     def _write_config(self, cfg: Config) -> None:
@@ -377,7 +417,7 @@ class Reconciler:
         want = conf.value_type()
         if cfg.snat_address is not None:
             want.snat_addr[0] = addr_word(cfg.snat_address)
-            want.snat_family = FAMILY_IPV4
+            want.snat_family = c.FAMILY_IPV4
         want.snat_port_min = cfg.snat_ports.min
         want.snat_port_max = cfg.snat_ports.max
         want.hash_seed = cfg.hash_seed
@@ -401,9 +441,10 @@ class Reconciler:
         if new:
             ids = np.array([nb[1] for _, nb in new], dtype=np.int64)
             recs = np.zeros(len(new), dtype=bview.dtype)
-            recs["addr"][:, 0] = [addr_word(nb[0].address) for _, nb in new]
-            recs["port"] = [htons(nb[0].port) for _, nb in new]
-            recs["family"] = FAMILY_IPV4
+            # Host-order ints, byte-swapped once: network order in memory.
+            recs["addr"][:, 0] = np.array([nb[4] >> 16 for _, nb in new], np.uint32).byteswap()
+            recs["port"] = np.array([nb[0].port for _, nb in new], np.uint16).byteswap()
+            recs["family"] = c.FAMILY_IPV4
             recs["state"] = [nb[3] for _, nb in new]
             recs["gen"] = [nb[2] for _, nb in new]
             recs["svc_id"] = [ch.svc_id for ch, _ in new]
@@ -433,13 +474,11 @@ class Reconciler:
     def _flip(self, plan: list[_Change]) -> None:
         maps = self.dp.maps
         sm = maps["services"]
-        for ch in plan:
-            if ch.live is None:
-                self._vip_ref(ch.svc.vip, +1)
+        self._vip_refs([ch.svc.vip for ch in plan if ch.live is None], +1)
         keys = (sm.key_type * len(plan))()
         vals = (sm.value_type * len(plan))()
         for i, ch in enumerate(plan):
-            _svc_key(keys[i], ch.svc.key)
+            _svc_key(keys[i], ch.svc.key, self.c.FAMILY_IPV4)
             v = vals[i]
             v.svc_id = ch.svc_id
             v.ring_offset = ch.ring_offset
@@ -450,9 +489,31 @@ class Reconciler:
         if plan:
             sm.update_batch(keys, vals)
 
+    def _vip_refs(self, vips: list[IPv4Address], delta: int) -> None:
+        """Count services per VIP address; one batch for many services."""
+        if len(vips) < 8:
+            for vip in vips:
+                self._vip_ref(vip, delta)
+            return
+        touched = {}
+        for vip in vips:
+            touched[vip] = touched.get(vip, self.vips.get(vip, 0)) + delta
+        vm = self.dp.maps["vips"]
+        up = [(v, n) for v, n in touched.items() if n > 0]
+        if up:
+            keys = np.zeros(len(up), dtype=self.dp.obj.layouts.dtype("vip_key"))
+            keys["addr"][:, 0] = np.array([int(v) for v, _ in up], np.uint32).byteswap()
+            keys["family"] = self.c.FAMILY_IPV4
+            vm.update_batch(keys, np.array([n for _, n in up], np.uint32))
+        for v, n in touched.items():
+            if n > 0:
+                self.vips[v] = n
+            elif v in self.vips:
+                self._vip_ref(v, -self.vips[v])
+
     def _vip_ref(self, vip: IPv4Address, delta: int) -> None:
         vm = self.dp.maps["vips"]
-        key = vm.key_type(family=FAMILY_IPV4)
+        key = vm.key_type(family=self.c.FAMILY_IPV4)
         key.addr[0] = addr_word(vip)
         n = self.vips.get(vip, 0) + delta
         if n > 0:
@@ -469,7 +530,7 @@ class Reconciler:
         for key in removed:
             live = self.services.pop(key)
             k = sm.key_type()
-            _svc_key(k, key)
+            _svc_key(k, key, c.FAMILY_IPV4)
             sm.delete(k)
             self._vip_ref(key[0], -1)
             for b in live.backends.values():
@@ -514,9 +575,9 @@ class Reconciler:
                     self.policy_entries -= len(live.policy)
             if ch.policy_changed:
                 self.policy_entries += len(ch.policy)
-            backends = dict(ch.kept)
-            for b, bid, gen, state in ch.new_backends:
-                backends[(b.address, b.port)] = LiveBackend(bid, gen, state, b.address, b.port)
+            backends = ch.kept
+            for b, bid, gen, state, k in ch.new_backends:
+                backends[k] = LiveBackend(bid, gen, state, b.address, b.port)
             self.services[ch.svc.key] = LiveService(
                 ch.svc.key, ch.svc_id, ch.ring_offset, ch._ring_size, ch.policy_gen, ch.flags,
                 backends, dict(ch.policy), ch.svc.name, ch.svc)
@@ -531,18 +592,18 @@ def _zero_counters(m, ids: np.ndarray) -> None:
     m.update_batch(keys, values)
 
 
-def _svc_key(k, key: SvcKey) -> None:
+def _svc_key(k, key: SvcKey, family: int) -> None:
     vip, port, proto = key
     k.vip[0] = addr_word(vip)
     k.port = htons(port)
     k.proto = PROTOCOLS[proto]
-    k.family = FAMILY_IPV4
+    k.family = family
 
 
-def _ident_key(K, net: IPv4Network):
-    k = K(prefixlen=32 + net.prefixlen, family=FAMILY_IPV4)
+def _ident_key(K, net: IPv4Network, family: int):
+    k = K(prefixlen=32 + net.prefixlen, family=family)
     k.addr[0] = addr_word(net.network_address)
     return k
 
 
-__all__ = ["Reconciler", "CapacityError", "ApplyResult", "PROTOCOLS", "ipaddress"]
+__all__ = ["Reconciler", "CapacityError", "ApplyResult", "PROTOCOLS"]

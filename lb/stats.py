@@ -24,7 +24,7 @@ def collect(dp: Dataplane, rec) -> dict[str, Any]:
     maps = dp.maps
     reasons = c.names("drop_reason")
     counters = c.names("xdplb_counter")
-    identity_names = {v: k for k, v in (rec.config.identity_ids() if rec.config else {}).items()}
+    identity_names = {v: k for k, v in rec.identity_ids().items()}
     identity_names[c.IDENTITY_WORLD] = "world"
     identity_names[c.IDENTITY_UNKNOWN] = "-"
     by_id = {s.svc_id: s for s in rec.services.values()}

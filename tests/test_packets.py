@@ -89,7 +89,7 @@ def test_spoofed_reply_from_wrong_interface_is_dropped(lb):
 
 def test_denied_identity_dropped_and_counted(lb):
     c = lb.dp.consts
-    blocked = lb.cfg.identity_ids()["blocked"]
+    blocked = lb.rec.identity_ids()["blocked"]
     svc_id = lb.rec.services[next(s.key for s in lb.cfg.services if s.name == "web")].svc_id
     key = lb.dp.maps["drop_detail"].key_type(identity=blocked, svc_id=svc_id, reason=c.DROP_POLICY)
     before = lb.dp.maps["drop_detail"].lookup(key)
@@ -159,7 +159,11 @@ def test_counters_per_service_and_backend(lb):
     _, out = lb.run(pkt)
     after = lb.counters("svc_stats", web.svc_id)
     assert after[0] == before + 1
-    b = web.backends[(__import__("ipaddress").IPv4Address(out[IP].dst), lb.topo.backend_port)]
+    from ipaddress import IPv4Address
+
+    from lb.reconcile import bkey
+
+    b = web.backends[bkey(IPv4Address(out[IP].dst), lb.topo.backend_port)]
     assert lb.counters("backend_stats", b.id)[0] >= 1
 
 
@@ -211,3 +215,13 @@ def test_missing_neighbour_passes_to_kernel(lab, bpf_object):
             assert out2[IP].dst == b.ip           # already translated
         finally:
             lab_.ping(topo.lb_ns, b.ip)
+
+
+def test_python_constants_agree_with_btf(lb):
+    """The few values Python also names must match constants.h."""
+    from lb import config
+
+    c = lb.dp.consts
+    assert config.IDENTITY_WORLD == c.IDENTITY_WORLD
+    assert config.IDENTITY_USER_MIN == c.IDENTITY_USER_MIN
+    assert lb.rec.identity_ids()["world"] == c.IDENTITY_WORLD
