@@ -1,0 +1,48 @@
+"""The demo as a user runs it: the whole thing, and Ctrl-C in the middle."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _leftovers(pid: int) -> list[str]:
+    ns = [n for n in os.listdir("/var/run/netns")] if os.path.isdir("/var/run/netns") else []
+    left = [n for n in ns if n.startswith(f"xl{pid}-")]
+    if Path(f"/sys/fs/bpf/xdplb-demo-{pid}").exists():
+        left.append(f"/sys/fs/bpf/xdplb-demo-{pid}")
+    return left
+
+
+def test_demo_balances_and_drops_denied(bpf_object):
+    p = subprocess.run([sys.executable, "-m", "lb.cli", "demo", "--fillers", "200", "--requests", "120",
+                        "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    r = json.loads(p.stdout[p.stdout.index("{\n"):])
+    assert r["answered"] == 120 and r["denied_answered"] == 0 and r["denied_drops"] >= 5
+    for n in r["per_backend"].values():
+        assert 0.25 <= n / 120 <= 0.42, r["per_backend"]
+
+
+def test_demo_tears_down_on_ctrl_c(bpf_object):
+    p = subprocess.Popen([sys.executable, "-m", "lb.cli", "demo", "--fillers", "100", "--requests", "2000"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        deadline = time.time() + 120
+        for line in p.stdout:
+            if "sending" in line or time.time() > deadline:
+                break
+        assert _leftovers(p.pid), "the demo should be running with its lab"
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert _leftovers(p.pid) == []
