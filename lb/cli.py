@@ -138,6 +138,16 @@ def cmd_service(args) -> int:
     return 0
 
 
+def cmd_upgrade(args) -> int:
+    res = api.call(args.socket, "upgrade", object=str(Path(args.object).resolve()))
+    if args.json:
+        _print_json(res)
+    else:
+        console.print(f"now running {res['object']} (program {res['prog_id']}) on "
+                      f"{', '.join(res['interfaces'])}")
+    return 0
+
+
 def cmd_down(args) -> int:
     from .dataplane import Dataplane
 
@@ -199,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("name")
     rm.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_service)
+
+    s = sub.add_parser("upgrade", help="replace the running program with a new build, atomically")
+    s.add_argument("--object", required=True, help="the new BPF object (xdplb.o)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_upgrade)
 
     s = sub.add_parser("down", help="stop the daemon and detach XDP on purpose")
     s.add_argument("--bpffs", default=DEFAULT_BPFFS)

@@ -128,6 +128,7 @@ class Daemon:
             "upsert_service": self._api_upsert,
             "delete_service": self._api_delete,
             "shutdown": self._api_shutdown,
+            "upgrade": self._api_upgrade,
         }
 
     def _locked(self, fn, *args):
@@ -222,6 +223,30 @@ class Daemon:
             ifindex = req.get("ifindex") or self.ifindexes[0]
             return flow.probe(self._dry, self.rec, req["src"], int(req["sport"]), req["dst"],
                               int(req["dport"]), proto, ingress_ifindex=ifindex)
+
+    def _api_upgrade(self, req: dict) -> dict:
+        """Swap in a new build of the program: the new object reuses the
+        pinned maps (refused with a clear error if their layout differs) and
+        replaces the program in every pinned link with one bpf_link_update,
+        so no packet is missed and no flow is forgotten."""
+        path = Path(req["object"]).resolve()
+        with self.lock:
+            old = self.dp
+            new = Dataplane.open(self.cfg, path)       # raises on an incompatible layout
+            try:
+                self.ifindexes = new.attach(self.cfg.interfaces, self.cfg.xdp_mode)
+            except BaseException:
+                new.close()
+                raise
+            if self._dry:
+                self._dry.close()
+                self._dry = None
+            self.rec.reclaimer.synchronize()     # pending frees use the old map handles
+            self.rec.dp = new
+            self.dp, self.object_path = new, path
+            old.close()
+            log.info("upgraded program object=%s prog_id=%d", path, new.prog.id)
+            return {"object": str(path), "prog_id": new.prog.id, "interfaces": new.attached()}
 
     def _api_shutdown(self, req: dict) -> dict:
         self.stop.set()
