@@ -97,12 +97,14 @@ def udp(src: str, sport: int, dst: str, dport: int, payload: bytes = b"hello", c
     return Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=src, dst=dst, ttl=64) / u / payload
 
 
-def assert_checksums_valid(pkt) -> None:
-    """Recompute every checksum with scapy and compare with what is on the wire."""
+def checksum_errors(pkt) -> list[str]:
+    """Recompute every checksum with scapy; name the ones that differ."""
+    bad = []
     ip = pkt[IP]
     fresh = IP(bytes(ip))
     del fresh.chksum
-    assert IP(bytes(fresh)).chksum == ip.chksum, "bad IPv4 header checksum"
+    if IP(bytes(fresh)).chksum != ip.chksum:
+        bad.append("IPv4 header")
     for layer in (TCP, UDP):
         if layer in pkt:
             l4 = pkt[layer]
@@ -110,7 +112,13 @@ def assert_checksums_valid(pkt) -> None:
                 continue
             fresh = IP(bytes(ip))
             del fresh[layer].chksum
-            assert IP(bytes(fresh))[layer].chksum == l4.chksum, f"bad {layer.__name__} checksum"
+            if IP(bytes(fresh))[layer].chksum != l4.chksum:
+                bad.append(layer.__name__)
+    return bad
+
+
+def assert_checksums_valid(pkt) -> None:
+    assert checksum_errors(pkt) == [], f"bad checksums: {checksum_errors(pkt)}"
 
 
 def _raw(v) -> bytes:

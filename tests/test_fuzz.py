@@ -1,0 +1,166 @@
+"""Hostile packets through the real program (BPF test-run), with invariants
+checked on every packet:
+
+- never XDP_ABORTED;
+- a forwarded packet is well formed, and its checksums are valid exactly
+  when the received packet's were (scapy recomputes both);
+- traffic that is neither for a VIP nor a reply passes untouched;
+- nothing from a denied identity reaches a backend of a policed service.
+
+CI runs XDPLB_FUZZ_PACKETS (default 100,000) mutated packets plus hypothesis
+examples; `XDPLB_FUZZ_PACKETS=10000000 pytest tests/test_fuzz.py` is the
+long run. Counts are printed at the end (-s shows them).
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import os
+import random
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR, IPerror, TCPerror
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+from scapy.layers.l2 import Dot1Q, Ether
+
+from lbtest import XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, Harness, checksum_errors
+from loader.testrun import test_run
+
+PACKETS = int(os.environ.get("XDPLB_FUZZ_PACKETS", "100000"))
+WEB, ECHO = "10.96.0.10", "10.96.0.53"
+VIPS = {WEB, ECHO}
+ALLOWED, DENIED = "10.1.0.10", "192.0.2.10"
+
+
+@pytest.fixture(scope="module")
+def fz(lab, bpf_object):
+    lab_, topo = lab
+    with Harness(lab_, topo, attach=False) as h:
+        h.backends = {(b.ip, topo.backend_port) for b in topo.backends} | \
+                     {(b.ip, topo.udp_port) for b in topo.backends}
+        h.l0 = topo.lb_client.ifindex
+        h.tally = collections.Counter()
+        yield h
+        print(f"\nfuzz: {sum(h.tally.values())} packets: " +
+              ", ".join(f"{k}={v}" for k, v in sorted(h.tally.items())))
+
+
+def seeds() -> list:
+    """Well-formed starting points: every kind of packet the LB meets."""
+    e = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    return [
+        e / IP(src=ALLOWED, dst=WEB) / TCP(sport=40000, dport=80, flags="S"),
+        e / IP(src=DENIED, dst=WEB) / TCP(sport=40001, dport=80, flags="S"),
+        e / IP(src=ALLOWED, dst=ECHO) / UDP(sport=5353, dport=53) / b"query",
+        e / IP(src=DENIED, dst=WEB) / UDP(sport=5353, dport=80) / b"x",
+        e / IP(src=ALLOWED, dst="10.1.0.1") / TCP(sport=40002, dport=22),
+        e / IP(src=ALLOWED, dst=WEB, options=[IPOption_RR()]) / TCP(dport=80),
+        e / IP(src=DENIED, dst=WEB, flags="MF") / TCP(sport=40003, dport=80),
+        e / IP(src=DENIED, dst=WEB, frag=100, proto=6) / (b"y" * 24),
+        e / Dot1Q(vlan=5) / IP(src=DENIED, dst=WEB) / TCP(sport=40004, dport=80),
+        e / Dot1Q(vlan=5) / Dot1Q(vlan=6) / IP(src=DENIED, dst=WEB) / TCP(sport=40005, dport=80),
+        e / IPv6(src="2001:db8::1", dst="2001:db8::2") / IPv6ExtHdrHopByHop() / IPv6ExtHdrFragment() / UDP(),
+        e / IP(src="10.1.0.1", dst=ALLOWED) / ICMP(type=3, code=4) / IPerror(src=ALLOWED, dst=WEB) / TCPerror(sport=40000, dport=80),
+        e / IP(src=ALLOWED, dst=WEB) / ICMP(type=3, code=3) / IPerror(src=WEB, dst=ALLOWED) / TCPerror(sport=80, dport=40000),
+        e / IP(src=ALLOWED, dst=WEB) / TCP(sport=40006, dport=80, dataofs=15, flags="FSRPAUEC"),
+        e / IP(src=ALLOWED, dst=WEB) / TCP(sport=40007, dport=80, dataofs=2),
+        e / IP(src=ALLOWED, dst=ECHO) / UDP(sport=5354, dport=53, chksum=0) / b"nocsum",
+        e / IP(src=ALLOWED, dst=ECHO) / UDP(sport=5355, dport=53, chksum=0x1234) / b"badcsum",
+        e / IP(src=ALLOWED, dst=ECHO) / UDP(sport=5356, dport=53, len=4) / b"short",
+    ]
+
+
+def src_of(data: bytes) -> tuple[str | None, str | None]:
+    """(source, destination) IPv4 addresses as the data plane would read them."""
+    off = 12
+    eth = data[off:off + 2]
+    if eth in (b"\x81\x00", b"\x88\xa8") and len(data) >= 18:
+        off += 4
+        eth = data[off:off + 2]
+    if eth != b"\x08\x00" or len(data) < off + 2 + 20:
+        return None, None
+    ip = data[off + 2:off + 22]
+    return str(ipaddress.IPv4Address(ip[12:16])), str(ipaddress.IPv4Address(ip[16:20]))
+
+
+def check(fz, data: bytes) -> int:
+    res = test_run(fz.dp.prog.fd, data, ingress_ifindex=fz.l0)
+    rc = res.retval
+    fz.tally[{XDP_DROP: "drop", XDP_PASS: "pass", XDP_TX: "tx", XDP_REDIRECT: "redirect"}.get(rc, "other")] += 1
+    assert rc != XDP_ABORTED, data.hex()
+    src, dst = src_of(data)
+    if rc in (XDP_TX, XDP_REDIRECT):
+        out = Ether(res.data_out)
+        assert IP in out and (TCP in out or UDP in out), data.hex()
+        # Incremental updates keep a good checksum good and a damaged one
+        # damaged: the LB neither breaks packets nor launders corrupt ones.
+        assert bool(checksum_errors(out)) == bool(checksum_errors(Ether(data))), data.hex()
+        fz.tally["forwarded_valid" if not checksum_errors(out) else "forwarded_corrupt_in"] += 1
+        l4 = out[TCP] if TCP in out else out[UDP]
+        assert (out[IP].dst, l4.dport) in fz.backends, data.hex()
+        assert dst in VIPS, data.hex()
+        assert src != DENIED or dst != WEB, f"denied identity crossed the policy: {data.hex()}"
+    elif dst not in VIPS:
+        assert rc == XDP_PASS and res.data_out == data, data.hex()
+    return rc
+
+
+def mutations(seed: bytes, rnd: random.Random):
+    """Truncation at every offset, then random byte, field and flag damage."""
+    # Test-run refuses frames shorter than an Ethernet header (EINVAL), as
+    # no driver would hand one to XDP: truncation starts there.
+    for cut in range(14, len(seed)):
+        yield seed[:cut]
+    while True:
+        b = bytearray(seed)
+        kind = rnd.randrange(6)
+        if kind == 0:                                    # random bytes
+            for _ in range(rnd.randint(1, 4)):
+                b[rnd.randrange(len(b))] = rnd.randrange(256)
+        elif kind == 1 and len(b) > 14:                  # IHL / version byte
+            b[14] = rnd.randrange(256)
+        elif kind == 2 and len(b) > 17:                  # total length
+            b[16:18] = struct.pack("!H", rnd.randrange(65536))
+        elif kind == 3 and len(b) > 21:                  # flags + fragment offset
+            b[20:22] = struct.pack("!H", rnd.randrange(65536))
+        elif kind == 4 and len(b) > 46:                  # TCP data offset / flags, UDP length
+            b[46:48] = struct.pack("!H", rnd.randrange(65536))
+        else:                                            # cut and pad
+            b = b[:rnd.randrange(14, len(b) + 1)] + bytes(rnd.randrange(8))
+        yield bytes(b)
+
+
+def test_mutated_packets_keep_the_invariants(fz):
+    rnd = random.Random(20261126)
+    base = [bytes(p) for p in seeds()]
+    per_seed = max(1, PACKETS // len(base))
+    with fz.lab.inside(fz.topo.lb_ns):          # FIB lookups see the LB's routes
+        for seed in base:
+            gen = mutations(seed, rnd)
+            for _ in range(per_seed):
+                check(fz, next(gen))
+    assert sum(fz.tally.values()) >= PACKETS - len(base)
+    assert fz.tally["redirect"] > 0 and fz.tally["drop"] > 0 and fz.tally["pass"] > 0
+
+
+ports = st.integers(0, 65535)
+addrs = st.sampled_from([ALLOWED, DENIED, "198.51.100.7", "10.1.0.99", "10.244.1.2", "0.0.0.0"])
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(src=addrs, dst=st.sampled_from([WEB, ECHO, "10.1.0.1", "10.96.0.99"]), sport=ports, dport=ports,
+       proto=st.sampled_from(["tcp", "udp"]), flags=st.integers(0, 255), ttl=st.integers(0, 255),
+       vlan=st.none() | st.integers(0, 4095), payload=st.binary(max_size=64), tos=st.integers(0, 255))
+def test_structured_packets_keep_the_invariants(fz, src, dst, sport, dport, proto, flags, ttl, vlan, payload, tos):
+    l4 = TCP(sport=sport, dport=dport, flags=flags) if proto == "tcp" else UDP(sport=sport, dport=dport)
+    eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    ip = IP(src=src, dst=dst, ttl=ttl, tos=tos) / l4 / payload
+    pkt = eth / Dot1Q(vlan=vlan) / ip if vlan is not None else eth / ip
+    with fz.lab.inside(fz.topo.lb_ns):
+        rc = check(fz, bytes(pkt))
+    if src == DENIED and dst == WEB:
+        assert rc == XDP_DROP
