@@ -45,10 +45,13 @@ class _RequestHandler(socketserver.StreamRequestHandler):
         line = self.rfile.readline(MAX_REQUEST)
         try:
             req = json.loads(line)
+            if not isinstance(req, dict):
+                raise ValueError("not a JSON object")
             cmd = req.pop("cmd")
             handler = self.server.handlers[cmd]
-        except (ValueError, KeyError, TypeError):
-            self._reply({"ok": False, "error": f"bad request: {line[:200]!r}"})
+        except (ValueError, KeyError, TypeError) as e:
+            self._reply({"ok": False, "error": f"bad request ({e}): {line[:200]!r}; "
+                                               f"commands: {', '.join(sorted(self.server.handlers))}"})
             return
         try:
             self._reply({"ok": True, "result": handler(req)})
