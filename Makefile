@@ -10,7 +10,7 @@ CLANG ?= clang
 BPF_CFLAGS := -O2 -g -target bpf -Wall -Werror -I/usr/include/$(shell uname -m)-linux-gnu
 APT_PKGS := clang llvm libbpf-dev bpftool iptables nftables iproute2 ethtool curl python3-venv
 
-.PHONY: all bpf deps apt venv demo test clean install
+.PHONY: all bpf bench-bpf bench-micro bench-micro-save deps apt venv demo test clean install
 
 all: bpf
 
@@ -18,6 +18,14 @@ bpf: $(BPF_OBJ)
 
 $(BPF_OBJ): $(BPF_SRC)
 	$(CLANG) $(BPF_CFLAGS) -c bpf/xdp/xdplb.c -o $@
+
+# The benchmark's own programs: generator, sink, bare forwarder.
+BENCH_BPF_OBJS := $(patsubst %.c,%.o,$(wildcard bench/bpf/*.c))
+
+bench-bpf: $(BENCH_BPF_OBJS)
+
+bench/bpf/%.o: bench/bpf/%.c bench/bpf/bench.h
+	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 
 apt:
 	@if ! dpkg -s $(APT_PKGS) >/dev/null 2>&1; then \
@@ -31,7 +39,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-deps: apt venv bpf
+deps: apt venv bpf bench-bpf
 	@mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 
 demo: deps
@@ -40,5 +48,41 @@ demo: deps
 test: deps
 	$(VENV)/bin/python -m pytest -q tests
 
+# Microbenchmarks (pytest-benchmark) against the stored baseline; a median
+# more than 150% slower fails. bench-micro-save stores a new baseline.
+MICRO := $(VENV)/bin/python -m pytest -q -p no:cacheprovider bench/micro \
+	--benchmark-storage=file://bench/micro/baseline
+
+bench-micro: deps
+	$(MICRO) --benchmark-compare --benchmark-compare-fail=median:150%
+
+bench-micro-save: deps
+	$(MICRO) --benchmark-save=baseline
+
+# make install: a venv under $(PREFIX) with xdplb installed from this tree (not
+# editable), the BPF object (the unit points XDPLB_OBJECT at it), the systemd
+# unit, and the example config unless one exists. PREFIX/CONFDIR/UNITDIR may
+# point elsewhere (the paths in the unit follow); systemctl daemon-reload runs
+# only if systemd is the init system.
+PREFIX ?= /opt/xdplb
+CONFDIR ?= /etc/xdplb
+UNITDIR ?= /etc/systemd/system
+
+install: bpf
+	install -d -m 0755 $(PREFIX) $(CONFDIR) $(UNITDIR)
+	$(PY) -m venv $(PREFIX)/venv
+	$(PREFIX)/venv/bin/pip install -q .
+	rm -rf build
+	install -m 0644 $(BPF_OBJ) $(PREFIX)/xdplb.o
+	sed -e 's|/opt/xdplb|$(PREFIX)|g' -e 's|/etc/xdplb|$(CONFDIR)|g' systemd/xdplb.service \
+	  > $(UNITDIR)/xdplb.service
+	chmod 0644 $(UNITDIR)/xdplb.service
+	@if [ -e $(CONFDIR)/xdplb.yaml ]; then echo "kept the existing $(CONFDIR)/xdplb.yaml"; \
+	else install -m 0644 systemd/xdplb.yaml $(CONFDIR)/xdplb.yaml; \
+	  echo "installed an example $(CONFDIR)/xdplb.yaml: edit interfaces and services"; fi
+	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; \
+	else echo "systemd is not the init system here: skipped systemctl daemon-reload"; fi
+	@echo "then: systemctl enable --now xdplb"
+
 clean:
-	rm -f $(BPF_OBJ)
+	rm -f $(BPF_OBJ) $(BENCH_BPF_OBJS)

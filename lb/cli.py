@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -51,7 +52,8 @@ def cmd_apply(args) -> int:
 
 
 def cmd_status(args) -> int:
-    st = api.call(args.socket, "status")
+    # The table lists only unhealthy backends: no need to ship 200k healthy ones.
+    st = api.call(args.socket, "status", **({} if args.json else {"health_backends": "unhealthy"}))
     if args.json:
         _print_json(st)
         return 0
@@ -62,8 +64,31 @@ def cmd_status(args) -> int:
     t.add_row("interfaces", ", ".join(f"{k} (prog {v})" for k, v in st["interfaces"].items()))
     t.add_row("maglev pool", f"{st['maglev_pool']['free']} of {st['maglev_pool']['slots']} slots free")
     t.add_row("last apply", json.dumps(st["last_apply"]))
+    h = st.get("health")
+    if h:
+        t.add_row("health checks", f"{h['checked']} checked: {h['up']} up, {h['down']} down; "
+                  f"{h['probes_per_s']} probes/s, {h['in_flight']} in flight (max {h['max_in_flight']}), "
+                  f"lag {h['lag_s']}s" + (f"; fail open: {', '.join(h['fail_open'])}" if h["fail_open"] else ""))
     console.print(t)
+    _print_unhealthy(h)
     return 0
+
+
+def _print_unhealthy(h: dict | None, limit: int = 50) -> None:
+    """Only the backends that are down or on their way: the rest are fine."""
+    rows = [b for b in (h or {}).get("backends", []) if not b["up"] or b["failures"]]
+    if not rows:
+        return
+    t = Table(title="unhealthy backends")
+    for col in ("service", "backend", "health", "in table", "fails", "last error", "since"):
+        t.add_column(col, no_wrap=col in ("backend", "since"))
+    for b in rows[:limit]:
+        since = time.strftime("%H:%M:%S", time.localtime(b["last_change"]))
+        t.add_row(b["service"], b["backend"], "up" if b["up"] else "down",
+                  "yes" if b["in_rotation"] else "no", str(b["failures"]), b["last_error"] or "", since)
+    console.print(t)
+    if len(rows) > limit:
+        console.print(f"({len(rows) - limit} more; --json lists them all)")
 
 
 def cmd_stats(args) -> int:
@@ -79,7 +104,8 @@ def cmd_stats(args) -> int:
         t.add_row(s["name"] or "?", f"{s['vip']}:{s['port']}/{s['protocol']}", "", "",
                   str(s["packets"]), str(s["bytes"]))
         for b in s["backends"]:
-            t.add_row("", "", f"{b['address']}:{b['port']}", b["state"], str(b["packets"]), str(b["bytes"]))
+            state = b["state"] + (f" ({b['health']})" if b.get("health") == "down" else "")
+            t.add_row("", "", f"{b['address']}:{b['port']}", state, str(b["packets"]), str(b["bytes"]))
     console.print(t)
     if len(shown) < len(st["services"]):
         console.print(f"({len(st['services']) - len(shown)} services without traffic hidden; --all shows them)")
@@ -148,6 +174,21 @@ def cmd_upgrade(args) -> int:
     return 0
 
 
+def cmd_monitor(args) -> int:
+    from .monitor import Filters, run
+
+    for flag in ("count", "duration"):
+        v = getattr(args, flag)
+        if v is not None and v <= 0:
+            return _fail(f"--{flag} must be > 0, not {v}")
+    try:
+        return run(args.socket, bpffs=args.bpffs, object_path=args.object, as_json=args.json,
+                   filters=Filters(args.service, args.identity, args.verdict),
+                   count=args.count, duration=args.duration)
+    except ValueError as e:
+        return _fail(str(e))
+
+
 def cmd_down(args) -> int:
     from .dataplane import Dataplane
 
@@ -165,6 +206,12 @@ def cmd_demo(args) -> int:
     from .demo import main as demo_main
 
     return demo_main(args)
+
+
+def cmd_bench(args) -> int:
+    from bench.cli import main as bench_main
+
+    return bench_main(args=args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,6 +262,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_upgrade)
 
+    s = sub.add_parser(
+        "monitor", help="stream flow events: new forwarded flows and drops",
+        description="Print one line per flow event from the data plane: the first packet of "
+        "each new forwarded flow and every drop, sampled and rate-limited in the kernel (config "
+        "`monitor:`; `events_lost` in `xdplb stats` counts what the limit dropped). Reads the "
+        "pinned ring buffer directly and asks the daemon only for names. Only one monitor at a "
+        "time sees every event: a ring buffer has a single reader position, so two monitors "
+        "split the events between them.")
+    s.add_argument("--service", metavar="NAME", help="only events of this service")
+    s.add_argument("--identity", metavar="NAME", help="only events from this source identity")
+    s.add_argument("--verdict", choices=["forwarded", "dropped"])
+    s.add_argument("--json", action="store_true", help="one JSON object per line")
+    s.add_argument("--count", type=int, metavar="N", help="stop after N events")
+    s.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    s.add_argument("--bpffs", help="pin directory (default: the daemon's); without a daemon, "
+                   "events show numeric ids")
+    s.add_argument("--object", help="BPF object for the event layout (default: the built one)")
+    s.set_defaults(fn=cmd_monitor)
+
     s = sub.add_parser("down", help="stop the daemon and detach XDP on purpose")
     s.add_argument("--bpffs", default=DEFAULT_BPFFS)
     s.add_argument("--purge", action="store_true", help="also remove the pinned maps (drops all flows)")
@@ -225,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fillers", type=int, default=10000, help="extra services to load, to show scale")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_demo)
+
+    from bench.cli import add_arguments as bench_arguments
+
+    s = sub.add_parser("bench", help="benchmark xdplb against kube-proxy's iptables and nftables "
+                       "layouts on a veth lab (--quick: the CI gate)")
+    bench_arguments(s)
+    s.set_defaults(fn=cmd_bench)
     return p
 
 

@@ -43,11 +43,14 @@ from pydantic import (
 __all__ = [
     "Backend",
     "Config",
+    "HealthCheck",
+    "HealthCheckLimits",
     "ConfigError",
     "DEFAULT_HASH_SEED",
     "IDENTITY_USER_MIN",
     "IDENTITY_WORLD",
     "Limits",
+    "Monitor",
     "Service",
     "SnatPorts",
     "WORLD",
@@ -162,7 +165,7 @@ def _protocol(v: Any) -> Any:
     v = _lower(v)
     if v == "sctp":
         raise ValueError("sctp is not supported (use tcp or udp)")
-    if v not in IPPROTO:
+    if not isinstance(v, str) or v not in IPPROTO:
         raise ValueError(f"must be tcp or udp, not {v!r}")
     return v
 
@@ -194,6 +197,37 @@ def _netns_name(v: str) -> str:
     return v
 
 
+DEFAULT_METRICS_ADDRESS = "127.0.0.1:9469"
+
+
+def _metrics_address(v: Any) -> Any:
+    """'host:port' with an IP host ('[::1]:9469' for IPv6); null means the
+    default, false turns the endpoint off."""
+    if v is None:
+        return DEFAULT_METRICS_ADDRESS
+    if v is False:
+        return False
+    example = f"'host:port' (e.g. {DEFAULT_METRICS_ADDRESS}) or false"
+    if not isinstance(v, str):
+        raise ValueError(f"must be {example}, not {v!r}")
+    host, sep, port = v.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"must be {example}, not {v!r}")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"port must be in 1..65535, not {port!r}")
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        raise ValueError(f"host must be an IP address, not {host!r}") from None
+    if ip.version == 6 and not bracketed:
+        raise ValueError(f"an IPv6 host goes in brackets, e.g. [{ip}]:{int(port)}")
+    return f"[{ip}]:{int(port)}" if ip.version == 6 else f"{ip}:{int(port)}"
+
+
+MetricsAddress = Annotated[str | Literal[False], BeforeValidator(_metrics_address)]
+
+
 def _absolute(v: Path) -> Path:
     if not v.is_absolute():
         raise ValueError(f"must be an absolute path, not {str(v)!r}")
@@ -213,6 +247,33 @@ IdentityRef = Annotated[str, Strict()]  # checked against the defined names late
 IfName = Annotated[str, Strict(), AfterValidator(_ifname)]
 AbsPath = Annotated[Path, AfterValidator(_absolute)]
 BackendState = Annotated[Literal["active", "draining"], BeforeValidator(_lower)]
+
+
+def _seconds(v: float) -> float:
+    if not 0 < v <= 3600:
+        raise ValueError("must be > 0 and <= 3600 (seconds)")
+    return v
+
+
+def _http_path(v: str) -> str:
+    # It goes verbatim into the request line: no spaces or control characters.
+    if not v.startswith("/"):
+        raise ValueError(f"must start with '/', not {v!r}")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in v):
+        raise ValueError(f"must not contain spaces or control characters: {v!r}")
+    return v
+
+
+def _positive_rate(v: float) -> float:
+    if not 0 < v <= 1e6:
+        raise ValueError("must be > 0 and <= 1000000")
+    return v
+
+
+Seconds = Annotated[float, Strict(), AfterValidator(_seconds)]
+CheckCount = Annotated[int, Strict(), _int_range(1, 1000)]
+HttpStatus = Annotated[int, Strict(), _int_range(100, 599)]
+HttpPath = Annotated[str, Strict(), AfterValidator(_http_path)]
 
 
 class _Model(BaseModel):
@@ -253,6 +314,52 @@ class Backend(_Model):
         return f"{self.address}:{self.port}"
 
 
+class HealthCheck(_Model):
+    """Active probing of a service's backends (lb.health). Defaults: a TCP
+    connect to the backend's own port every 1 s with a 0.5 s timeout; down
+    after 3 consecutive failures, up again after 2 consecutive passes.
+    `http` sends GET `path` (default "/") and wants `expect_status` (200)."""
+
+    type: Annotated[Literal["tcp", "http"], BeforeValidator(_lower)] = "tcp"
+    interval: Seconds = 1.0
+    timeout: Seconds = 0.5
+    rise: CheckCount = 2
+    fall: CheckCount = 3
+    port: Port | None = None             # None: the backend's own port
+    # http only; None on a tcp check so config_to_dict() round-trips.
+    path: HttpPath | None = None
+    expect_status: HttpStatus | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _http_defaults(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and _lower(data.get("type")) == "http":
+            data = {"path": "/", "expect_status": 200, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> HealthCheck:
+        problems = []
+        if self.timeout >= self.interval:
+            problems.append(f"timeout ({self.timeout:g}s) must be less than interval ({self.interval:g}s)")
+        if self.type == "tcp":
+            problems += [f"{f} only applies to type http" for f in ("path", "expect_status")
+                         if getattr(self, f) is not None]
+        if problems:
+            raise _Problems(problems)
+        return self
+
+
+class HealthCheckLimits(_Model):
+    """What the health checker may spend, all services together: at most
+    `max_in_flight` probes at once, `max_probes_per_s` started per second.
+    Beyond that, probes queue and the effective interval stretches (status
+    shows the lag). One probe costs ~140 us of CPU (bench/health.py)."""
+
+    max_in_flight: Annotated[int, Strict(), _int_range(1, 65536)] = 256
+    max_probes_per_s: Annotated[float, Strict(), AfterValidator(_positive_rate)] = 2000.0
+
+
 class Service(_Model):
     """A (VIP, port, protocol) and its backends and policy."""
 
@@ -264,6 +371,8 @@ class Service(_Model):
     # None: no policy, everyone allowed. A list (even empty): default deny.
     allow: tuple[IdentityRef, ...] | None = None
     deny: tuple[IdentityRef, ...] = ()
+    # None: not probed, every backend counts as up.
+    health_check: HealthCheck | None = None
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> Service:
@@ -319,6 +428,19 @@ class Limits(_Model):
     nat: Positive = 262144
 
 
+class Monitor(_Model):
+    """Flow events for `xdplb monitor`, limited in the kernel (monitor.h).
+    Limits are per CPU (each CPU has its own token bucket): past them
+    events are dropped and counted as `events_lost`, never queued.
+    `events_per_second: 0` turns events off."""
+
+    events_per_second: Annotated[int, Strict(), _int_range(0, 1_000_000)] = 1000
+    burst: Annotated[int, Strict(), _int_range(1, 1_000_000)] = 200
+    # Drops are never sampled (only rate-limited); new forwarded flows are
+    # reported one in `sample_forwarded`.
+    sample_forwarded: Annotated[int, Strict(), _int_range(1, 1_000_000)] = 1
+
+
 class Config(_Model):
     """The whole desired state of one load balancer."""
 
@@ -330,7 +452,14 @@ class Config(_Model):
     bpffs: AbsPath = Path("/sys/fs/bpf/xdplb")
     api_socket: AbsPath = Path("/run/xdplb/api.sock")
     netns: Annotated[str, Strict(), AfterValidator(_netns_name)] | None = None
+    # Prometheus endpoint (lb.metrics); loopback by default, false: none.
+    metrics_address: MetricsAddress = DEFAULT_METRICS_ADDRESS
     limits: Limits = Field(default_factory=Limits)
+    health_check_limits: HealthCheckLimits = Field(default_factory=HealthCheckLimits)
+    monitor: Monitor = Field(default_factory=Monitor)
+    # How long the data plane reuses a next hop (MACs, egress) it got from
+    # bpf_fib_lookup() for a destination; 0 looks the FIB up on every packet.
+    nexthop_cache_ms: Annotated[int, Strict(), _int_range(0, 60_000)] = 1000
     identities: dict[IdentityName, tuple[Network, ...]] = Field(default_factory=dict)
     services: tuple[Service, ...] = ()
 
@@ -413,6 +542,10 @@ def _service_problems(svc: Service) -> list[str]:
     for name in dict.fromkeys(svc.allow or ()):
         if name in svc.deny:
             problems.append(f"identity '{name}' is in both allow and deny")
+    hc = svc.health_check
+    if hc is not None and svc.protocol == "udp" and hc.port is None:
+        # Probes are TCP or HTTP: the backends' UDP port cannot answer them.
+        problems.append("health_check: a udp service needs health_check.port (a TCP port to probe)")
     return problems
 
 
@@ -551,6 +684,7 @@ _MESSAGES = {
     "int_type": "must be an integer",
     "int_parsing": "must be an integer",
     "string_type": "must be a string",
+    "float_type": "must be a number",
 }
 
 

@@ -7,6 +7,8 @@ them without touching established flows. `xdplb down` detaches on purpose.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import signal
@@ -16,24 +18,95 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import api, flow, stats
+from . import api, flow, monitor, stats
 from .config import Config, ConfigError, config_from_dict, config_to_dict, load_config, parse_config
-from .dataplane import Dataplane
-from .reconcile import PROTOCOLS, Reconciler
+from .dataplane import UNPINNED_MAPS, Dataplane, default_object_path
+from .health import HealthChecker, Transition
+from .metrics import Metrics
+from .reconcile import PROTOCOLS, Reconciler, bkey
+from loader import XdpLink
 
 log = logging.getLogger("xdplb")
 
 
-def sd_notify(message: str) -> None:
-    """The sd_notify(3) datagram protocol: a no-op outside systemd."""
+def sd_notify(message: str) -> bool:
+    """The sd_notify(3) datagram protocol: a no-op outside systemd. A
+    notification that cannot be sent is logged, never fatal: the data
+    plane does not depend on it."""
     path = os.environ.get("NOTIFY_SOCKET")
     if not path:
-        return
+        return False
     if path.startswith("@"):
         path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.connect(path)
-        s.sendall(message.encode())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(path)
+            s.sendall(message.encode())
+    except OSError as e:
+        log.warning(kv("sd_notify failed", socket=path, message=message.split("\n")[0], error=e))
+        return False
+    return True
+
+
+def monotonic_usec() -> int:
+    """CLOCK_MONOTONIC in µs, as RELOADING=1 carries it (Type=notify-reload)."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+def kv(message: str, **fields: Any) -> str:
+    """A log line: a short message, then key=value pairs (values with spaces,
+    quotes or newlines are JSON-quoted, so a line stays one line)."""
+    out = [message]
+    for k, v in fields.items():
+        if isinstance(v, float):
+            v = f"{v:.3f}"
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            v = ",".join(map(str, v)) or "-"
+        v = str(v)
+        if not v or any(c.isspace() or c in '"=\\' for c in v):
+            v = json.dumps(v)
+        out.append(f"{k}={v}")
+    return " ".join(out)
+
+
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+             logging.CRITICAL: 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """For stderr connected to journald: no timestamp (journald adds its
+    own) and an sd-daemon(3) "<N>" priority on each line, so that
+    `journalctl -p warning` works, tracebacks included."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{_PRIORITY.get(record.levelno, 6)}>"
+        return "\n".join(prefix + line for line in super().format(record).splitlines())
+
+
+def on_journal() -> bool:
+    """True if stderr is the journal stream systemd set up (JOURNAL_STREAM
+    names its device:inode; a child with stderr redirected elsewhere
+    inherits the variable, hence the check)."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(2)
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (OSError, ValueError):
+        return False
+
+
+def configure_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO)
+    fmt = JournalFormatter() if on_journal() else \
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for h in root.handlers:
+        h.setFormatter(fmt)
+    logging.captureWarnings(True)     # warnings too, as log lines (with a priority)
 
 
 def enter_netns(name: str) -> None:
@@ -59,18 +132,39 @@ class Daemon:
         self.last_apply: dict[str, Any] = {}
         self.errors = 0
         self._idx: dict | None = None
+        self.metrics = Metrics(self)
+        self._unhealthy: tuple[str, ...] = ()
+        # Health checks change only the *effective* config the maps hold:
+        # a down backend is applied as draining. self.cfg stays the user's.
+        hl = cfg.health_check_limits
+        self.health = HealthChecker(on_transition=self._health_transition,
+                                    max_in_flight=hl.max_in_flight, max_rate=hl.max_probes_per_s)
+        self._health_dirty: set[str] = set()
+        self._health_mu = threading.Lock()
+        self._health_wake = threading.Event()
 
     # -- lifecycle ------------------------------------------------------------
 
     def start(self) -> None:
-        res = self.rec.apply(self.cfg)
+        self.health.update(self.cfg)          # every backend starts up...
+        self._resume_health()                 # ...but one a previous run took out stays out
+        with self._timed("full"):
+            res = self.rec.apply(self.health.effective_config(self.cfg))
         self.last_apply = res.as_dict()
+        log.info(kv("applied config", config=self.config_path, generation=self.rec.generation,
+                    services=len(self.cfg.services), **_changes(res)))
         self.ifindexes = self.dp.attach(self.cfg.interfaces, self.cfg.xdp_mode)
-        self.dp.detach_others(self.cfg.interfaces)   # left pinned by an older config
-        log.info("applied %d services (%s) and attached to %s in %s mode",
-                 len(self.cfg.services), res.as_dict(), ",".join(self.cfg.interfaces), self.cfg.xdp_mode)
+        gone = self.dp.detach_others(self.cfg.interfaces)   # left pinned by an older config
+        log.info(kv("attached", interfaces=self.cfg.interfaces, mode=self.cfg.xdp_mode,
+                    prog_id=self.dp.prog.id, pins=self.dp.pin_dir, detached=gone))
+        self._start_metrics(self.cfg)
         self.api = api.ApiServer(self.cfg.api_socket, self.handlers()).start()
-        sd_notify("READY=1\nSTATUS=serving")
+        log.info(kv("api listening", socket=self.cfg.api_socket))
+        self.health.start()
+        threading.Thread(target=self._health_apply_loop, name="xdplb-health-apply", daemon=True).start()
+        # Only now do the maps hold the config and the links run it.
+        sd_notify(f"READY=1\nSTATUS={self._status_line()}")
+        log.info(kv("ready", pid=os.getpid(), generation=self.rec.generation))
 
     def serve_forever(self) -> None:
         while not self.stop.is_set():
@@ -80,62 +174,161 @@ class Daemon:
             with self.lock:
                 if self.rec.reclaimer.pending:
                     self.rec.reclaimer.synchronize()
-            sd_notify("WATCHDOG=1")
+            if self._check_health():
+                sd_notify("WATCHDOG=1")
+
+    def health_problems(self) -> list[str]:
+        """What a WATCHDOG=1 ping vouches for: every map is still pinned,
+        every configured interface's pinned link is attached and runs our
+        program, and the API and metrics threads are alive. Empty = healthy."""
+        problems = []
+        with self.lock:
+            dp = self.dp
+            for name in dp.maps:
+                if name not in UNPINNED_MAPS and not (dp.pin_dir / "maps" / name).exists():
+                    problems.append(f"map {name} is no longer pinned in {dp.pin_dir / 'maps'}")
+            for ifname in self.cfg.interfaces:
+                path = dp.link_path(ifname)
+                try:
+                    link = XdpLink.from_pin(str(path))
+                    try:
+                        info = link.info()
+                    finally:
+                        link.close()
+                except Exception as e:
+                    problems.append(f"{ifname}: pinned link {path} is gone ({e})")
+                    continue
+                if info.ifindex == 0:
+                    problems.append(f"{ifname}: XDP link is detached (interface removed?)")
+                elif info.prog_id != dp.prog.id:
+                    problems.append(f"{ifname}: runs program {info.prog_id}, not ours ({dp.prog.id})")
+        server = getattr(self, "api", None)
+        if server is None or not server._thread.is_alive():
+            problems.append("API thread is not running")
+        if not self.metrics.alive():
+            problems.append("metrics thread is not running")
+        if not self.health.alive():
+            problems.append("backend health-check thread is not running")
+        return problems
+
+    def _check_health(self) -> bool:
+        """health_problems(), logging each change of verdict once."""
+        problems = tuple(self.health_problems())
+        if problems != self._unhealthy:
+            if problems:
+                log.error(kv("health check failed, not pinging the watchdog", problems="; ".join(problems)))
+            else:
+                log.info("health check passes again, pinging the watchdog")
+            self._unhealthy = problems
+        return not problems
+
+    def _status_line(self) -> str:
+        return f"serving generation={self.rec.generation} services={len(self.rec.services)}"
+
+    def _start_metrics(self, cfg: Config) -> None:
+        """(Re)start the endpoint if its address changed. A failure is
+        logged, not fatal: the data plane does not depend on metrics."""
+        want = cfg.metrics_address or None
+        if want == self.metrics.address:
+            return
+        self.metrics.stop()
+        if want is None:
+            log.info("metrics endpoint off (metrics_address: false)")
+            return
+        try:
+            self.metrics.start(want)
+        except ConfigError as e:
+            log.error(kv("metrics endpoint not started", address=want, reason=e))
+            return
+        log.info(kv("metrics listening", address=f"http://{want}/metrics"))
+
+    @contextlib.contextmanager
+    def _timed(self, kind: str):
+        """Apply duration on success, an apply error on any exception."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            self.metrics.apply_errors.labels(kind).inc()
+            raise
+        self.metrics.apply_seconds.labels(kind).observe(time.perf_counter() - t0)
 
     def shutdown(self) -> None:
-        sd_notify("STOPPING=1")
+        sd_notify("STOPPING=1\nSTATUS=stopping; XDP stays attached")
+        log.info(kv("stopping", pid=os.getpid()))
         try:
             self.api.close()
         except Exception:
             pass
+        self.metrics.stop()
+        self.health.stop()
         with self.lock:
             if self._dry:
                 self._dry.close()
             self.dp.close()       # links and maps stay pinned: traffic continues
-        log.info("stopped; XDP stays attached (use `xdplb down` to detach)")
+        log.info(kv("stopped; XDP stays attached (`xdplb down` detaches)", pins=self.cfg.bpffs))
 
     def reload(self) -> None:
-        sd_notify("RELOADING=1")
+        # MONOTONIC_USEC: what Type=notify-reload (systemd >= 253) requires.
+        sd_notify(f"RELOADING=1\nSTATUS=reloading {self.config_path}\nMONOTONIC_USEC={monotonic_usec()}")
+        log.info(kv("reload requested", config=self.config_path))
         try:
-            cfg = load_config(self.config_path)
-            self.apply(cfg)
-            log.info("reloaded %s", self.config_path)
+            try:
+                cfg = load_config(self.config_path)
+            except ConfigError:
+                self.metrics.apply_errors.labels("full").inc()
+                raise
+            res = self.apply(cfg)
+            log.info(kv("reload ok", config=self.config_path, generation=self.rec.generation,
+                        services=len(cfg.services), **_changes(res)))
         except ConfigError as e:
             self.errors += 1
-            log.error("reload rejected, keeping the running state: %s", e)
+            log.error(kv("reload rejected, keeping the running state", config=self.config_path,
+                         reason=e))
         finally:
-            sd_notify("READY=1")
+            # READY=1 ends the reload for systemd, whether it took or not.
+            sd_notify(f"READY=1\nSTATUS={self._status_line()}")
 
     def apply(self, cfg: Config) -> dict:
+        with self._timed("full"):
+            return self._apply(cfg)
+
+    def _apply(self, cfg: Config) -> dict:
         if cfg.bpffs != self.cfg.bpffs or cfg.limits != self.cfg.limits:
             raise ConfigError(["bpffs and limits cannot change while running: restart the daemon"])
         with self.lock:
-            res = self.rec.apply(cfg)
+            # Down backends stay out (draining) across reloads until they rise.
+            res = self.rec.apply(self.health.effective_config(cfg))
+            self.health.update(cfg)
+            hl = cfg.health_check_limits
+            self.health.set_limits(hl.max_in_flight, hl.max_probes_per_s)
             self.dp.attach(cfg.interfaces, cfg.xdp_mode)
             self.dp.detach_others(cfg.interfaces)
             self._set_config(cfg)
             self.last_apply = res.as_dict()
+            self._start_metrics(cfg)
         return res.as_dict()
 
     # -- API ----------------------------------------------------------------
 
     def handlers(self) -> dict:
         return {
-            "status": lambda req: self.status(),
-            "stats": lambda req: self._locked(stats.collect, self.dp, self.rec),
+            "status": lambda req: self.status(health_backends=req.get("health_backends", "all")),
+            "stats": lambda req: self._locked(self._stats),
             "apply": self._api_apply,
             "flow": self._api_flow,
             "upsert_service": self._api_upsert,
             "delete_service": self._api_delete,
             "shutdown": self._api_shutdown,
             "upgrade": self._api_upgrade,
+            "names": lambda req: self._locked(monitor.names, self.cfg, self.rec),
         }
 
     def _locked(self, fn, *args):
         with self.lock:
             return fn(*args)
 
-    def status(self) -> dict:
+    def status(self, health_backends: str = "all") -> dict:
         with self.lock:
             m = self.dp.maps
             return {
@@ -150,21 +343,30 @@ class Daemon:
                 "maps": {name: {"max_entries": mp.max_entries} for name, mp in m.items()},
                 "maglev_pool": {"slots": self.rec.pool.total if hasattr(self.rec.pool, "total") else None,
                                 "free": self.rec.pool.free_total},
+                "health": self._health_status(health_backends),
             }
 
     def _api_apply(self, req: dict) -> dict:
         try:
-            cfg = parse_config(req["config"], source=req.get("source", "<api>")) if "config" in req \
-                else config_from_dict(req["config_dict"])
-            return self.apply(cfg)
+            try:
+                cfg = parse_config(req["config"], source=req.get("source", "<api>")) if "config" in req \
+                    else config_from_dict(req["config_dict"])
+            except ConfigError:
+                self.metrics.apply_errors.labels("full").inc()   # apply() counts its own
+                raise
+            res = self.apply(cfg)
         except ConfigError as e:
+            log.warning(kv("api apply rejected, nothing changed", reason=e))
             raise api.ApiError(f"config rejected, nothing changed: {e}", e.errors) from None
+        log.info(kv("applied config via api", generation=self.rec.generation,
+                    services=len(self.cfg.services), **_changes(res)))
+        return res
 
     def _api_upsert(self, req: dict) -> dict:
         """Add or replace one service. Validated against the identities of the
         running config and the other services' keys in O(1), so an update
         costs the same at 20k services as at 1."""
-        with self.lock:
+        with self.lock, self._timed("service"), self._logged("upsert_service"):
             cfg = self.cfg
             mini = {"interfaces": list(cfg.interfaces), "services": [req["service"]],
                     "identities": {k: [str(n) for n in v] for k, v in cfg.identities.items()}}
@@ -187,12 +389,15 @@ class Daemon:
             new_cfg = cfg.model_copy(update={"services": tuple(services)})
             if old is not None and old.key != svc.key:
                 self.rec.delete_service(new_cfg, old.key)
-            res = self.rec.upsert_service(new_cfg, svc)
+            res = self.rec.upsert_service(new_cfg, self.health.effective_service(svc))
+            self.health.set_service(svc)
             self._set_config(new_cfg)
+            log.info(kv("service applied via api", service=svc.name, generation=self.rec.generation,
+                        **_changes(res)))
             return res.as_dict()
 
     def _api_delete(self, req: dict) -> dict:
-        with self.lock:
+        with self.lock, self._timed("service"), self._logged("delete_service"):
             pos = self._index()["by_name"].get(req["name"])
             if pos is None:
                 raise api.ApiError(f"no service named {req['name']!r}")
@@ -200,8 +405,102 @@ class Daemon:
             old = services.pop(pos)
             new_cfg = self.cfg.model_copy(update={"services": tuple(services)})
             res = self.rec.delete_service(new_cfg, old.key)
+            self.health.drop_service(old.name)
             self._set_config(new_cfg)
+            log.info(kv("service deleted via api", service=old.name, generation=self.rec.generation,
+                        **_changes(res)))
             return res.as_dict()
+
+    @contextlib.contextmanager
+    def _logged(self, what: str):
+        try:
+            yield
+        except api.ApiError as e:
+            log.warning(kv(f"api {what} rejected, nothing changed", reason=e))
+            raise
+
+    # -- health checks ---------------------------------------------------------
+
+    def _health_transition(self, tr: Transition) -> None:
+        """In the checker's thread: queue the service, apply elsewhere (an
+        apply can wait for daemon.lock; probes must not)."""
+        with self._health_mu:
+            self._health_dirty.add(tr.service)
+        self._health_wake.set()
+
+    def _resume_health(self) -> None:
+        """After a restart the pinned maps tell which backends the previous
+        run had taken out (draining there, active in the config): they start
+        down and need `rise` passes, so a restart does not put a dead backend
+        back into rotation for fall x interval."""
+        draining = self.dp.consts.BACKEND_DRAINING
+        for svc in self.cfg.services:
+            live = self.rec.services.get(svc.key)
+            if svc.health_check is None or live is None:
+                continue
+            for b in svc.backends:
+                held = live.backends.get(bkey(b.address, b.port))
+                if b.state == "active" and held is not None and held.state == draining:
+                    self.health.seed_down(svc.name, b.key, "out of rotation before the restart")
+
+    def _health_apply_loop(self) -> None:
+        """Re-apply services whose backends went down or up, each with one
+        atomic upsert_service() (O(its backends), not O(config))."""
+        while not self.stop.is_set():
+            if not self._health_wake.wait(0.5):
+                continue
+            self._health_wake.clear()
+            with self._health_mu:
+                names, self._health_dirty = self._health_dirty, set()
+            for name in sorted(names):
+                with self.lock:         # per service: API calls interleave with a burst
+                    self._health_apply(name)
+
+    def _health_apply(self, name: str) -> None:
+        pos = self._index()["by_name"].get(name)
+        if pos is None:
+            return                      # deleted meanwhile
+        svc = self.cfg.services[pos]
+        eff = self.health.effective_service(svc)
+        live = self.rec.services.get(svc.key)
+        if live is not None and live.applied == eff:
+            return                      # e.g. a reload already applied it
+        try:
+            res = self.rec.upsert_service(self.cfg, eff)
+        except Exception:
+            self.errors += 1
+            log.exception("health: applying service=%s failed", name)
+            return
+        log.info(kv("health: service re-applied", service=name,
+                    draining=[b.key for b in eff.backends if b.state == "draining"],
+                    seconds=res.seconds))
+
+    def _health_status(self, which: str = "all") -> dict:
+        """The checker's view, plus whether the maps give each backend new
+        flows (in_rotation), which lags a transition by one apply. `which`:
+        "all" backends, or only "unhealthy" ones (down or failing: what a
+        table shows at 200k backends)."""
+        if which not in ("all", "unhealthy"):
+            raise api.ApiError(f"health_backends must be 'all' or 'unhealthy', not {which!r}")
+        backends = self.health.snapshot(unhealthy_only=which == "unhealthy")
+        active, rotation = self.dp.consts.BACKEND_ACTIVE, {}
+        for name in {b["service"] for b in backends}:
+            pos = self._index()["by_name"].get(name)
+            live = self.rec.services.get(self.cfg.services[pos].key) if pos is not None else None
+            for lb_ in (live.backends.values() if live else ()):
+                rotation[(name, f"{lb_.address}:{lb_.port}")] = lb_.state == active
+        for b in backends:
+            b["in_rotation"] = rotation.get((b["service"], b["backend"]))
+        return {**self.health.summary(), "backends": backends}
+
+    def _stats(self) -> dict:
+        res = stats.collect(self.dp, self.rec)
+        states = self.health.states()
+        for s in res["services"]:
+            for b in s["backends"]:
+                up = states.get((s["name"], f"{b['address']}:{b['port']}"))
+                b["health"] = None if up is None else ("up" if up else "down")
+        return res
 
     def _index(self) -> dict:
         if self._idx is None:
@@ -253,18 +552,31 @@ class Daemon:
         return {"stopping": True}
 
 
+def _changes(res) -> dict:
+    """The log fields of an ApplyResult (or its as_dict())."""
+    d = res if isinstance(res, dict) else res.as_dict()
+    return {k: d[k] for k in ("added", "updated", "removed", "unchanged", "seconds") if k in d}
+
+
 def run(config_path: str, netns: str | None = None, object_path: Path | None = None) -> int:
-    cfg = load_config(config_path)
-    netns = netns or cfg.netns
-    if netns:
-        enter_netns(netns)
-    d = Daemon(config_path, cfg, object_path)
-    signal.signal(signal.SIGHUP, lambda *_: d.reload_requested.set())
-    signal.signal(signal.SIGTERM, lambda *_: d.stop.set())
-    signal.signal(signal.SIGINT, lambda *_: d.stop.set())
+    configure_logging()
+    log.info(kv("starting", pid=os.getpid(), config=config_path,
+                object=object_path or default_object_path()))
     try:
-        d.start()
-        d.serve_forever()
-    finally:
-        d.shutdown()
+        cfg = load_config(config_path)
+        netns = netns or cfg.netns
+        if netns:
+            enter_netns(netns)
+        d = Daemon(config_path, cfg, object_path)
+        signal.signal(signal.SIGHUP, lambda *_: d.reload_requested.set())
+        signal.signal(signal.SIGTERM, lambda *_: d.stop.set())
+        signal.signal(signal.SIGINT, lambda *_: d.stop.set())
+        try:
+            d.start()
+            d.serve_forever()
+        finally:
+            d.shutdown()
+    except Exception as e:
+        log.error(kv("exiting on error", error=f"{type(e).__name__}: {e}"))
+        raise
     return 0

@@ -68,8 +68,9 @@ def lab_config(topo: LbTopology, *, fillers: int, bpffs: str, socket: str,
 class DaemonProcess:
     """`xdplb run` as a real process, inside the lab's lb namespace."""
 
-    def __init__(self, config: dict, workdir: Path, netns: str):
+    def __init__(self, config: dict, workdir: Path, netns: str, env: dict[str, str] | None = None):
         self.config = config
+        self.env = env or {}            # extra environment, e.g. NOTIFY_SOCKET
         self.path = workdir / "xdplb.yaml"
         self.path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.socket = config["api_socket"]
@@ -80,6 +81,7 @@ class DaemonProcess:
     def start(self, timeout: float = 120.0) -> "DaemonProcess":
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env.update(self.env)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lb.cli", "--socket", self.socket, "run",
              "--config", str(self.path), "--netns", self.netns],

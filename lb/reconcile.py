@@ -421,6 +421,10 @@ class Reconciler:
         want.snat_port_min = cfg.snat_ports.min
         want.snat_port_max = cfg.snat_ports.max
         want.hash_seed = cfg.hash_seed
+        want.monitor_rate = cfg.monitor.events_per_second
+        want.monitor_burst = cfg.monitor.burst
+        want.monitor_sample = cfg.monitor.sample_forwarded
+        want.nexthop_ttl_ms = cfg.nexthop_cache_ms
         if bytes(conf.lookup(meta.active_config)) == bytes(want):
             return
         # The inactive copy may still be read by packets that saw it active

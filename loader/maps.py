@@ -176,6 +176,8 @@ class Map:
         return True
 
     def keys(self) -> Iterator[Any]:
+        if self.map_type in (L.MapType.RINGBUF, L.MapType.USER_RINGBUF):
+            return          # records are consumed (loader.ringbuf), not looked up by key
         prev, cur = self.key_type(), self.key_type()
         prev_ref = None  # NULL: start from the first key
         while True:

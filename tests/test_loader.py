@@ -84,11 +84,14 @@ EXPECTED_MAPS = {
     "backend_stats": (MapType.PERCPU_ARRAY, 4, 16, 262144, 0),
     "drop_stats": (MapType.PERCPU_ARRAY, 4, 16, 14, 0),
     "drop_detail": (MapType.LRU_PERCPU_HASH, 12, 16, 65536, 0),
-    "global_stats": (MapType.PERCPU_ARRAY, 4, 16, 10, 0),
-    "config": (MapType.ARRAY, 4, 28, 2, 0),
+    "global_stats": (MapType.PERCPU_ARRAY, 4, 16, 12, 0),
+    "config": (MapType.ARRAY, 4, 44, 2, 0),
     "meta": (MapType.ARRAY, 4, 8, 1, 0),
     "tx_ports": (MapType.DEVMAP_HASH, 4, 4, 256, 0),
     "probe": (MapType.ARRAY, 4, 28, 1, 0),
+    "events": (MapType.RINGBUF, 0, 0, 262144, 0),     # records are struct flow_event
+    "monitor_bucket": (MapType.PERCPU_ARRAY, 4, 24, 1, 0),
+    "nexthops": (MapType.LRU_PERCPU_HASH, 20, 32, 65536, 0),
 }
 
 
@@ -99,7 +102,8 @@ def test_btf_map_defs_match_maps_h(btf: Btf) -> None:
         d = defs[name]
         assert (d.map_type, d.key_size, d.value_size, d.max_entries, d.map_flags) == \
             (mtype, ksize, vsize, entries, flags), name
-        assert btf.sizeof(d.key_type_id) == ksize and btf.sizeof(d.value_type_id) == vsize
+        if mtype != MapType.RINGBUF:   # a ring buffer has no key or value type
+            assert btf.sizeof(d.key_type_id) == ksize and btf.sizeof(d.value_type_id) == vsize
     assert btf.type(defs["services"].key_type_id).name == "svc_key"
     assert btf.type(defs["backends"].value_type_id).name == "backend"
 
@@ -148,7 +152,7 @@ def test_layout_types(btf: Btf) -> None:
 
 def test_enums(btf: Btf) -> None:
     assert btf.enum("drop_reason")["DROP_POLICY"] == 1
-    assert btf.enums()["xdplb_counter"]["CNT_MAX"] == 10
+    assert btf.enums()["xdplb_counter"]["CNT_MAX"] == 12
     lay = Layouts(btf)
     reason = lay.enum("drop_reason")
     assert reason.DROP_POLICY == 1 and reason(13).name == "DROP_REDIRECT"
@@ -162,7 +166,7 @@ def test_enums(btf: Btf) -> None:
 def test_rodata_vars_come_from_symbol_table(btf: Btf) -> None:
     vars_ = btf.datasec_vars(".rodata")
     assert vars_["dry_run"][:2] == (0, 4)
-    assert vars_["btf_anchor"][:2] == (4, 16)  # DATASEC says offset 0 in the .o
+    assert vars_["btf_anchor"][:2] == (8, 112)  # DATASEC says offset 0 in the .o
     assert btf.type(btf.resolve(vars_["dry_run"][2])).kind == Kind.INT
 
 

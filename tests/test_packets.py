@@ -7,8 +7,9 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR
 from scapy.layers.l2 import Dot1Q, Ether
 
+from lb.demo import lab_config
 from lbtest import (XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, Harness, assert_checksums_valid,
-                    tcp, udp)
+                    pin_dir, tcp, udp)
 
 VIP = "10.96.0.10"
 CLIENT = "10.1.0.10"
@@ -204,7 +205,9 @@ def test_missing_neighbour_passes_to_kernel(lab, bpf_object):
     lab_, topo = lab
     from pyroute2 import NetNS
 
-    with Harness(lab_, topo, attach=False) as h:
+    cfg = lab_config(topo, fillers=0, bpffs=pin_dir(), socket="/run/xdplb/unused.sock")
+    cfg["nexthop_cache_ms"] = 0                      # every packet asks the FIB
+    with Harness(lab_, topo, cfg, attach=False) as h:
         _, out = h.run(tcp(CLIENT, 49000, VIP, 80))
         b = backend_of(topo, out[IP].dst)
         with NetNS(topo.lb_ns) as ns:
@@ -225,3 +228,31 @@ def test_python_constants_agree_with_btf(lb):
     assert config.IDENTITY_WORLD == c.IDENTITY_WORLD
     assert config.IDENTITY_USER_MIN == c.IDENTITY_USER_MIN
     assert lb.rec.identity_ids()["world"] == c.IDENTITY_WORLD
+
+
+def test_nexthop_cache_follows_neighbour_changes_within_its_ttl(lab, bpf_object):
+    """With the cache on, a lost neighbour is noticed once the cached next
+    hop expires: the packet then goes to the kernel to resolve it."""
+    import os
+    import time
+
+    from pyroute2 import NetNS
+
+    lab_, topo = lab
+    cfg = lab_config(topo, fillers=0, bpffs=pin_dir(), socket="/run/xdplb/unused.sock")
+    cfg["nexthop_cache_ms"] = 300
+    with Harness(lab_, topo, cfg, attach=False) as h:
+        os.sched_setaffinity(0, {0})                  # the cache is per CPU: stay on one
+        try:
+            _, out = h.run(tcp(CLIENT, 49100, VIP, 80))
+            b = backend_of(topo, out[IP].dst)
+            with NetNS(topo.lb_ns) as ns:
+                ns.neigh("del", dst=b.ip, ifindex=b.lb_iface.ifindex)
+            rc, _ = h.run(tcp(CLIENT, 49100, VIP, 80, flags="A"))
+            assert rc == XDP_REDIRECT                 # still cached
+            time.sleep(0.4)
+            rc, _ = h.run(tcp(CLIENT, 49100, VIP, 80, flags="A"))
+            assert rc == XDP_PASS                     # expired: the FIB says NO_NEIGH
+        finally:
+            os.sched_setaffinity(0, range(os.cpu_count()))
+            lab_.ping(topo.lb_ns, b.ip)

@@ -14,7 +14,7 @@
  * older layout are refused (or migrated) by the control plane, never reused
  * blindly. Stored in the pinned `meta` map. */
 enum xdplb_layout {
-	XDPLB_LAYOUT_VERSION = 1,
+	XDPLB_LAYOUT_VERSION = 2,     /* 2: lb_config monitor fields, event counters */
 };
 
 /* Default map capacities. The control plane may resize the ones marked
@@ -33,6 +33,11 @@ enum xdplb_limits {
 	CT_ENTRIES = 262144,           /* conntrack LRU (sizable) */
 	NAT_ENTRIES = 262144,          /* reverse-NAT LRU (sizable) */
 	DEVMAP_ENTRIES = 256,          /* egress interfaces for XDP_REDIRECT */
+	NEXTHOP_ENTRIES = 65536,       /* cached next hops (backends and clients), LRU */
+	/* Flow-event ring buffer (monitor.h), in bytes: a power of two and a
+	 * multiple of the page size. A flow_event takes 96 + 8 bytes, so it
+	 * holds ~2500 events: over a second of the default rate per CPU. */
+	EVENTS_RING_BYTES = 262144,
 	/* SNAT source-port allocation probes this many ports before giving up
 	 * with DROP_NAT_EXHAUSTED; bounded so that the verifier can unroll it. */
 	NAT_PORT_PROBES = 8,
@@ -95,6 +100,14 @@ enum drop_reason {
 	DROP_REASON_MAX = 14,
 };
 
+/* flow_event.verdict (monitor.h). Only drops and the first packet of new
+ * forwarded flows make events; established packets and replies do not. */
+enum event_verdict {
+	EVENT_NONE = 0,
+	EVENT_FORWARDED = 1,        /* new flow sent to a backend (conntrack miss) */
+	EVENT_DROPPED = 2,          /* any drop; flow_event.reason says why */
+};
+
 /* Global per-CPU counters: one per XDP verdict plus a few events. */
 enum xdplb_counter {
 	CNT_PASS = 0,
@@ -107,7 +120,9 @@ enum xdplb_counter {
 	CNT_CT_STALE = 7,           /* conntrack pointed at a removed backend */
 	CNT_REPLY = 8,              /* replies reverse-translated */
 	CNT_NEIGH_PASS = 9,         /* passed to the kernel to resolve a neighbour */
-	CNT_MAX = 10,
+	CNT_EVENTS = 10,            /* flow events written to the ring buffer */
+	CNT_EVENTS_LOST = 11,       /* flow events not sent: rate limit or ring full */
+	CNT_MAX = 12,
 };
 
 #endif

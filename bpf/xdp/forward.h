@@ -25,6 +25,41 @@ static __always_inline int fib_route(struct xdp_md *ctx, const struct packet *pk
 	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
 }
 
+/* The next hop for (saddr, daddr): from the per-CPU cache while fresh,
+ * else from the FIB (then cached for cfg->nexthop_ttl_ms). The cache is
+ * keyed by destination only, so source-based policy routing is honoured at
+ * most one TTL late; a TTL of 0 turns the cache off. */
+static __always_inline int next_hop(struct xdp_md *ctx, const struct packet *pkt,
+				    __u32 saddr, __u32 daddr, const struct lb_config *cfg,
+				    struct bpf_fib_lookup *fib)
+{
+	struct nexthop_key key = { .family = FAMILY_IPV4 };
+	struct nexthop *nh, fresh = {};
+	__u64 now = 0;
+	int rc;
+
+	key.addr[0] = daddr;
+	if (cfg->nexthop_ttl_ms) {
+		now = bpf_ktime_get_coarse_ns();
+		nh = bpf_map_lookup_elem(&nexthops, &key);
+		if (nh && nh->expires_ns > now) {
+			fib->ifindex = nh->ifindex;
+			__builtin_memcpy(fib->smac, nh->smac, ETH_ALEN);
+			__builtin_memcpy(fib->dmac, nh->dmac, ETH_ALEN);
+			return BPF_FIB_LKUP_RET_SUCCESS;
+		}
+	}
+	rc = fib_route(ctx, pkt, saddr, daddr, fib);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS && cfg->nexthop_ttl_ms && !dry_run) {
+		fresh.expires_ns = now + (__u64)cfg->nexthop_ttl_ms * 1000000;
+		fresh.ifindex = fib->ifindex;
+		__builtin_memcpy(fresh.smac, fib->smac, ETH_ALEN);
+		__builtin_memcpy(fresh.dmac, fib->dmac, ETH_ALEN);
+		bpf_map_update_elem(&nexthops, &key, &fresh, BPF_ANY);
+	}
+	return rc;
+}
+
 /* Routes that XDP cannot use but the kernel can finish: a missing neighbour
  * (the kernel forwards this packet and resolves ARP, so the next packet of
  * the flow takes the fast path) or a packet bigger than the egress MTU (the

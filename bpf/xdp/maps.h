@@ -143,6 +143,12 @@ struct lb_config {
 	__u16 snat_port_min;        /* host order, inclusive */
 	__u16 snat_port_max;        /* host order, inclusive */
 	__u32 hash_seed;
+	/* Flow monitor (monitor.h). Limits are per CPU: each CPU has its own
+	 * token bucket, so no atomics are needed on the data path. */
+	__u32 monitor_rate;         /* events per second; 0 = no events */
+	__u32 monitor_burst;        /* events sent back to back after a quiet spell */
+	__u32 monitor_sample;       /* 1 new forwarded flow in N makes an event (0, 1 = all) */
+	__u32 nexthop_ttl_ms;       /* next-hop cache lifetime; 0 = bpf_fib_lookup() every packet */
 };
 
 /* What the dry-run copy of the program decided (the `flow` command). The
@@ -155,6 +161,52 @@ struct probe_result {
 	__u32 ct_hit;               /* 1 if conntrack chose the backend */
 	__u32 reply;                /* 1 if the packet was a NAT reply */
 	enum xdplb_family family;   /* anchors the enum in BTF */
+};
+
+/* One record of the `events` ring buffer, read by `xdplb monitor`.
+ * Addresses and ports as in flow_key: network order, IPv4 in word 0. */
+struct flow_event {
+	__u64 timestamp_ns;         /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u32 src[4];
+	__u32 dst[4];
+	__u32 backend_addr[4];      /* the rewritten destination; zero if none */
+	__u16 sport;
+	__u16 dport;
+	__u16 backend_port;
+	__u8 proto;
+	__u8 family;
+	enum event_verdict verdict;
+	enum drop_reason reason;    /* DROP_NONE unless the verdict is EVENT_DROPPED */
+	__u32 identity;             /* source identity */
+	__u32 svc_id;               /* ID_NONE: no service matched */
+	__u32 backend_id;           /* ID_NONE unless forwarded */
+	__u32 ifindex;              /* ingress interface */
+	__u32 len;                  /* frame length */
+	__u32 pad;
+};
+
+/* Next hop of a destination address, cached from bpf_fib_lookup(): the
+ * lookup is the program's most expensive step, and a destination's next hop
+ * rarely changes. Only successful lookups are cached. */
+struct nexthop_key {
+	__u32 addr[4];
+	__u32 family;
+};
+
+struct nexthop {
+	__u64 expires_ns;           /* bpf_ktime_get_coarse_ns() deadline */
+	__u32 ifindex;              /* egress interface */
+	__u8 smac[6];
+	__u8 dmac[6];
+	__u8 pad[8];                /* explicit: the struct is 32 bytes either way */
+};
+
+/* Per-CPU token bucket of the flow monitor. */
+struct monitor_bucket {
+	__u64 credit_ns;            /* saved-up time; an event costs 1e9 / monitor_rate */
+	__u64 last_ns;              /* when credit was last brought up to date */
+	__u32 sampled;              /* new flows skipped since the last sampled one */
+	__u32 pad;
 };
 
 struct meta {
@@ -288,5 +340,28 @@ struct {
 	__type(key, __u32);
 	__type(value, struct probe_result);
 } probe SEC(".maps");
+
+/* Per CPU: each CPU refreshes its own copy, so no entry is ever written
+ * by two CPUs at once and no reader sees half of a MAC address. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(max_entries, NEXTHOP_ENTRIES);
+	__type(key, struct nexthop_key);
+	__type(value, struct nexthop);
+} nexthops SEC(".maps");
+
+/* Flow events (struct flow_event) for `xdplb monitor`. A ring buffer has
+ * one consumer position: only one reader at a time sees every event. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, EVENTS_RING_BYTES);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct monitor_bucket);
+} monitor_bucket SEC(".maps");
 
 #endif

@@ -21,6 +21,7 @@
 #include "conntrack.h"
 #include "nat.h"
 #include "forward.h"
+#include "monitor.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -31,6 +32,7 @@ const volatile struct {
 	enum xdplb_identity identity;
 	enum xdplb_counter counter;
 	enum xdplb_family family;
+	struct flow_event event;    /* ring buffer records have no map value type */
 } btf_anchor;
 
 /* Record the decision for the `flow` command (dry-run copy only). */
@@ -54,11 +56,12 @@ static __always_inline void probe_record(enum drop_reason reason, __u32 identity
 	p->family = FAMILY_IPV4;
 }
 
-static __always_inline int drop(__u32 identity, __u32 svc_id, enum drop_reason reason,
-				__u32 bytes)
+static __always_inline int drop(struct xdp_md *ctx, struct packet *pkt, __u32 identity,
+				__u32 svc_id, enum drop_reason reason)
 {
 	probe_record(reason, identity, svc_id, ID_NONE, 0, 0);
-	return drop_packet(identity, svc_id, reason, bytes);
+	monitor_drop(ctx, pkt, identity, svc_id, reason);
+	return drop_packet(identity, svc_id, reason, pkt->len);
 }
 
 static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt,
@@ -74,7 +77,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 	struct backend *b = NULL;
 	struct rewrite rw;
 	__u32 identity = IDENTITY_UNKNOWN;
-	__u32 hash, backend_id;
+	__u32 hash = 0, backend_id;
 	int snat, ct_hit = 0, rc;
 
 	if (!cfg)
@@ -85,7 +88,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 	if (dry_run || (svc.flags & SVC_F_HAS_POLICY))
 		identity = source_identity(&pkt->flow);
 	if (!policy_allows(&svc, identity))
-		return drop(identity, svc.svc_id, DROP_POLICY, pkt->len);
+		return drop(ctx, pkt, identity, svc.svc_id, DROP_POLICY);
 
 	cte = bpf_map_lookup_elem(&conntrack, &pkt->flow);
 	if (cte) {
@@ -98,10 +101,11 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 		else
 			count_global(CNT_CT_STALE, pkt->len);
 	}
-	hash = flow_hash(&pkt->flow, cfg->hash_seed);
 	if (!b) {
 		if (!svc.ring_size)
-			return drop(identity, svc.svc_id, DROP_NO_BACKEND, pkt->len);
+			return drop(ctx, pkt, identity, svc.svc_id, DROP_NO_BACKEND);
+		/* Only new flows need the hash (here and for the SNAT port). */
+		hash = flow_hash(&pkt->flow, cfg->hash_seed);
 		backend_id = maglev_pick(&svc, hash);
 		b = bpf_map_lookup_elem(&backends, &backend_id);
 		/* No state check: a table only names backends that were live
@@ -109,7 +113,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 		 * a grace period after its removal. A packet that read the old
 		 * table just before a flip still goes where it would have. */
 		if (!b || backend_id == ID_NONE)
-			return drop(identity, svc.svc_id, DROP_NO_BACKEND, pkt->len);
+			return drop(ctx, pkt, identity, svc.svc_id, DROP_NO_BACKEND);
 		ct.backend_id = backend_id;
 		ct.backend_gen = b->gen;
 		ct.svc_id = svc.svc_id;
@@ -121,9 +125,9 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 	rw.daddr = b->addr[0];
 	rw.dport = b->port;
 
-	rc = fib_route(ctx, pkt, rw.saddr, rw.daddr, &fib);
+	rc = next_hop(ctx, pkt, rw.saddr, rw.daddr, cfg, &fib);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && !fib_kernel_can_finish(rc))
-		return drop(identity, svc.svc_id, DROP_FIB, pkt->len);
+		return drop(ctx, pkt, identity, svc.svc_id, DROP_FIB);
 
 	if (!ct_hit) {
 		/* The reply the backend will send: backend -> client (gateway
@@ -149,18 +153,20 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 		if (snat) {
 			ct.nat_port = nat_port_take(&rkey, &nat, cfg, mix32(hash ^ 0x9e3779b9));
 			if (!ct.nat_port)
-				return drop(identity, svc.svc_id, DROP_NAT_EXHAUSTED, pkt->len);
+				return drop(ctx, pkt, identity, svc.svc_id, DROP_NAT_EXHAUSTED);
 			rw.sport = ct.nat_port;
 		} else if (nat_store(&rkey, &nat)) {
-			return drop(identity, svc.svc_id, DROP_CT_FULL, pkt->len);
+			return drop(ctx, pkt, identity, svc.svc_id, DROP_CT_FULL);
 		}
 		if (ct_store(&pkt->flow, &ct))
-			return drop(identity, svc.svc_id, DROP_CT_FULL, pkt->len);
+			return drop(ctx, pkt, identity, svc.svc_id, DROP_CT_FULL);
 		count_global(CNT_CT_NEW, pkt->len);
 	} else {
 		count_global(CNT_CT_HIT, pkt->len);
 	}
 
+	if (!ct_hit)
+		monitor_forward(ctx, pkt, cfg, identity, svc.svc_id, ct.backend_id, b);
 	probe_record(DROP_NONE, identity, svc.svc_id, ct.backend_id, ct_hit, 0);
 	rewrite_packet(pkt, &rw);
 	counter_add(&svc_stats, svc.svc_id, pkt->len);
@@ -173,21 +179,25 @@ static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt,
 {
 	struct nat_entry nat = *nat_ptr;
 	struct bpf_fib_lookup fib = {};
+	struct lb_config *cfg;
 	struct rewrite rw;
 	int rc;
 
 	/* Only the backend-facing interface may carry replies: a forged
 	 * "reply" from elsewhere must not get translated into a client flow. */
 	if (nat.ifindex != ctx->ingress_ifindex)
-		return drop(source_identity(&pkt->flow), nat.svc_id, DROP_SPOOFED_REPLY, pkt->len);
+		return drop(ctx, pkt, source_identity(&pkt->flow), nat.svc_id, DROP_SPOOFED_REPLY);
 
+	cfg = active_config();
+	if (!cfg)
+		return count_verdict(XDP_ABORTED, pkt->len);
 	rw.saddr = nat.vip[0];
 	rw.sport = nat.vip_port;
 	rw.daddr = nat.client[0];
 	rw.dport = nat.client_port;
-	rc = fib_route(ctx, pkt, rw.saddr, rw.daddr, &fib);
+	rc = next_hop(ctx, pkt, rw.saddr, rw.daddr, cfg, &fib);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && !fib_kernel_can_finish(rc))
-		return drop(IDENTITY_UNKNOWN, nat.svc_id, DROP_FIB, pkt->len);
+		return drop(ctx, pkt, IDENTITY_UNKNOWN, nat.svc_id, DROP_FIB);
 
 	probe_record(DROP_NONE, IDENTITY_UNKNOWN, nat.svc_id, nat.backend_id, 0, 1);
 	rewrite_packet(pkt, &rw);
@@ -207,7 +217,7 @@ int xdplb_main(struct xdp_md *ctx)
 		return count_verdict(XDP_PASS, pkt.len);
 	if (res != PARSE_OK) {
 		if (is_vip(&pkt.flow))
-			return drop(source_identity(&pkt.flow), ID_NONE, parse_drop_reason(res), pkt.len);
+			return drop(ctx, &pkt, source_identity(&pkt.flow), ID_NONE, parse_drop_reason(res));
 		return count_verdict(XDP_PASS, pkt.len);
 	}
 
@@ -218,6 +228,6 @@ int xdplb_main(struct xdp_md *ctx)
 	if (nat)
 		return handle_reply(ctx, &pkt, nat);
 	if (is_vip(&pkt.flow))
-		return drop(source_identity(&pkt.flow), ID_NONE, DROP_NO_SERVICE, pkt.len);
+		return drop(ctx, &pkt, source_identity(&pkt.flow), ID_NONE, DROP_NO_SERVICE);
 	return count_verdict(XDP_PASS, pkt.len);
 }
