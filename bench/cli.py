@@ -1,0 +1,139 @@
+"""`xdplb bench`: the benchmark sweep, its outputs and the CI gate.
+
+    xdplb bench                  full sweep (4 engines x 1, 1k, 5k, 10k, 20k services)
+    xdplb bench --quick          CI gate: xdplb and iptables-legacy at 1 and 5k services,
+                                 ratios compared with bench/baseline.json (exit 1 on regression)
+    xdplb bench --generator trex --trex-server HOST --vip VIP
+                                 run the profile on a real TRex server instead of the lab
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import gate, report
+
+console = Console(stderr=True)
+RESULTS = Path(__file__).resolve().parent / "results"
+# sweep.ALL_ENGINES, spelled out: `xdplb --help` should not import the sweep.
+ENGINES = ("xdplb", "nftables", "iptables-nft", "iptables-legacy")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="the CI gate: a short run compared with the baseline's ratios")
+    p.add_argument("--services", type=int, nargs="+", help="service counts (default: 1 1000 5000 10000 20000)")
+    p.add_argument("--engines", nargs="+", choices=ENGINES, help="engines to run")
+    p.add_argument("--endpoints", type=int, help="endpoints per service (default 3)")
+    p.add_argument("--profile", help="TRex STL profile: a file or a name in bench/profiles (default udp_flows)")
+    p.add_argument("--seconds", type=float, help="seconds per rate run")
+    p.add_argument("--ops", type=int, help="add/update/delete operations of each kind per point")
+    p.add_argument("--ops-budget", type=float, help="seconds for the operations of one point")
+    p.add_argument("--out", type=Path, help="output directory (default bench/results/{full,quick})")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--baseline", type=Path, default=gate.BASELINE)
+    p.add_argument("--update-baseline", action="store_true",
+                   help="with --quick: write this run's ratios as the new baseline")
+    p.add_argument("--stl-api", choices=["auto", "trex", "stand-in"], default="auto",
+                   help="how to evaluate profiles: the TRex client if installed, or bench/stl.py")
+    p.add_argument("--generator", choices=["kernel", "trex"], default="kernel",
+                   help="kernel: the lab's in-kernel generator; trex: a TRex server")
+    p.add_argument("--trex-server", help="TRex server host (with --generator trex)")
+    p.add_argument("--vip", help="with --generator trex: the service address to send to")
+    p.add_argument("--port", type=int, default=80, help="with --generator trex: the service port")
+
+
+def settings_from(args: argparse.Namespace):
+    from . import sweep
+
+    s = sweep.Settings.quick() if args.quick else sweep.Settings()
+    for name, attr in (("services", "services"), ("engines", "engines"), ("endpoints", "endpoints"),
+                       ("profile", "profile"), ("seconds", "seconds"), ("ops", "ops"),
+                       ("ops_budget", "ops_budget_s")):
+        v = getattr(args, name)
+        if v is not None:
+            setattr(s, attr, v)
+    s.trex_client = args.stl_api
+    if s.profile.startswith("tcp"):
+        s.proto = "tcp"
+    return s
+
+
+def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
+    if args is None:
+        p = argparse.ArgumentParser(prog="xdplb bench", description=__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_arguments(p)
+        args = p.parse_args(argv)
+    if args.generator == "trex":
+        return _trex(args)
+    from . import sweep
+
+    settings = settings_from(args)
+    bad = [n for n in settings.services if n < 1]
+    if bad:
+        console.print(f"[bold red]error:[/] --services must be ≥ 1 (got {bad})")
+        return 2
+    out = args.out or RESULTS / ("quick" if args.quick else "full")
+    units = 1 + len(settings.engines) * len(settings.services) + (1 if settings.big_sync else 0)
+    t0 = time.perf_counter()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("starting", total=units)
+        done = {"base": 0.0, "last": ""}
+
+        def progress(what: str, frac: float) -> None:
+            if what != done["last"]:
+                if done["last"]:
+                    done["base"] += 1
+                done["last"] = what
+            bar.update(task, description=what, completed=min(units, done["base"] + frac))
+
+        doc = sweep.run(settings, progress)
+        bar.update(task, completed=units, description="done")
+    paths = report.write(doc, out, with_plots=not args.no_plots)
+    console.print(f"sweep took {time.perf_counter() - t0:.0f} s; wrote "
+                  + ", ".join(str(p) for p in paths.values()))
+    print(report.markdown(doc))
+    if not args.quick:
+        return 0
+    if args.update_baseline:
+        base = gate.baseline_from(doc)
+        args.baseline.write_text(json.dumps(base, indent=2) + "\n")
+        console.print(f"baseline written to {args.baseline}: {base['ratios']}")
+        return 0
+    verdict = gate.check(doc, gate.load_baseline(args.baseline))
+    for line in verdict.lines:
+        print(line)
+    print("bench gate:", "passed" if verdict.ok else "FAILED (performance regression)")
+    return 0 if verdict.ok else 1
+
+
+def _trex(args: argparse.Namespace) -> int:
+    from . import trexrun
+
+    if not args.trex_server or not args.vip:
+        console.print("[bold red]error:[/] --generator trex needs --trex-server HOST and --vip ADDRESS")
+        return 2
+    try:
+        res = {}
+        for flows, kind in ((0, "new"), (1024, "established")):
+            res[kind] = trexrun.run(args.trex_server, args.profile or "udp_flows",
+                                    {"vip": args.vip, "port": args.port, "flows": flows},
+                                    args.seconds or 10.0)
+    except (trexrun.TrexError, trexrun.ProfileError) as e:
+        console.print(f"[bold red]error:[/] {e}")
+        return 2
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
