@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from lb import api
-from lb.dataplane import Dataplane
+from lb.dataplane import Constants, Dataplane, default_object_path
+from loader import BpfObject
 from lb.demo import DaemonProcess
 from lbtest import open_pinned_maps, pin_dir
 
@@ -155,8 +156,9 @@ def test_no_misroute_under_churn(lab, bpf_object, tmp_path):
     rows = [r for b in topo.backends for r in
             ((b.ip, port, svc, ts, tr) for port, svc, ts, tr in json.loads((tmp_path / f"{b.name}.json").read_text()))]
     misroutes = [r for r in rows if (r[0], r[1]) not in timeline.allowed(r[2], r[3], r[4])]
-    consts = {"no_backend": 2, "policy": 1}
-    drops = {name: sum(v.packets for v in maps["drop_stats"].lookup(idx)) for name, idx in consts.items()}
+    c = Constants(BpfObject(default_object_path()).btf.enums())
+    drops = {name: sum(v.packets for v in maps["drop_stats"].lookup(getattr(c, "DROP_" + name.upper())))
+             for name in ("no_backend", "policy")}
     for m in maps.values():
         m.close()
     print(f"\nchurn: {CHANGES} changes {ops}; {len(rows)} datagrams received; "
