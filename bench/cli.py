@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,10 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         return _trex(args)
     from . import sweep
 
+    # SIGTERM unwinds like Ctrl-C, so labs, links, pins and the global
+    # conntrack settings are cleaned up and restored.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
     settings = settings_from(args)
     bad = [n for n in settings.services if n < 1]
     if bad:
@@ -96,7 +101,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
                 done["last"] = what
             bar.update(task, description=what, completed=min(units, done["base"] + frac))
 
-        doc = sweep.run(settings, progress)
+        doc = sweep.run(settings, progress,
+                        partial=lambda d: report.write(d, out, with_plots=False))
         bar.update(task, completed=units, description="done")
     paths = report.write(doc, out, with_plots=not args.no_plots)
     console.print(f"sweep took {time.perf_counter() - t0:.0f} s; wrote "

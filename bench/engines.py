@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import subprocess
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -169,7 +168,12 @@ class IptablesEngine(_PassOnL0):
         super().__init__(bl)
         self.variant = variant
         self.name = f"iptables-{variant}"
+        # Syncs use --noflush as kube-proxy does. The full sync into the
+        # empty table does not: with the nft backend, --noflush makes every
+        # chain declaration cost a pass over the table (10k services: 132 s
+        # against 3.5 s), and on an empty table both give the same rules.
         self.restore = [f"iptables-{variant}-restore", "--noflush"]
+        self.restore_full = [f"iptables-{variant}-restore"]
         self.kernel_bytes: int | None = None
 
     def full_sync(self, services: list[BService]) -> SyncResult:
@@ -178,7 +182,7 @@ class IptablesEngine(_PassOnL0):
         t0 = time.perf_counter()
         text = iptables_full([s.kube() for s in services], CLUSTER_CIDR)
         gen = time.perf_counter() - t0
-        run = self._run(self.restore, text, cgroup=True)
+        run = self._run(self.restore_full, text, cgroup=True)
         self.kernel_bytes = memcg.kernel_bytes()
         rules = sum(1 for line in text.splitlines() if line.startswith("-A "))
         return SyncResult(gen + run, {"generate_s": gen, "restore_s": run, "rules": rules,
@@ -436,7 +440,3 @@ def make_engine(name: str, bl: BenchLab) -> Engine:
     if name == "forwarder":
         return ForwarderEngine(bl)
     raise ValueError(f"unknown engine {name!r} (have: {', '.join(ENGINES + ('forwarder',))})")
-
-
-def run_cmd(argv: list[str]) -> str:
-    return subprocess.run(argv, capture_output=True, text=True, check=False).stdout.strip()

@@ -21,7 +21,9 @@ BASELINE = Path(__file__).resolve().parent / "baseline.json"
 # also carries the kernel stack's noise.
 TOLERANCE = {
     "xdplb_vs_iptables_legacy_new_mpps": 0.6,
-    "xdplb_vs_iptables_legacy_update_p50": 0.6,
+    # xdplb's update p50 is ~0.25 ms but jumps to a scheduler tick when
+    # its Maglev build waits for a busy core (see the README): wide margin.
+    "xdplb_vs_iptables_legacy_update_p50": 0.8,
     "xdplb_scale_new_mpps": 0.3,
     "xdplb_scale_established_mpps": 0.3,
     "xdplb_scale_new_ns": 0.3,
@@ -59,8 +61,14 @@ def check(doc: dict, baseline: dict) -> Verdict:
     lines: list[str] = []
     ok = True
     for r in doc["results"]:
+        if "error" in r:
+            ok = False
+            lines.append(f"FAIL {r['engine']} at {r['services']}: {r['error']}")
+            continue
         for tname, t in r["targets"].items():
             for kind in ("new", "established"):
+                if kind not in t:
+                    continue
                 run = t[kind]
                 if run["misrouted"]:
                     ok = False

@@ -10,11 +10,16 @@ KIB = 1024
 
 
 def point(doc: dict, engine: str, n: int) -> dict | None:
-    return next((r for r in doc["results"] if r["engine"] == engine and r["services"] == n), None)
+    return next((r for r in ok_results(doc) if r["engine"] == engine and r["services"] == n), None)
+
+
+def ok_results(doc: dict) -> list[dict]:
+    """Points that were measured (a failed one carries "error" instead)."""
+    return [r for r in doc["results"] if "error" not in r]
 
 
 def mpps(p: dict | None, kind: str = "new", target: str = "last") -> float | None:
-    if not p or target not in p["targets"]:
+    if not p or kind not in p["targets"].get(target, {}):
         return None
     return p["targets"][target][kind]["delivered_mpps"]
 
@@ -24,7 +29,7 @@ def engines(doc: dict) -> list[str]:
 
 
 def service_counts(doc: dict) -> list[int]:
-    return sorted({r["services"] for r in doc["results"]})
+    return sorted({r["services"] for r in ok_results(doc)})
 
 
 def _f(v, fmt: str = "{:.3f}") -> str:
@@ -49,6 +54,9 @@ def markdown(doc: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in doc["results"]:
+        if "error" in r:
+            lines.append(f"| {r['engine']} | {r['services']} | error: {r['error'][:80]} | | | | | | | |")
+            continue
         ops = r.get("operations", {})
 
         def q(kind: str) -> str:
@@ -72,7 +80,7 @@ def markdown(doc: dict) -> str:
         lines.append(f"| bare forwarder | – | {_f(lim.get('new_load_ns'), '{:.0f}')} | "
                      f"{_f(lim.get('established_load_ns'), '{:.0f}')} | {_f(lim.get('new_testrun_ns'), '{:.0f}')} | "
                      f"{_f(lim.get('established_testrun_ns'), '{:.0f}')} |")
-    for r in doc["results"]:
+    for r in ok_results(doc):
         t = r["targets"].get("last", {})
         if "new_load_ns" in t:
             lines.append(f"| {r['engine']} | {r['services']} | {_f(t['new_load_ns'], '{:.0f}')} | "
@@ -153,7 +161,7 @@ def plots(doc: dict, out_dir: Path) -> list[Path]:
     files = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for e in engines(doc):
-        rows = sorted((r for r in doc["results"] if r["engine"] == e), key=lambda r: r["services"])
+        rows = sorted((r for r in ok_results(doc) if r["engine"] == e), key=lambda r: r["services"])
         xs = [r["services"] for r in rows]
         line, = ax.plot(xs, [mpps(r) for r in rows], marker="o", label=f"{e} new flows")
         ax.plot(xs, [mpps(r, "established") for r in rows], marker="x", linestyle="--",
@@ -176,7 +184,7 @@ def plots(doc: dict, out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for e in engines(doc):
-        rows = sorted((r for r in doc["results"] if r["engine"] == e and r["operations"]["update"].get("count")),
+        rows = sorted((r for r in ok_results(doc) if r["engine"] == e and r["operations"]["update"].get("count")),
                       key=lambda r: r["services"])
         xs = [r["services"] for r in rows]
         line, = ax.plot(xs, [r["operations"]["update"]["p50_ms"] for r in rows], marker="o", label=f"{e} p50")

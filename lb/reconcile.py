@@ -40,6 +40,7 @@ PROTOCOLS = IPPROTO                                  # IANA numbers, not ours
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
 
 SvcKey = tuple[IPv4Address, int, str]
+SERIAL_BUILD_MAX = 32          # up to this many changed services, no parallel Maglev build
 
 
 class CapacityError(ConfigError):
@@ -296,7 +297,18 @@ class Reconciler:
         # would remap every flow, not just the ones Maglev has to move.
         want = [maglev.table_size(len(i), current=ch.live.ring_size if ch.live else 0)
                 for i, ch in zip(inputs, plan)]
-        flat, offsets, sizes = maglev.build_tables(inputs, sizes=want)
+        if len(inputs) <= SERIAL_BUILD_MAX:
+            # A few services: build them one by one. The batch build is a
+            # parallel numba region, which stalls for milliseconds when the
+            # other core is busy (measured: one-service p99 0.315 ms, max
+            # 16.8 ms in parallel; 0.041 / 0.144 ms serially).
+            tables = [maglev.build_table(i, size=w) if w else np.zeros(0, np.int32)
+                      for i, w in zip(inputs, want)]
+            sizes = np.array([len(t) for t in tables], dtype=np.int64)
+            offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+            flat = np.concatenate(tables) if tables else np.zeros(0, np.int32)
+        else:
+            flat, offsets, sizes = maglev.build_tables(inputs, sizes=want)
         for ch, off, size in zip(plan, offsets, sizes):
             ch.ring_ids = flat[off:off + size]          # indices into the active list, for now
             ch._ring_size = int(size)

@@ -81,9 +81,9 @@ def test_program_testrun(benchmark, xdplb, kind):
     durations = []
 
     def once():
-        with bl.inside(bl.lb_ns):
-            durations.append(test_run(fd, next(it), ingress_ifindex=bl.l0).duration_ns)
+        durations.append(test_run(fd, next(it), ingress_ifindex=bl.l0).duration_ns)
 
-    benchmark.pedantic(once, rounds=2000, iterations=1, warmup_rounds=10)
+    with bl.inside(bl.lb_ns):          # fib lookups see the lab's routes
+        benchmark.pedantic(once, rounds=2000, iterations=1, warmup_rounds=10)
     durations.sort()
     benchmark.extra_info["kernel_duration_ns_median"] = durations[len(durations) // 2]
