@@ -22,13 +22,15 @@ def _leftovers(pid: int) -> list[str]:
 
 
 def test_demo_balances_and_drops_denied(bpf_object):
-    p = subprocess.run([sys.executable, "-m", "lb.cli", "demo", "--fillers", "200", "--requests", "120",
+    p = subprocess.run([sys.executable, "-m", "lb.cli", "demo", "--fillers", "200", "--requests", "300",
                         "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     r = json.loads(p.stdout[p.stdout.index("{\n"):])
-    assert r["answered"] == 120 and r["denied_answered"] == 0 and r["denied_drops"] >= 5
+    assert r["answered"] == 300 and r["denied_answered"] == 0 and r["denied_drops"] >= 5
+    # Flows are hashed independently: each share is binomial (sd 2.7% at 300).
+    # +-10% is beyond 3.5 sd, so this fails on a real imbalance, not on luck.
     for n in r["per_backend"].values():
-        assert 0.25 <= n / 120 <= 0.42, r["per_backend"]
+        assert 0.233 <= n / 300 <= 0.433, r["per_backend"]
 
 
 def test_demo_tears_down_on_ctrl_c(bpf_object):
