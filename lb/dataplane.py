@@ -194,12 +194,7 @@ class Dataplane:
         links = pin_dir / "links"
         if links.is_dir():
             for path in sorted(links.iterdir()):
-                link = XdpLink.from_pin(str(path))
-                try:
-                    link.detach()
-                finally:
-                    link.close()
-                path.unlink()
+                Dataplane.detach_link(pin_dir, path.name)
                 done.append(path.name)
             links.rmdir()
         if purge:

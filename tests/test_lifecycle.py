@@ -8,13 +8,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import yaml
 
 from lb.demo import WEB_VIP
+from test_e2e import _download as start_download
 from test_e2e import daemon_factory, xdplb  # noqa: F401  (fixture)
 
 N = 2_500_000
@@ -22,14 +22,7 @@ RATE = 800_000           # ~3 s per download
 
 
 def _download(lab_, topo, result: dict) -> threading.Thread:
-    def run():
-        p = lab_.run(topo.client_ns, ["curl", "-s", "-o", "/dev/null", "-w", "%{size_download} %{http_code}",
-                                      "--max-time", "30", f"http://{WEB_VIP}/bytes?n={N}&rate={RATE}"],
-                     timeout=40, check=False)
-        result["out"] = p.stdout
-    t = threading.Thread(target=run)
-    t.start()
-    return t
+    return start_download(lab_, topo, f"http://{WEB_VIP}/bytes?n={N}&rate={RATE}", result)
 
 
 def test_restart_by_systemd_signals_loses_nothing(lab, daemon_factory):
