@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import api, flow, monitor, stats
-from .config import Config, ConfigError, config_from_dict, config_to_dict, load_config, parse_config
+from .config import Config, ConfigError, config_from_dict, load_config, parse_config
 from .dataplane import UNPINNED_MAPS, Dataplane, default_object_path
 from .health import HealthChecker, Transition
 from .metrics import Metrics
@@ -341,7 +341,7 @@ class Daemon:
                 "identities": len(self.rec.identities), "last_apply": self.last_apply,
                 "errors": self.errors, "pending_reclaim": self.rec.reclaimer.pending,
                 "maps": {name: {"max_entries": mp.max_entries} for name, mp in m.items()},
-                "maglev_pool": {"slots": self.rec.pool.total if hasattr(self.rec.pool, "total") else None,
+                "maglev_pool": {"slots": self.rec.pool.total,
                                 "free": self.rec.pool.free_total},
                 "health": self._health_status(health_backends),
             }

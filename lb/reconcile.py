@@ -103,6 +103,7 @@ class _Change:
     keys: list = field(default_factory=list)               # bkey of each backend, in order
     ring_ids: np.ndarray | None = None                     # new table, or None = keep
     ring_offset: int = 0
+    ring_size: int = 0                                     # table size M (0: no active backend)
     policy: dict = field(default_factory=dict)
     flags: int = 0
     policy_gen: int = 0
@@ -311,7 +312,7 @@ class Reconciler:
             flat, offsets, sizes = maglev.build_tables(inputs, sizes=want)
         for ch, off, size in zip(plan, offsets, sizes):
             ch.ring_ids = flat[off:off + size]          # indices into the active list, for now
-            ch._ring_size = int(size)
+            ch.ring_size = int(size)
 
     def _check_capacity(self, cfg: Config, plan: list[_Change], removed: list[SvcKey],
                         identities: bool) -> None:
@@ -354,12 +355,12 @@ class Reconciler:
                               f"{free_backends} free (the backends map holds "
                               f"{m['backends'].max_entries - 1})")
                 break
-        rings = [ch for ch in plan if ch._ring_size]
+        rings = [ch for ch in plan if ch.ring_size]
         if rings:
             pool = self.pool.copy()
             for ch in rings:
-                if pool.alloc(ch._ring_size) is None:
-                    errors.append(f"{where(ch)}: Maglev pool full: needs {ch._ring_size} slots, "
+                if pool.alloc(ch.ring_size) is None:
+                    errors.append(f"{where(ch)}: Maglev pool full: needs {ch.ring_size} slots, "
                                   f"{pool.free_total} free of {pool.total} "
                                   f"(raise limits.maglev_slots)")
                     break
@@ -498,10 +499,9 @@ class Reconciler:
             v = vals[i]
             v.svc_id = ch.svc_id
             v.ring_offset = ch.ring_offset
-            v.ring_size = len(ch.ring_ids) if ch.ring_ids is not None else ch.live.ring_size
+            v.ring_size = ch.ring_size      # a kept table has this size too (_allocate)
             v.policy_gen = ch.policy_gen
             v.flags = ch.flags
-            ch._ring_size = v.ring_size
         if plan:
             sm.update_batch(keys, vals)
 
@@ -542,21 +542,26 @@ class Reconciler:
     def _remove(self, removed: list[SvcKey]) -> None:
         c, maps = self.c, self.dp.maps
         sm, pm = maps["services"], maps["policy"]
-        bview = self.dp.view("backends")
         for key in removed:
             live = self.services.pop(key)
             k = sm.key_type()
             _svc_key(k, key, c.FAMILY_IPV4)
             sm.delete(k)
             self._vip_ref(key[0], -1)
-            for b in live.backends.values():
-                bview["state"][b.id] = c.BACKEND_FREE
-                self.reclaimer.retire_id(self.backend_ids, b.id)
+            self._retire_backends(live.backends.values())
             if live.ring_size:
                 self.reclaimer.retire_region(self.pool, live.ring_offset, live.ring_size)
             self._retire_policy(pm, live.svc_id, live.policy_gen, live.policy)
             self.policy_entries -= len(live.policy)
             self.reclaimer.retire_id(self.svc_ids, live.svc_id)
+
+    def _retire_backends(self, backends) -> None:
+        """A removed backend loses its flows now (conntrack sees FREE and
+        re-picks); its id is reused only after a grace period."""
+        state = self.dp.view("backends")["state"]
+        for b in backends:
+            state[b.id] = self.c.BACKEND_FREE
+            self.reclaimer.retire_id(self.backend_ids, b.id)
 
     def _retire_policy(self, pm, svc_id: int, gen: int, entries: dict[int, int]) -> None:
         if not entries:
@@ -573,17 +578,11 @@ class Reconciler:
 
     def _retire(self, plan: list[_Change]) -> None:
         """Record the new live state; retire what only old records use."""
-        c = self.c
-        bview = self.dp.view("backends")
         pm = self.dp.maps["policy"]
         for ch in plan:
             live = ch.live
             if live is not None:
-                for b in ch.removed_backends:
-                    # A removed backend loses its flows now (conntrack sees
-                    # FREE and re-picks); its id is reused after a grace period.
-                    bview["state"][b.id] = c.BACKEND_FREE
-                    self.reclaimer.retire_id(self.backend_ids, b.id)
+                self._retire_backends(ch.removed_backends)
                 if ch.ring_ids is not None and live.ring_size:
                     self.reclaimer.retire_region(self.pool, live.ring_offset, live.ring_size)
                 if ch.policy_changed:
@@ -595,7 +594,7 @@ class Reconciler:
             for b, bid, gen, state, k in ch.new_backends:
                 backends[k] = LiveBackend(bid, gen, state, b.address, b.port)
             self.services[ch.svc.key] = LiveService(
-                ch.svc.key, ch.svc_id, ch.ring_offset, ch._ring_size, ch.policy_gen, ch.flags,
+                ch.svc.key, ch.svc_id, ch.ring_offset, ch.ring_size, ch.policy_gen, ch.flags,
                 backends, dict(ch.policy), ch.svc.name, ch.svc)
 
 
