@@ -46,6 +46,7 @@ __all__ = [
     "HealthCheck",
     "HealthCheckLimits",
     "ConfigError",
+    "FloodGuard",
     "DEFAULT_HASH_SEED",
     "IDENTITY_USER_MIN",
     "IDENTITY_WORLD",
@@ -441,6 +442,18 @@ class Monitor(_Model):
     sample_forwarded: Annotated[int, Strict(), _int_range(1, 1_000_000)] = 1
 
 
+class FloodGuard(_Model):
+    """The data plane's per-CPU bound on new flows that write state
+    (bpf/xdp/guard.h). Over it, new connections (TCP SYN, UDP, anything
+    with SNAT) are dropped as `new_flow_rate` and their clients retry;
+    other TCP packets that missed conntrack are forwarded to the backend
+    Maglev picks, without writing state. Per CPU: the total is this times
+    the CPUs that receive traffic. `new_flows_per_second: 0` turns it off."""
+
+    new_flows_per_second: Annotated[int, Strict(), _int_range(0, 100_000_000)] = 200_000
+    burst: Annotated[int, Strict(), _int_range(1, 100_000_000)] = 20_000
+
+
 class Config(_Model):
     """The whole desired state of one load balancer."""
 
@@ -460,6 +473,7 @@ class Config(_Model):
     # How long the data plane reuses a next hop (MACs, egress) it got from
     # bpf_fib_lookup() for a destination; 0 looks the FIB up on every packet.
     nexthop_cache_ms: Annotated[int, Strict(), _int_range(0, 60_000)] = 1000
+    flood_guard: FloodGuard = Field(default_factory=FloodGuard)
     identities: dict[IdentityName, tuple[Network, ...]] = Field(default_factory=dict)
     services: tuple[Service, ...] = ()
 

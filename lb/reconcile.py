@@ -438,6 +438,8 @@ class Reconciler:
         want.monitor_burst = cfg.monitor.burst
         want.monitor_sample = cfg.monitor.sample_forwarded
         want.nexthop_ttl_ms = cfg.nexthop_cache_ms
+        want.new_flow_rate = cfg.flood_guard.new_flows_per_second
+        want.new_flow_burst = cfg.flood_guard.burst
         if bytes(conf.lookup(meta.active_config)) == bytes(want):
             return
         # The inactive copy may still be read by packets that saw it active

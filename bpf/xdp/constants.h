@@ -14,7 +14,7 @@
  * older layout are refused (or migrated) by the control plane, never reused
  * blindly. Stored in the pinned `meta` map. */
 enum xdplb_layout {
-	XDPLB_LAYOUT_VERSION = 2,     /* 2: lb_config monitor fields, event counters */
+	XDPLB_LAYOUT_VERSION = 3,     /* 3: flood guard (lb_config, flood_bucket) */
 };
 
 /* Default map capacities. The control plane may resize the ones marked
@@ -97,7 +97,8 @@ enum drop_reason {
 	DROP_BAD_IP = 11,           /* VIP packet with a bad IHL or total length */
 	DROP_CT_FULL = 12,          /* conntrack/NAT insert failed */
 	DROP_REDIRECT = 13,         /* egress interface not in the devmap */
-	DROP_REASON_MAX = 14,
+	DROP_NEW_FLOW_RATE = 14,    /* flood guard: a new flow over the per-CPU rate (guard.h) */
+	DROP_REASON_MAX = 15,
 };
 
 /* flow_event.verdict (monitor.h). Only drops and the first packet of new
@@ -122,7 +123,8 @@ enum xdplb_counter {
 	CNT_NEIGH_PASS = 9,         /* passed to the kernel to resolve a neighbour */
 	CNT_EVENTS = 10,            /* flow events written to the ring buffer */
 	CNT_EVENTS_LOST = 11,       /* flow events not sent: rate limit or ring full */
-	CNT_MAX = 12,
+	CNT_GUARD_STATELESS = 12,   /* flood guard: forwarded by Maglev with no state written */
+	CNT_MAX = 13,
 };
 
 #endif

@@ -149,6 +149,10 @@ struct lb_config {
 	__u32 monitor_burst;        /* events sent back to back after a quiet spell */
 	__u32 monitor_sample;       /* 1 new forwarded flow in N makes an event (0, 1 = all) */
 	__u32 nexthop_ttl_ms;       /* next-hop cache lifetime; 0 = bpf_fib_lookup() every packet */
+	/* Flood guard (guard.h), per CPU: conntrack misses that may write
+	 * state per second, and how many may come back to back. 0 = no guard. */
+	__u32 new_flow_rate;
+	__u32 new_flow_burst;
 };
 
 /* What the dry-run copy of the program decided (the `flow` command). The
@@ -201,10 +205,15 @@ struct nexthop {
 	__u8 pad[8];                /* explicit: the struct is 32 bytes either way */
 };
 
+/* A token bucket kept in time units (ratelimit.h). */
+struct token_bucket {
+	__u64 credit_ns;            /* saved-up time; one token costs 1e9 / rate ns */
+	__u64 last_ns;              /* when credit was last brought up to date */
+};
+
 /* Per-CPU token bucket of the flow monitor. */
 struct monitor_bucket {
-	__u64 credit_ns;            /* saved-up time; an event costs 1e9 / monitor_rate */
-	__u64 last_ns;              /* when credit was last brought up to date */
+	struct token_bucket tokens;
 	__u32 sampled;              /* new flows skipped since the last sampled one */
 	__u32 pad;
 };
@@ -363,5 +372,13 @@ struct {
 	__type(key, __u32);
 	__type(value, struct monitor_bucket);
 } monitor_bucket SEC(".maps");
+
+/* Per-CPU token bucket of the flood guard (guard.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct token_bucket);
+} flood_bucket SEC(".maps");
 
 #endif

@@ -23,8 +23,7 @@
 #include "counters.h"
 #include "nat.h"
 #include "policy.h"
-
-#define MONITOR_NSEC_PER_SEC 1000000000ULL
+#include "ratelimit.h"
 
 /* What the caller knows about the packet; the rest comes from ctx and flow. */
 struct monitor_note {
@@ -35,28 +34,6 @@ struct monitor_note {
 	__u32 backend_id;
 	__u32 len;
 };
-
-/* Token bucket in time units: an event costs 1e9 / rate ns of credit, and
- * credit accrues with elapsed time up to `burst` events' worth. Keeping
- * credit in ns needs no multiplication of the (unbounded) elapsed time, so
- * nothing overflows, and a bucket never used (last_ns == 0) starts full. */
-static __always_inline int monitor_take(const struct lb_config *cfg, struct monitor_bucket *b,
-					__u64 now)
-{
-	__u64 cost = MONITOR_NSEC_PER_SEC / cfg->monitor_rate;
-	__u64 cap = cost * (cfg->monitor_burst ? cfg->monitor_burst : 1);
-	__u64 credit = b->credit_ns + (now - b->last_ns);
-
-	if (credit > cap)
-		credit = cap;
-	b->last_ns = now;
-	if (credit < cost) {
-		b->credit_ns = credit;
-		return 0;
-	}
-	b->credit_ns = credit - cost;
-	return 1;
-}
 
 /* A subprogram, not inlined: drop() calls it from a dozen paths, and one
  * copy keeps the program small. `cfg` and `b` may be NULL. */
@@ -85,7 +62,7 @@ static __noinline int monitor_emit(struct xdp_md *ctx, const struct flow_key *fl
 		bucket->sampled = 0;
 	}
 	now = bpf_ktime_get_ns();
-	if (!monitor_take(cfg, bucket, now)) {
+	if (!bucket_take(&bucket->tokens, cfg->monitor_rate, cfg->monitor_burst, now)) {
 		count_global(CNT_EVENTS_LOST, note->len);
 		return 0;
 	}

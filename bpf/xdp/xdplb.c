@@ -20,6 +20,7 @@
 #include "maglev.h"
 #include "conntrack.h"
 #include "nat.h"
+#include "guard.h"
 #include "forward.h"
 #include "monitor.h"
 
@@ -78,7 +79,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 	struct rewrite rw;
 	__u32 identity = IDENTITY_UNKNOWN;
 	__u32 hash = 0, backend_id;
-	int snat, ct_hit = 0, rc;
+	int snat, ct_hit = 0, stateless = 0, rc;
 
 	if (!cfg)
 		return count_verdict(XDP_ABORTED, pkt->len);
@@ -104,6 +105,15 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 	if (!b) {
 		if (!svc.ring_size)
 			return drop(ctx, pkt, identity, svc.svc_id, DROP_NO_BACKEND);
+		switch (flood_guard(pkt, cfg, snat)) {
+		case GUARD_DROP:
+			return drop(ctx, pkt, identity, svc.svc_id, DROP_NEW_FLOW_RATE);
+		case GUARD_STATELESS:
+			stateless = 1;
+			break;
+		default:
+			break;
+		}
 		/* Only new flows need the hash (here and for the SNAT port). */
 		hash = flow_hash(&pkt->flow, cfg->hash_seed);
 		backend_id = maglev_pick(&svc, hash);
@@ -129,7 +139,9 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && !fib_kernel_can_finish(rc))
 		return drop(ctx, pkt, identity, svc.svc_id, DROP_FIB);
 
-	if (!ct_hit) {
+	if (stateless) {
+		count_global(CNT_GUARD_STATELESS, pkt->len);
+	} else if (!ct_hit) {
 		/* The reply the backend will send: backend -> client (gateway
 		 * mode) or backend -> SNAT address:port. */
 		struct nat_entry nat = {
@@ -165,7 +177,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 		count_global(CNT_CT_HIT, pkt->len);
 	}
 
-	if (!ct_hit)
+	if (!ct_hit && !stateless)
 		monitor_forward(ctx, pkt, cfg, identity, svc.svc_id, ct.backend_id, b);
 	probe_record(DROP_NONE, identity, svc.svc_id, ct.backend_id, ct_hit, 0);
 	rewrite_packet(pkt, &rw);
