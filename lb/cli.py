@@ -51,6 +51,11 @@ def cmd_apply(args) -> int:
     return 0
 
 
+# The tables that fill up with traffic or config (the rest are fixed-size).
+FILL_SHOWN = ("services", "backends", "maglev_pool", "conntrack", "rev_nat", "identities", "policy",
+              "nexthops", "drop_detail")
+
+
 def cmd_status(args) -> int:
     # The table lists only unhealthy backends: no need to ship 200k healthy ones.
     st = api.call(args.socket, "status", **({} if args.json else {"health_backends": "unhealthy"}))
@@ -63,6 +68,9 @@ def cmd_status(args) -> int:
         t.add_row(k, str(st[k]))
     t.add_row("interfaces", ", ".join(f"{k} (prog {v})" for k, v in st["interfaces"].items()))
     t.add_row("maglev pool", f"{st['maglev_pool']['free']} of {st['maglev_pool']['slots']} slots free")
+    t.add_row("tables", ", ".join(f"{name} {m['entries']:,}/{m['capacity']:,} ({m['fill']:.0%})"
+                                  for name, m in st["maps"].items()
+                                  if name in FILL_SHOWN and m.get("capacity")))
     t.add_row("last apply", json.dumps(st["last_apply"]))
     h = st.get("health")
     if h:

@@ -22,7 +22,7 @@ from . import api, flow, monitor, stats
 from .config import Config, ConfigError, config_from_dict, load_config, parse_config
 from .dataplane import UNPINNED_MAPS, Dataplane, default_object_path
 from .health import HealthChecker, Transition
-from .metrics import Metrics
+from .metrics import Metrics, map_fill
 from .reconcile import PROTOCOLS, Reconciler, bkey
 from loader import XdpLink
 
@@ -330,7 +330,6 @@ class Daemon:
 
     def status(self, health_backends: str = "all") -> dict:
         with self.lock:
-            m = self.dp.maps
             return {
                 "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
                 "config": self.config_path, "generation": self.rec.generation,
@@ -340,11 +339,25 @@ class Daemon:
                 "backends": sum(len(s.backends) for s in self.rec.services.values()),
                 "identities": len(self.rec.identities), "last_apply": self.last_apply,
                 "errors": self.errors, "pending_reclaim": self.rec.reclaimer.pending,
-                "maps": {name: {"max_entries": mp.max_entries} for name, mp in m.items()},
+                "maps": self._map_fill(),
                 "maglev_pool": {"slots": self.rec.pool.total,
                                 "free": self.rec.pool.free_total},
                 "health": self._health_status(health_backends),
             }
+
+    def _map_fill(self) -> dict:
+        """Every map's capacity and, where it has one, its fill level: a
+        full conntrack, NAT table or pool shows here before it shows as
+        drops (README "Resource exhaustion")."""
+        entries, capacity = map_fill(self.dp, self.rec)
+        out = {}
+        for name, mp in self.dp.maps.items():
+            d: dict = {"max_entries": mp.max_entries}
+            if name in capacity:
+                d.update(entries=entries[name], capacity=capacity[name],
+                         fill=round(entries[name] / capacity[name], 4) if capacity[name] else None)
+            out[name] = d
+        return out
 
     def _api_apply(self, req: dict) -> dict:
         try:

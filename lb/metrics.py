@@ -164,6 +164,29 @@ def _label_name(name: str, prefix: str) -> str:
     return name.removeprefix(prefix).lower()
 
 
+def map_fill(dp, rec) -> tuple[dict[str, int], dict[str, int]]:
+    """(entries in use, capacity) per map that has a fill level: hashed maps
+    are counted, id-indexed arrays report the ids allocated, the Maglev pool
+    its slots; ring buffers have none. The caller holds the daemon's lock."""
+    entries: dict[str, int] = {}
+    capacity: dict[str, int] = {}
+    used_arrays = {"services": None, "svc_stats": rec.svc_ids.count,
+                   "backends": rec.backend_ids.count, "backend_stats": rec.backend_ids.count}
+    for name, m in dp.maps.items():
+        if name == "maglev_pool":          # in slots: services' tables are runs of slots
+            entries[name], capacity[name] = rec.pool.used, rec.pool.total
+            continue
+        if m.map_type in HASHED:
+            entries[name] = count_entries(m)
+        elif m.map_type in ARRAYS:
+            used = used_arrays.get(name)
+            entries[name] = m.max_entries if used is None else used   # fixed-index arrays are full
+        else:
+            continue                       # a ring buffer is a byte queue, not a table: no fill level
+        capacity[name] = m.max_entries
+    return entries, capacity
+
+
 def snapshot(daemon) -> Snapshot:
     """Read the maps and the reconciler's view (the caller holds the lock)."""
     dp, rec = daemon.dp, daemon.rec
@@ -208,20 +231,7 @@ def snapshot(daemon) -> Snapshot:
         label = _label_name(name, "CNT_")
         (s.actions if label in XDP_ACTIONS else s.events)[label] = int(glob[i, 0])
 
-    used_arrays = {"services": None, "svc_stats": rec.svc_ids.count,
-                   "backends": rec.backend_ids.count, "backend_stats": rec.backend_ids.count}
-    for name, m in maps.items():
-        if name == "maglev_pool":          # in slots: services' tables are runs of slots
-            s.map_entries[name], s.map_capacity[name] = rec.pool.used, rec.pool.total
-            continue
-        if m.map_type in HASHED:
-            s.map_entries[name] = count_entries(m)
-        elif m.map_type in ARRAYS:
-            used = used_arrays.get(name)
-            s.map_entries[name] = m.max_entries if used is None else used   # fixed-index arrays are full
-        else:
-            continue                       # a ring buffer is a byte queue, not a table: no fill level
-        s.map_capacity[name] = m.max_entries
+    s.map_entries, s.map_capacity = map_fill(dp, rec)
     s.conntrack = s.map_entries.get("conntrack", 0)
     s.nat = s.map_entries.get("rev_nat", 0)
 

@@ -72,6 +72,22 @@ def test_balance_and_denied_identity(lab, daemon_factory):
     assert sum(b["packets"] for b in web["backends"]) == web["packets"] > 300
 
 
+def test_status_shows_table_fill_levels(lab, daemon_factory):
+    """Exhaustion must be visible before it bites: `status` gives each
+    table's entries against its capacity, and they follow the traffic."""
+    lab_, topo = lab
+    d = daemon_factory(fillers=50)
+    before = json.loads(xdplb(d, "status", "--json").stdout)["maps"]
+    assert before["services"]["entries"] == 52 and before["services"]["capacity"] == 65536
+    assert before["conntrack"]["entries"] == 0 and before["conntrack"]["capacity"] == 262144
+    assert len(curl_many(lab_, topo, f"http://{WEB_VIP}/", 20, topo.client_ip)) == 20
+    after = json.loads(xdplb(d, "status", "--json").stdout)["maps"]
+    assert after["conntrack"]["entries"] >= 20 and after["rev_nat"]["entries"] >= 20
+    assert after["conntrack"]["fill"] == round(after["conntrack"]["entries"] / 262144, 4)
+    table = xdplb(d, "status").stdout
+    assert "conntrack " in table and "/262,144" in table
+
+
 def test_gateway_mode_preserves_client_and_udp_works(lab, daemon_factory):
     lab_, topo = lab
     daemon_factory()
