@@ -374,6 +374,8 @@ class Service(_Model):
     deny: tuple[IdentityRef, ...] = ()
     # None: not probed, every backend counts as up.
     health_check: HealthCheck | None = None
+    # Client-IP affinity (Kubernetes sessionAffinity: ClientIP), seconds.
+    client_affinity_s: Annotated[int, Strict(), _int_range(1, 86400)] | None = None
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> Service:

@@ -70,6 +70,7 @@ class LiveService:
     ring_size: int
     policy_gen: int
     flags: int
+    affinity_timeout_s: int = 0
     backends: dict[int, LiveBackend] = field(default_factory=dict)     # by bkey()
     policy: dict[int, int] = field(default_factory=dict)
     name: str | None = None
@@ -138,7 +139,7 @@ class Reconciler:
         for key, val in dp.maps["services"].items():
             skey = (word_addr(key.vip[0]), ntohs(key.port), PROTOCOL_NAMES.get(key.proto, str(key.proto)))
             live = LiveService(skey, val.svc_id, val.ring_offset, val.ring_size,
-                               val.policy_gen, int(val.flags))
+                               val.policy_gen, int(val.flags), int(val.affinity_timeout_s))
             self.services[skey] = live
             self.svc_ids.reserve(val.svc_id)
             if val.ring_size:
@@ -504,6 +505,7 @@ class Reconciler:
             v.ring_size = ch.ring_size      # a kept table has this size too (_allocate)
             v.policy_gen = ch.policy_gen
             v.flags = ch.flags
+            v.affinity_timeout_s = ch.svc.client_affinity_s or 0
         if plan:
             sm.update_batch(keys, vals)
 
@@ -597,7 +599,7 @@ class Reconciler:
                 backends[k] = LiveBackend(bid, gen, state, b.address, b.port)
             self.services[ch.svc.key] = LiveService(
                 ch.svc.key, ch.svc_id, ch.ring_offset, ch.ring_size, ch.policy_gen, ch.flags,
-                backends, dict(ch.policy), ch.svc.name, ch.svc)
+                ch.svc.client_affinity_s or 0, backends, dict(ch.policy), ch.svc.name, ch.svc)
 
 
 def _zero_counters(m, ids: np.ndarray) -> None:

@@ -72,7 +72,7 @@ def svc_key(layouts: Layouts, vip: int, port: int):
 
 # From maps.h: name -> (type, key_size, value_size, max_entries, flags)
 EXPECTED_MAPS = {
-    "services": (MapType.HASH, 20, 20, 65536, 1),
+    "services": (MapType.HASH, 20, 24, 65536, 1),
     "vips": (MapType.HASH, 20, 4, 65536, 1),
     "backends": (MapType.ARRAY, 4, 32, 262144, 1024),
     "maglev_pool": (MapType.ARRAY, 4, 64, 262144, 1024),
@@ -93,6 +93,7 @@ EXPECTED_MAPS = {
     "monitor_bucket": (MapType.PERCPU_ARRAY, 4, 24, 1, 0),
     "flood_bucket": (MapType.PERCPU_ARRAY, 4, 16, 1, 0),
     "nexthops": (MapType.LRU_PERCPU_HASH, 20, 32, 65536, 0),
+    "affinity": (MapType.LRU_HASH, 24, 16, 262144, 0),
 }
 
 

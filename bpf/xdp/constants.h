@@ -14,7 +14,7 @@
  * older layout are refused (or migrated) by the control plane, never reused
  * blindly. Stored in the pinned `meta` map. */
 enum xdplb_layout {
-	XDPLB_LAYOUT_VERSION = 3,     /* 3: flood guard (lb_config, flood_bucket) */
+	XDPLB_LAYOUT_VERSION = 3,     /* 3: flood guard (lb_config, flood_bucket), svc_value.affinity_timeout_s */
 };
 
 /* Default map capacities. The control plane may resize the ones marked
@@ -34,6 +34,9 @@ enum xdplb_limits {
 	NAT_ENTRIES = 262144,          /* reverse-NAT LRU (sizable) */
 	DEVMAP_ENTRIES = 256,          /* egress interfaces for XDP_REDIRECT */
 	NEXTHOP_ENTRIES = 65536,       /* cached next hops (backends and clients), LRU */
+	/* Client-IP affinity: (service, client address) -> backend, LRU. An
+	 * evicted entry only loses stickiness: Maglev picks again. */
+	AFFINITY_ENTRIES = 262144,
 	/* Flow-event ring buffer (monitor.h), in bytes: a power of two and a
 	 * multiple of the page size. A flow_event takes 96 + 8 bytes, so it
 	 * holds ~2500 events: over a second of the default rate per CPU. */

@@ -32,6 +32,7 @@ struct svc_value {
 	__u32 ring_size;            /* prime table size M; 0 = no active backend */
 	__u32 policy_gen;           /* generation of this service's policy entries */
 	enum svc_flags flags;
+	__u32 affinity_timeout_s;   /* client-IP affinity lifetime (affinity.h); 0 = none */
 };
 
 /* Addresses that carry at least one service: lets the program drop malformed
@@ -358,6 +359,26 @@ struct {
 	__type(key, struct nexthop_key);
 	__type(value, struct nexthop);
 } nexthops SEC(".maps");
+
+/* Client-IP affinity (affinity.h): a client's last backend per service. */
+struct affinity_key {
+	__u32 client[4];
+	__u32 svc_id;
+	__u32 family;
+};
+
+struct affinity_value {
+	__u64 last_ns;              /* bpf_ktime_get_ns() of the client's last new flow */
+	__u32 backend_id;
+	__u32 backend_gen;          /* the incarnation of backend_id it meant */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, AFFINITY_ENTRIES);
+	__type(key, struct affinity_key);
+	__type(value, struct affinity_value);
+} affinity SEC(".maps");
 
 /* Flow events (struct flow_event) for `xdplb monitor`. A ring buffer has
  * one consumer position: only one reader at a time sees every event. */

@@ -18,6 +18,7 @@
 #include "service.h"
 #include "policy.h"
 #include "maglev.h"
+#include "affinity.h"
 #include "conntrack.h"
 #include "nat.h"
 #include "guard.h"
@@ -79,6 +80,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 	struct rewrite rw;
 	__u32 identity = IDENTITY_UNKNOWN;
 	__u32 hash = 0, backend_id;
+	__u64 now = 0;
 	int snat, ct_hit = 0, stateless = 0, rc;
 
 	if (!cfg)
@@ -116,8 +118,13 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 		}
 		/* Only new flows need the hash (here and for the SNAT port). */
 		hash = flow_hash(&pkt->flow, cfg->hash_seed);
-		backend_id = maglev_pick(&svc, hash);
-		b = bpf_map_lookup_elem(&backends, &backend_id);
+		if (svc.affinity_timeout_s)
+			now = bpf_ktime_get_ns();
+		b = affinity_backend(&svc, &pkt->flow, now, &backend_id);
+		if (!b) {
+			backend_id = maglev_pick(&svc, hash);
+			b = bpf_map_lookup_elem(&backends, &backend_id);
+		}
 		/* No state check: a table only names backends that were live
 		 * when it was published, and a record keeps its address until
 		 * a grace period after its removal. A packet that read the old
@@ -172,6 +179,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 		}
 		if (ct_store(&pkt->flow, &ct))
 			return drop(ctx, pkt, identity, svc.svc_id, DROP_CT_FULL);
+		affinity_store(&svc, &pkt->flow, ct.backend_id, ct.backend_gen, now);
 		count_global(CNT_CT_NEW, pkt->len);
 	} else {
 		count_global(CNT_CT_HIT, pkt->len);
