@@ -21,17 +21,17 @@ rejected config leaves every map byte-for-byte unchanged.
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
+from socket import inet_ntoa
 
 import numpy as np
 
 from . import maglev
 from .alloc import IdAllocator, Reclaimer, RegionAllocator
-from .config import IPPROTO, Config, ConfigError, Service
+from .config import IPPROTO, Config, ConfigError, Service, gc_paused
 from .dataplane import Dataplane, addr_word, htons, ntohs, word_addr
 
 log = logging.getLogger("xdplb.reconcile")
@@ -208,15 +208,8 @@ class Reconciler:
 
     def _apply(self, cfg: Config, changed: list[Service], removed: list[SvcKey],
                identities: bool = True) -> ApplyResult:
-        # A full sync allocates ~1M small objects; generational GC passes
-        # over them would cost more than the sync itself.
-        gc_was_on = gc.isenabled()
-        gc.disable()
-        try:
+        with gc_paused():
             return self._apply_locked(cfg, changed, removed, identities)
-        finally:
-            if gc_was_on:
-                gc.enable()
 
     def _apply_locked(self, cfg: Config, changed: list[Service], removed: list[SvcKey],
                       identities: bool) -> ApplyResult:
@@ -292,7 +285,8 @@ class Reconciler:
                 if b.state == "active":
                     name = names.get(k)
                     if name is None:
-                        name = names[k] = b.key
+                        # == b.key, formatted from bkey() in C: 6x faster at 200k
+                        name = names[k] = f"{inet_ntoa((k >> 16).to_bytes(4, 'big'))}:{k & 0xFFFF}"
                     row.append((name, b.weight))
             inputs.append(row)
         # Keep a service's table size while it still fits: a new size
