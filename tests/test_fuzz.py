@@ -134,6 +134,9 @@ def mutations(seed: bytes, rnd: random.Random):
         yield bytes(b)
 
 
+# ~4k packets/s on the development VM: the long run needs more than the
+# suite's default per-test timeout.
+@pytest.mark.timeout(max(300, PACKETS // 1000))
 def test_mutated_packets_keep_the_invariants(fz):
     rnd = random.Random(20261126)
     base = [bytes(p) for p in seeds()]
