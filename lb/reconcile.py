@@ -367,13 +367,13 @@ class Reconciler:
         return errors
 
     def _allocate(self, plan: list[_Change]) -> None:
-        view = self.dp.view("backends")
+        gens = self.dp.view("backends")["gen"]      # one field view, not one per backend
         for ch in plan:
             ch.svc_id = ch.live.svc_id if ch.live else self._alloc(self.svc_ids)
             for nb in ch.new_backends:
                 bid = self._alloc(self.backend_ids)
                 nb[1] = bid
-                nb[2] = (int(view["gen"][bid]) + 1) & 0xFFFFFFFF
+                nb[2] = (int(gens[bid]) + 1) & 0xFFFFFFFF
             id_of = {nb[4]: nb[1] for nb in ch.new_backends}
             id_of.update({k: lb.id for k, lb in ch.kept.items()})
             ids = np.array([id_of[k] for b, k in zip(ch.svc.backends, ch.keys)
