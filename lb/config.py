@@ -55,6 +55,7 @@ __all__ = [
     "IDENTITY_WORLD",
     "Limits",
     "Monitor",
+    "NoBackendReject",
     "Service",
     "SnatPorts",
     "WORLD",
@@ -478,6 +479,17 @@ class FloodGuard(_Model):
     burst: Annotated[int, Strict(), _int_range(1, 100_000_000)] = 5_000
 
 
+class NoBackendReject(_Model):
+    """New flows to a service without an active backend are dropped (reason
+    `no_backend`) and answered with ICMP port unreachable, as kube-proxy's
+    REJECT does, so clients fail at once (bpf/xdp/reject.h). Per CPU:
+    `icmp_per_second`, `burst` back to back; beyond, or with 0, the packet
+    is only dropped."""
+
+    icmp_per_second: Annotated[int, Strict(), _int_range(0, 1_000_000)] = 1000
+    burst: Annotated[int, Strict(), _int_range(1, 1_000_000)] = 100
+
+
 class Config(_Model):
     """The whole desired state of one load balancer."""
 
@@ -498,6 +510,7 @@ class Config(_Model):
     # bpf_fib_lookup() for a destination; 0 looks the FIB up on every packet.
     nexthop_cache_ms: Annotated[int, Strict(), _int_range(0, 60_000)] = 1000
     flood_guard: FloodGuard = Field(default_factory=FloodGuard)
+    no_backend_reject: NoBackendReject = Field(default_factory=NoBackendReject)
     identities: dict[IdentityName, tuple[Network, ...]] = Field(default_factory=dict)
     services: tuple[Service, ...] = ()
 

@@ -435,6 +435,8 @@ class Reconciler:
         want.nexthop_ttl_ms = cfg.nexthop_cache_ms
         want.new_flow_rate = cfg.flood_guard.new_flows_per_second
         want.new_flow_burst = cfg.flood_guard.burst
+        want.reject_rate = cfg.no_backend_reject.icmp_per_second
+        want.reject_burst = cfg.no_backend_reject.burst
         if bytes(conf.lookup(meta.active_config)) == bytes(want):
             return
         # The inactive copy may still be read by packets that saw it active

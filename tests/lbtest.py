@@ -7,7 +7,7 @@ import itertools
 import os
 from pathlib import Path
 
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from lb.config import config_from_dict
@@ -105,6 +105,12 @@ def checksum_errors(pkt) -> list[str]:
     del fresh.chksum
     if IP(bytes(fresh)).chksum != ip.chksum:
         bad.append("IPv4 header")
+    if ICMP in pkt:                     # an ICMP error: its own checksum only
+        fresh = IP(bytes(ip))
+        del fresh[ICMP].chksum
+        if IP(bytes(fresh))[ICMP].chksum != pkt[ICMP].chksum:
+            bad.append("ICMP")
+        return bad
     for layer in (TCP, UDP):
         if layer in pkt:
             l4 = pkt[layer]

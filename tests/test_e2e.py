@@ -23,7 +23,7 @@ from lbtest import dump_maps, open_pinned_maps, pin_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAFFIC_MAPS = ("global_stats", "svc_stats", "backend_stats", "drop_stats", "drop_detail",
-                "conntrack", "rev_nat", "monitor_bucket", "flood_bucket", "nexthops", "events")
+                "conntrack", "rev_nat", "monitor_bucket", "flood_bucket", "reject_bucket", "nexthops", "events")
 
 
 @pytest.fixture

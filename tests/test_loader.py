@@ -84,14 +84,15 @@ EXPECTED_MAPS = {
     "backend_stats": (MapType.PERCPU_ARRAY, 4, 16, 262144, 0),
     "drop_stats": (MapType.PERCPU_ARRAY, 4, 16, 15, 0),
     "drop_detail": (MapType.LRU_PERCPU_HASH, 12, 16, 65536, 0),
-    "global_stats": (MapType.PERCPU_ARRAY, 4, 16, 13, 0),
-    "config": (MapType.ARRAY, 4, 52, 2, 0),
+    "global_stats": (MapType.PERCPU_ARRAY, 4, 16, 14, 0),
+    "config": (MapType.ARRAY, 4, 60, 2, 0),
     "meta": (MapType.ARRAY, 4, 8, 1, 0),
     "tx_ports": (MapType.DEVMAP_HASH, 4, 4, 256, 0),
     "probe": (MapType.ARRAY, 4, 28, 1, 0),
     "events": (MapType.RINGBUF, 0, 0, 262144, 0),     # records are struct flow_event
     "monitor_bucket": (MapType.PERCPU_ARRAY, 4, 24, 1, 0),
     "flood_bucket": (MapType.PERCPU_ARRAY, 4, 16, 1, 0),
+    "reject_bucket": (MapType.PERCPU_ARRAY, 4, 16, 1, 0),
     "nexthops": (MapType.LRU_PERCPU_HASH, 20, 32, 65536, 0),
     "affinity": (MapType.LRU_HASH, 24, 16, 262144, 0),
 }
@@ -154,7 +155,7 @@ def test_layout_types(btf: Btf) -> None:
 
 def test_enums(btf: Btf) -> None:
     assert btf.enum("drop_reason")["DROP_POLICY"] == 1
-    assert btf.enums()["xdplb_counter"]["CNT_MAX"] == 13
+    assert btf.enums()["xdplb_counter"]["CNT_MAX"] == 14
     lay = Layouts(btf)
     reason = lay.enum("drop_reason")
     assert reason.DROP_POLICY == 1 and reason(13).name == "DROP_REDIRECT"

@@ -168,18 +168,6 @@ def test_counters_per_service_and_backend(lb):
     assert lb.counters("backend_stats", b.id)[0] >= 1
 
 
-def test_zero_backend_service_rejects_new_flows(lab, bpf_object):
-    lab_, topo = lab
-    with Harness(lab_, topo, attach=False) as h:
-        cfg = h.edit()
-        cfg["services"][0]["backends"] = []
-        h.apply(cfg)
-        before = h.drop_count("no_backend")
-        rc, _ = h.run(tcp(CLIENT, 47000, VIP, 80))
-        assert rc == XDP_DROP
-        assert h.drop_count("no_backend") == before + 1
-
-
 def test_snat_mode_rewrites_source_and_replies(lab, bpf_object):
     lab_, topo = lab
     with Harness(lab_, topo, attach=False, snat=True) as h:

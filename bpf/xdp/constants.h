@@ -14,7 +14,7 @@
  * older layout are refused (or migrated) by the control plane, never reused
  * blindly. Stored in the pinned `meta` map. */
 enum xdplb_layout {
-	XDPLB_LAYOUT_VERSION = 3,     /* 3: flood guard (lb_config, flood_bucket), svc_value.affinity_timeout_s */
+	XDPLB_LAYOUT_VERSION = 3,     /* 3: flood guard, no-backend rejects, svc_value.affinity_timeout_s */
 };
 
 /* Default map capacities. The control plane may resize the ones marked
@@ -127,7 +127,8 @@ enum xdplb_counter {
 	CNT_EVENTS = 10,            /* flow events written to the ring buffer */
 	CNT_EVENTS_LOST = 11,       /* flow events not sent: rate limit or ring full */
 	CNT_GUARD_STATELESS = 12,   /* flood guard: forwarded by Maglev with no state written */
-	CNT_MAX = 13,
+	CNT_REJECTS = 13,           /* ICMP port unreachable sent for a no_backend drop (reject.h) */
+	CNT_MAX = 14,
 };
 
 #endif

@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* Next hop from the kernel's FIB, then XDP_TX or XDP_REDIRECT (devmap). */
+/* Next hop from the kernel's FIB, then XDP_REDIRECT through the devmap. */
 #ifndef XDPLB_FORWARD_H
 #define XDPLB_FORWARD_H
 
@@ -81,10 +81,12 @@ static __always_inline int transmit(struct xdp_md *ctx, struct packet *pkt,
 	}
 	__builtin_memcpy(pkt->eth->h_dest, fib->dmac, ETH_ALEN);
 	__builtin_memcpy(pkt->eth->h_source, fib->smac, ETH_ALEN);
-	if (fib->ifindex == ctx->ingress_ifindex)
-		return count_verdict(XDP_TX, pkt->len);
-	/* An egress device that xdplb is not attached to is not in the devmap:
-	 * the kernel forwards the (already rewritten) packet instead. */
+	/* Through the devmap even when the packet leaves by the interface it
+	 * came in on: on veth, XDP_TX does not wake the peer's NAPI unless the
+	 * peer runs XDP itself (veth_xdp_flush), so the frames sat in its ring
+	 * until other traffic came by; a redirect flushes. An egress device
+	 * that xdplb is not attached to is not in the devmap: the kernel
+	 * forwards the (already rewritten) packet instead. */
 	action = bpf_redirect_map(&tx_ports, fib->ifindex, XDP_PASS);
 	return count_verdict(action, pkt->len);
 }

@@ -154,6 +154,10 @@ struct lb_config {
 	 * state per second, and how many may come back to back. 0 = no guard. */
 	__u32 new_flow_rate;
 	__u32 new_flow_burst;
+	/* ICMP rejects for services without backends (reject.h), per CPU:
+	 * per second and back to back. 0 = drop silently. */
+	__u32 reject_rate;
+	__u32 reject_burst;
 };
 
 /* What the dry-run copy of the program decided (the `flow` command). The
@@ -401,5 +405,13 @@ struct {
 	__type(key, __u32);
 	__type(value, struct token_bucket);
 } flood_bucket SEC(".maps");
+
+/* Per-CPU token bucket of the no-backend rejects (reject.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct token_bucket);
+} reject_bucket SEC(".maps");
 
 #endif

@@ -3,7 +3,7 @@
  * xdplb: the one XDP program.
  *
  *   parse -> service lookup -> identity policy -> conntrack or Maglev
- *         -> DNAT (+ optional SNAT) -> FIB -> XDP_TX / XDP_REDIRECT
+ *         -> DNAT (+ optional SNAT) -> FIB -> XDP_REDIRECT (devmap)
  *   replies to translated flows -> reverse NAT -> FIB -> out
  *   everything else -> XDP_PASS, untouched
  */
@@ -22,6 +22,7 @@
 #include "conntrack.h"
 #include "nat.h"
 #include "guard.h"
+#include "reject.h"
 #include "forward.h"
 #include "monitor.h"
 
@@ -66,6 +67,22 @@ static __always_inline int drop(struct xdp_md *ctx, struct packet *pkt, __u32 id
 	return drop_packet(identity, svc_id, reason, pkt->len);
 }
 
+/* A new flow to a service without an active backend: dropped, and
+ * answered with an ICMP port unreachable while the reject budget lasts. */
+static __always_inline int no_backend(struct xdp_md *ctx, struct packet *pkt, __u32 identity,
+				      __u32 svc_id, const struct lb_config *cfg)
+{
+	__u32 len = pkt->len;
+	int verdict = drop(ctx, pkt, identity, svc_id, DROP_NO_BACKEND);
+
+	if (!reject_in_place(ctx, pkt, cfg))
+		return verdict;
+	count_global(CNT_REJECTS, len);
+	/* Back out of the ingress device, through the devmap for the reason
+	 * transmit() gives. */
+	return bpf_redirect_map(&tx_ports, ctx->ingress_ifindex, XDP_DROP);
+}
+
 static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt,
 					  const struct svc_value *svc_ptr)
 {
@@ -106,7 +123,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 	}
 	if (!b) {
 		if (!svc.ring_size)
-			return drop(ctx, pkt, identity, svc.svc_id, DROP_NO_BACKEND);
+			return no_backend(ctx, pkt, identity, svc.svc_id, cfg);
 		switch (flood_guard(pkt, cfg, snat)) {
 		case GUARD_DROP:
 			return drop(ctx, pkt, identity, svc.svc_id, DROP_NEW_FLOW_RATE);
@@ -130,7 +147,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 		 * a grace period after its removal. A packet that read the old
 		 * table just before a flip still goes where it would have. */
 		if (!b || backend_id == ID_NONE)
-			return drop(ctx, pkt, identity, svc.svc_id, DROP_NO_BACKEND);
+			return no_backend(ctx, pkt, identity, svc.svc_id, cfg);
 		ct.backend_id = backend_id;
 		ct.backend_gen = b->gen;
 		ct.svc_id = svc.svc_id;
