@@ -205,6 +205,16 @@ class Reconciler:
         result.seconds = time.perf_counter() - t0
         return result
 
+    def write_identities(self, cfg: Config) -> None:
+        """Add or re-point the CIDRs of `cfg.identities` (before services
+        that refer to them are upserted). Kubernetes mode's incremental path."""
+        self._write_identities(cfg, self.identity_ids(cfg))
+
+    def prune_identities(self, cfg: Config) -> None:
+        """Delete CIDRs `cfg.identities` no longer has (after the upserts)."""
+        self._remove_identities(cfg)
+        self.config = cfg
+
     def _apply(self, cfg: Config, changed: list[Service], removed: list[SvcKey],
                identities: bool = True) -> ApplyResult:
         # A full sync allocates ~1M small objects; generational GC passes
