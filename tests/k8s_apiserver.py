@@ -83,6 +83,8 @@ class FakeApiServer:
         # Cleared: new watch requests wait (to make a watcher fall behind on purpose).
         self.watch_gate = threading.Event()
         self.watch_gate.set()
+        self.fail_watches = 0          # answer this many watch requests with HTTP 500
+        self.expire_continue = 0       # answer this many continue requests with 410
         self._closing = False
         self._cip = ipaddress.IPv4Network(service_cidr).hosts()
         next(self._cip)
@@ -274,6 +276,13 @@ class _Handler(BaseHTTPRequestHandler):
         if fs.startswith("metadata.name="):
             name = fs.split("=", 1)[1]
         if q.get("watch") in ("1", "true"):
+            with self.api.cond:
+                fail = self.api.fail_watches > 0
+                self.api.fail_watches -= fail
+            if fail:
+                self._json(500, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                 "reason": "InternalError", "code": 500, "message": "injected failure"})
+                return
             self._watch(kind, q, name)
         else:
             self._list(kind, q, name)
@@ -291,6 +300,10 @@ class _Handler(BaseHTTPRequestHandler):
                                      "message": "invalid continue token"})
                     return
                 snap = api.snapshots.get(snap_id)
+                if api.expire_continue > 0:
+                    api.expire_continue -= 1
+                    api.snapshots.pop(snap_id, None)
+                    snap = None
                 if snap is None:
                     api.stats["list_410"] += 1
                     self._json(410, status_410("The provided continue parameter is too old to display "
