@@ -20,6 +20,7 @@ to what kube-proxy would program.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import logging
 import os
@@ -546,6 +547,7 @@ class KubernetesWatcher:
         self.latency_ns: collections.deque = collections.deque(maxlen=100_000)  # receive -> applied
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
+        self.applied_rv: dict[str, int] = {}      # kind -> highest resourceVersion in the maps
 
     def start_reflectors(self) -> None:
         for r in self.reflectors:
@@ -569,6 +571,7 @@ class KubernetesWatcher:
                 pending.discard(ev.kind)
             events.append(ev)
         plan = self.syncer.plan(events)
+        self.applied_rv = dict(plan.rvs)
         if plan.identities is None:
             plan.identities = dict(self.syncer.identities)
         self.syncer.identities = plan.identities
@@ -601,6 +604,8 @@ class KubernetesWatcher:
                     self.syncer.identities = plan.identities
                 now = time.monotonic_ns()
                 self.applied.append((now, plan.rvs))
+                for k, rv in plan.rvs.items():
+                    self.applied_rv[k] = max(self.applied_rv.get(k, 0), rv)
                 self.latency_ns.extend(now - t for t in plan.received_ns)
             except Exception as e:                    # noqa: BLE001 - log, keep following the cluster
                 self.last_error = _short(e)
@@ -625,6 +630,7 @@ class KubernetesWatcher:
             "reflectors": {r.kind: {**r.stats.__dict__, "rv": r.rv, "objects": len(r.known)}
                            for r in self.reflectors},
             "receive_to_map_ms": {"p50": pct(0.5), "p99": pct(0.99), "n": len(lat)},
-            "applied": list(self.applied)[since:],
+            "applied_rv": dict(self.applied_rv),
+            "applied": list(itertools.islice(self.applied, since, None)),
             "applied_total": len(self.applied),
         }
