@@ -85,6 +85,8 @@ class Cluster:
 def start_daemon(api: FakeApiServer, topo, tmp: Path, batch_ms: int = 5) -> DaemonProcess:
     cfg = {"interfaces": [i.name for i in topo.lb_ifaces], "bpffs": pin_dir(),
            "api_socket": f"/run/xdplb/k8s-scale-{os.getpid()}.sock", "metrics_address": False,
+           # 20k services x 3 backends: Maglev tables of 307 slots each.
+           "limits": {"maglev_slots": 16 * 1024 * 1024},
            "kubernetes": {"kubeconfig": str(api.kubeconfig(tmp / "kubeconfig")), "node_name": "node-a",
                           "batch_ms": batch_ms}}
     return DaemonProcess(cfg, tmp, topo.lb_ns).start(timeout=600)

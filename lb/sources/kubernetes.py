@@ -20,6 +20,7 @@ to what kube-proxy would program.
 from __future__ import annotations
 
 import collections
+import gc
 import itertools
 import json
 import logging
@@ -597,9 +598,17 @@ class KubernetesWatcher:
                 except queue.Empty:
                     break
             try:
+                t0 = time.monotonic_ns()
                 plan = self.syncer.plan(events)
+                t1 = time.monotonic_ns()
                 if plan.identities is not None or plan.upserts or plan.deletes:
                     self.apply_fn(plan)
+                t2 = time.monotonic_ns()
+                if t2 - min(plan.received_ns or [t0]) > 50_000_000:
+                    log.warning(_kv("slow batch", events=len(events), plan_ms=(t1 - t0) / 1e6,
+                                    apply_ms=(t2 - t1) / 1e6,
+                                    queued_ms=(t0 - min(plan.received_ns or [t0])) / 1e6,
+                                    upserts=len(plan.upserts), gc=gc.get_count()))
                 if plan.identities is not None:
                     self.syncer.identities = plan.identities
                 now = time.monotonic_ns()
