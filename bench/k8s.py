@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['relist_410_s']:.2f} s   relists={r['relists']}")
     print(f"event -> map: n={e['n']} at {e['rate_per_s']:g}/s  p50 {e['p50']:.2f} ms  "
           f"p99 {e['p99']:.2f} ms  max {e['max']:.2f} ms")
+
     return 0
 
 

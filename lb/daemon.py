@@ -173,16 +173,21 @@ class Daemon:
                 self.rec.write_identities(cfg)
             cfg = cfg.model_copy(update={"services": self.k8s.syncer.services()})
             failed = 0
-            for key in plan.deletes:
-                if key in self.rec.services:
+            removed = [k for k in plan.deletes if k in self.rec.services]
+            try:
+                self.rec.apply_services(cfg, plan.upserts, removed)
+            except ConfigError:
+                # Something does not fit (nothing was written): apply one by
+                # one, so that only the services that do not fit are left out.
+                for key in removed:
                     self.rec.delete_service(cfg, key)
-            for svc in plan.upserts:
-                try:
-                    self.rec.upsert_service(cfg, svc)
-                except ConfigError as e:        # e.g. a map is full: this service only
-                    failed += 1
-                    self.errors += 1
-                    log.error(kv("kubernetes: service not applied", service=svc.name, reason=e))
+                for svc in plan.upserts:
+                    try:
+                        self.rec.upsert_service(cfg, svc)
+                    except ConfigError as e:
+                        failed += 1
+                        self.errors += 1
+                        log.error(kv("kubernetes: service not applied", service=svc.name, reason=e))
             if plan.identities is not None:
                 self.rec.prune_identities(cfg)
             self._set_config(cfg)

@@ -199,6 +199,16 @@ class Reconciler:
         result.seconds = time.perf_counter() - t0
         return result
 
+    def apply_services(self, cfg: Config, changed: list[Service], removed: list[SvcKey]) -> ApplyResult:
+        """Several services of an already validated `cfg` in one pass (the
+        Kubernetes path): each service record is still replaced atomically
+        on its own, the per-call work (capacity check, config read, one
+        batched flip) is shared. Raises ConfigError before any write."""
+        t0 = time.perf_counter()
+        result = self._apply(cfg, changed, removed, identities=False)
+        result.seconds = time.perf_counter() - t0
+        return result
+
     def delete_service(self, cfg: Config, key: SvcKey) -> ApplyResult:
         t0 = time.perf_counter()
         result = self._apply(cfg, [], [key], identities=False)

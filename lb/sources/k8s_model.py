@@ -15,6 +15,7 @@ The semantics follow kube-proxy; README "Kubernetes mode" has the table.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
@@ -406,7 +407,9 @@ def _v4net(s: str) -> IPv4Network | None:
     return n if n.version == 4 else None
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def _v4addr(s: str) -> IPv4Address | None:
+    """Cached: endpoint addresses repeat in every update of their slice."""
     try:
         a = ip_address(s)
     except ValueError:
@@ -637,7 +640,8 @@ def translate(svc: KService, slices: Iterable[KSlice], node: KNode | None, node_
             continue
         proto = sp.protocol.lower()
         internal = _backends(svc, sp, slices, svc.itp_local, node_name)
-        external = _backends(svc, sp, slices, svc.etp_local, node_name)
+        external = internal if svc.etp_local == svc.itp_local else \
+            _backends(svc, sp, slices, svc.etp_local, node_name)
         allow_pol = None
         if policy is not None:
             allow_pol = policy.allowed({str(a) for a, _, _ in internal + external}, sp.protocol,
