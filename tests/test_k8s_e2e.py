@@ -189,3 +189,25 @@ def test_api_refuses_service_edits_in_kubernetes_mode(k8s):
 
     with pytest.raises(lbapi.ApiError, match="Kubernetes mode"):
         d.call("delete_service", name="shop.web.p.tcp.cluster.10.96.0.10")
+
+
+def test_reload_keeps_cluster_services_and_cli_reports(k8s):
+    lab_, topo, api, d = k8s
+    rv = api.apply(service("reload", "10.96.0.15", 80, topo.backend_port))
+    api.apply(slice_("reload", topo.backend_port, [(topo.backends[2].ip, READY)]))
+    applied(d, rv + 1)
+    before = d.call("status")["services"]
+    size = d.log.stat().st_size
+    d.proc.send_signal(signal.SIGHUP)                 # re-reads the YAML: no services in it
+    deadline = time.monotonic() + 20
+    while "reload ok" not in d.log.read_text()[size:] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "reload ok" in d.log.read_text()[size:]
+    assert d.call("status")["services"] == before
+    out = lab_.run(topo.client_ns, ["curl", "-s", "--max-time", "3", "http://10.96.0.15/"]).stdout
+    assert out.startswith(f"backend={topo.backends[2].name} "), out
+    import subprocess
+
+    cli = subprocess.run([sys.executable, "-m", "lb.cli", "--socket", d.socket, "kubernetes"],
+                         capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert cli.returncode == 0 and "xdplb_services" in cli.stdout and "watch EndpointSlice" in cli.stdout

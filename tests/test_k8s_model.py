@@ -276,3 +276,30 @@ def test_long_names_are_shortened_uniquely():
     a = m.entry_name("namespace-" + "x" * 50, "service-" + "y" * 50, port, "cluster", "10.96.0.1")
     b = m.entry_name("namespace-" + "x" * 50, "service-" + "y" * 50, port, "cluster", "10.96.0.2")
     assert len(a) <= 63 and len(b) <= 63 and a != b
+
+
+# ---- the `kubernetes:` config block -------------------------------------------------
+
+
+def test_config_kubernetes_block_validated():
+    from lb.config import ConfigError, config_from_dict
+
+    cfg = config_from_dict({"interfaces": ["eth0"], "kubernetes": {
+        "kubeconfig": "/etc/xdplb/kubeconfig", "node_name": "node-a", "proxy_name": "xdplb"}})
+    assert cfg.kubernetes.node_name == "node-a" and cfg.kubernetes.network_policy is True
+    with pytest.raises(ConfigError, match="services: must be empty with kubernetes"):
+        config_from_dict({"interfaces": ["eth0"], "kubernetes": {},
+                          "services": [{"name": "a", "vip": "10.96.0.1", "port": 80, "protocol": "tcp"}]})
+    with pytest.raises(ConfigError, match="kubernetes: unknown key 'nodename'"):
+        config_from_dict({"interfaces": ["eth0"], "kubernetes": {"nodename": "x"}})
+    with pytest.raises(ConfigError, match="kubeconfig must be an absolute path"):
+        config_from_dict({"interfaces": ["eth0"], "kubernetes": {"kubeconfig": "kc"}})
+
+
+def test_service_client_affinity_range():
+    from lb.config import ConfigError, config_from_dict
+
+    svc = {"name": "a", "vip": "10.96.0.1", "port": 80, "protocol": "tcp"}
+    assert config_from_dict({"interfaces": ["e"], "services": [{**svc, "client_affinity_s": 86400}]})
+    with pytest.raises(ConfigError, match="client_affinity_s must be in 1..86400"):
+        config_from_dict({"interfaces": ["e"], "services": [{**svc, "client_affinity_s": 0}]})
