@@ -156,7 +156,7 @@ class Daemon:
         self.k8s = KubernetesWatcher(self.cfg.kubernetes, self._k8s_apply)
         self.k8s.start_reflectors()
         log.info(kv("kubernetes: listing", node=self.cfg.kubernetes.node_name))
-        plan = self.k8s.initial()
+        plan = self.k8s.initial(abort=self.stop)
         self._set_config(self.cfg.model_copy(update={
             "services": self.k8s.syncer.services(), "identities": plan.identities}))
         log.info(kv("kubernetes: first list done", services=len(self.k8s.syncer.state.services),

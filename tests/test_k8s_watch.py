@@ -228,3 +228,26 @@ def test_semantics_manifests_through_the_watcher(api, harness):
     wait_for(lambda: h.w.syncer.entries["shop.web.http.tcp.cluster.10.96.0.20"].allow is not None,
              what="policy applied")
     assert h.plans and h.plans[-1].identities is not None or any(p.identities for p in h.plans)
+
+
+def test_address_conflict_waits_for_the_holder_to_go():
+    """Two Services claim one externalIP:port: the first keeps it, the
+    second is logged and served as soon as the first lets go."""
+    from lb.sources import k8s_model as m
+    from lb.sources.kubernetes import Event, Syncer
+
+    def ev(typ, obj):
+        k = obj["kind"]
+        return Event(k, typ, m.key_of(k, obj), m.parse(k, obj) if typ != "DELETED" else None, 1, 0)
+
+    a, b = svc("a", "10.96.0.1"), svc("b", "10.96.0.2")
+    for s in (a, b):
+        s["spec"]["externalIPs"] = ["10.96.100.1"]
+    sy = Syncer(KubernetesSource(node_name="node-a"))
+    sy.plan([ev("ADDED", a)])
+    sy.plan([ev("ADDED", b)])
+    assert sy.stats.conflicts == 1
+    assert [n for n in sy.entries if ".ext." in n] == ["default.a.p.tcp.ext.10.96.100.1"]
+    plan = sy.plan([ev("DELETED", a)])
+    assert [n for n in sy.entries if ".ext." in n] == ["default.b.p.tcp.ext.10.96.100.1"]
+    assert {s.name for s in plan.upserts} == {"default.b.p.tcp.ext.10.96.100.1"}

@@ -632,6 +632,7 @@ def translate(svc: KService, slices: Iterable[KSlice], node: KNode | None, node_
     slices = list(slices)
     where = f"Service {svc.namespace}/{svc.name}"
     node_addrs = [a for a in (node.addresses if node else ()) if _v4addr(a)]
+    seen: set[tuple[IPv4Address, int, str]] = set()
     for sp in svc.ports:
         if sp.protocol not in ("TCP", "UDP"):
             out.skipped.append(f"{where} port {sp.name or sp.port}/{sp.protocol}: "
@@ -669,11 +670,17 @@ def translate(svc: KService, slices: Iterable[KSlice], node: KNode | None, node_
             vips.append(("ext", ip, sp.port, external, allow_pol))
         for kind, ip, port, backends, allow in vips:
             a = _v4addr(ip)
+            if a is not None and (a, port, proto) in seen:
+                # e.g. an externalIP equal to the clusterIP: one service per address
+                out.skipped.append(f"{where} {kind} {ip} port {port}/{sp.protocol}: "
+                                   f"already served by this Service")
+                continue
             if a is None:
                 out.ipv6 += 1
                 out.skipped.append(f"{where} {kind} {ip} port {port}/{sp.protocol}: "
                                    f"not IPv4, not served (xdplb serves IPv4 only)")
                 continue
+            seen.add((a, port, proto))
             out.entries.append(Entry(
                 entry_name(svc.namespace, svc.name, sp, kind, str(a)), a, port, proto, backends,
                 tuple(sorted(allow)) if allow is not None else None, svc.affinity_s))

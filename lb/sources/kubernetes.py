@@ -407,6 +407,8 @@ class Syncer:
         self.pod_ips: set[str] = set()
         self.stats = SyncStats()
         self.notes: dict[tuple[str, str], list[str]] = {}       # why parts of a service are not served
+        # SvcKey -> k8s services that wanted it while another held it: retried when it frees up.
+        self.waiting: dict[tuple, set[tuple[str, str]]] = {}
 
     # -- batches ---------------------------------------------------------------------
 
@@ -437,6 +439,9 @@ class Syncer:
             dirty |= {k for k, s in self.state.services.items()
                       if s.type in ("NodePort", "LoadBalancer") or s.etp_local or s.itp_local}
         for key in sorted(dirty):
+            self._retranslate(key, plan)
+        freed = {k for sk in plan.deletes for k in self.waiting.pop(sk, ())} - dirty
+        for key in sorted(freed):                     # an address a Service waited for is free now
             self._retranslate(key, plan)
         self.stats.batches += 1
         self.stats.upserts += len(plan.upserts)
@@ -487,6 +492,7 @@ class Syncer:
             holder = self.by_key.get(s.key)
             if holder is not None and holder != name and self.owner.get(holder) != key:
                 self.stats.conflicts += 1
+                self.waiting.setdefault(s.key, set()).add(key)
                 log.error(_kv("address already served by another Service; not serving this one",
                               service=f"{key[0]}/{key[1]}", address=f"{s.vip}:{s.port}/{s.protocol}",
                               holder=f"{self.owner[holder][0]}/{self.owner[holder][1]}"))
@@ -554,12 +560,18 @@ class KubernetesWatcher:
         for r in self.reflectors:
             r.start()
 
-    def initial(self, timeout: float | None = None) -> Plan:
+    def initial(self, timeout: float | None = None, abort: threading.Event | None = None) -> Plan:
         """Wait for every kind's first list; the plan of the whole state."""
         pending = {r.kind for r in self.reflectors}
         events: list[Event] = []
         deadline = None if timeout is None else time.monotonic() + timeout
+        next_note = time.monotonic() + 10
         while pending and not self.stop.is_set():
+            if abort is not None and abort.is_set():
+                raise RuntimeError("stopped before the first list from the Kubernetes API")
+            if time.monotonic() > next_note:
+                log.warning(_kv("still waiting for the first list", kinds=sorted(pending)))
+                next_note = time.monotonic() + 10
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise TimeoutError(f"Kubernetes: no first list of {', '.join(sorted(pending))} "
