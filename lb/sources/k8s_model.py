@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
@@ -409,12 +410,12 @@ def _v4net(s: str) -> IPv4Network | None:
 
 @functools.lru_cache(maxsize=1 << 17)
 def _v4addr(s: str) -> IPv4Address | None:
-    """Cached: endpoint addresses repeat in every update of their slice."""
+    """Cached: endpoint addresses repeat in every update of their slice.
+    inet_pton: strict dotted quad, ~5x faster than ipaddress's parser."""
     try:
-        a = ip_address(s)
-    except ValueError:
+        return IPv4Address(int.from_bytes(socket.inet_pton(socket.AF_INET, s), "big"))
+    except (OSError, TypeError, ValueError):
         return None
-    return a if a.version == 4 else None
 
 
 @dataclass
@@ -644,7 +645,7 @@ def translate(svc: KService, slices: Iterable[KSlice], node: KNode | None, node_
         external = internal if svc.etp_local == svc.itp_local else \
             _backends(svc, sp, slices, svc.etp_local, node_name)
         allow_pol = None
-        if policy is not None:
+        if policy is not None and policy.pod_by_ip:      # no pod known: no policy can select
             allow_pol = policy.allowed({str(a) for a, _, _ in internal + external}, sp.protocol,
                                        _target_port(internal + external), _tp_name(sp))
         vips: list[tuple[str, str, int, tuple, tuple[str, ...] | None]] = []
@@ -682,7 +683,7 @@ def translate(svc: KService, slices: Iterable[KSlice], node: KNode | None, node_
                 continue
             seen.add((a, port, proto))
             out.entries.append(Entry(
-                entry_name(svc.namespace, svc.name, sp, kind, str(a)), a, port, proto, backends,
+                entry_name(svc.namespace, svc.name, sp, kind, ip), a, port, proto, backends,
                 tuple(sorted(allow)) if allow is not None else None, svc.affinity_s))
     return out
 
