@@ -170,7 +170,7 @@ class KPolicy:
 
 
 def object_name(kind: str, obj: Any) -> str:
-    md = obj.get("metadata") if isinstance(obj, Mapping) else None
+    md = obj.get("metadata") if isinstance(obj, dict) else None
     md = md if isinstance(md, Mapping) else {}
     ns, name = md.get("namespace"), md.get("name", "?")
     return f"{kind} {ns}/{name}" if ns else f"{kind} {name}"
@@ -178,7 +178,7 @@ def object_name(kind: str, obj: Any) -> str:
 
 def _get(d: Any, *path: str, default: Any = None) -> Any:
     for p in path:
-        if not isinstance(d, Mapping):
+        if not isinstance(d, dict):
             return default
         d = d.get(p)
     return default if d is None else d
@@ -207,15 +207,15 @@ def _port(v: Any, what: str) -> int:
 def _labels(v: Any) -> tuple[tuple[str, str], ...]:
     if not v:
         return ()
-    if not isinstance(v, Mapping):
+    if not isinstance(v, dict):
         raise ValueError("metadata.labels must be a mapping")
-    return tuple(sorted((str(k), str(x)) for k, x in v.items()))
+    return tuple(sorted(v.items()))
 
 
 def _selector(v: Any, what: str) -> Selector:
     if v is None:
         return Selector()
-    if not isinstance(v, Mapping):
+    if not isinstance(v, dict):
         raise ValueError(f"{what} must be a mapping")
     exprs = []
     for i, e in enumerate(_list(v.get("matchExpressions"), f"{what}.matchExpressions")):
@@ -232,7 +232,7 @@ def _svc(obj: Mapping, ns: str, name: str) -> KService:
     labels = dict(_labels(_get(obj, "metadata", "labels")))
     ports = []
     for i, p in enumerate(_list(spec.get("ports"), "spec.ports")):
-        if not isinstance(p, Mapping):
+        if not isinstance(p, dict):
             raise ValueError(f"spec.ports[{i}] must be a mapping")
         np_ = p.get("nodePort")
         tp = p.get("targetPort")
@@ -250,7 +250,7 @@ def _svc(obj: Mapping, ns: str, name: str) -> KService:
         affinity = t
     lb_ips = tuple(str(i["ip"]) for i in _list(_get(obj, "status", "loadBalancer", "ingress"),
                                                 "status.loadBalancer.ingress")
-                   if isinstance(i, Mapping) and i.get("ip"))
+                   if isinstance(i, dict) and i.get("ip"))
     return KService(
         ns, name, str(spec.get("type") or "ClusterIP"), tuple(map(str, cips)), tuple(ports),
         tuple(map(str, _list(spec.get("externalIPs"), "spec.externalIPs"))), lb_ips,
@@ -268,7 +268,7 @@ def _slice(obj: Mapping, ns: str, name: str) -> KSlice:
     labels = dict(_labels(_get(obj, "metadata", "labels")))
     ports = []
     for i, p in enumerate(_list(obj.get("ports"), "ports")):
-        if not isinstance(p, Mapping):
+        if not isinstance(p, dict):
             raise ValueError(f"ports[{i}] must be a mapping")
         if p.get("port") is None:
             continue                         # "all ports": nothing to map a service port to
@@ -276,7 +276,7 @@ def _slice(obj: Mapping, ns: str, name: str) -> KSlice:
                       _port(p.get("port"), f"ports[{i}].port")))
     eps = []
     for i, e in enumerate(_list(obj.get("endpoints"), "endpoints")):
-        if not isinstance(e, Mapping):
+        if not isinstance(e, dict):
             raise ValueError(f"endpoints[{i}] must be a mapping")
         addrs = _list(e.get("addresses"), f"endpoints[{i}].addresses")
         if not addrs:
@@ -295,13 +295,13 @@ def _node(obj: Mapping, ns: str, name: str) -> KNode:
     addrs = _list(_get(obj, "status", "addresses"), "status.addresses")
     order = {"InternalIP": 0, "ExternalIP": 1}
     picked = sorted((order[a["type"]], i, str(a.get("address")))
-                    for i, a in enumerate(addrs) if isinstance(a, Mapping) and a.get("type") in order)
+                    for i, a in enumerate(addrs) if isinstance(a, dict) and a.get("type") in order)
     return KNode(name, tuple(dict.fromkeys(a for _, _, a in picked)))
 
 
 def _pod(obj: Mapping, ns: str, name: str) -> KPod:
     st = _get(obj, "status", default={})
-    ips = [str(p.get("ip")) for p in _list(st.get("podIPs"), "status.podIPs") if isinstance(p, Mapping)]
+    ips = [str(p.get("ip")) for p in _list(st.get("podIPs"), "status.podIPs") if isinstance(p, dict)]
     if not ips and st.get("podIP"):
         ips = [str(st["podIP"])]
     if st.get("phase") in ("Succeeded", "Failed"):
@@ -326,7 +326,7 @@ def _policy(obj: Mapping, ns: str, name: str) -> KPolicy:
             peers = []
             for j, f in enumerate(_list(r.get("from"), f"spec.ingress[{i}].from")):
                 w = f"spec.ingress[{i}].from[{j}]"
-                if not isinstance(f, Mapping):
+                if not isinstance(f, dict):
                     raise ValueError(f"{w} must be a mapping")
                 blk = f.get("ipBlock")
                 if blk is not None:
@@ -366,7 +366,7 @@ _PARSERS = {"Service": _svc, "EndpointSlice": _slice, "Node": _node, "Pod": _pod
 def parse(kind: str, obj: Any):
     """The slim form of one object, or BadObject naming it."""
     what = object_name(kind, obj)
-    if not isinstance(obj, Mapping) or not isinstance(obj.get("metadata"), Mapping):
+    if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
         raise BadObject(f"{what}: not an object with metadata")
     md = obj["metadata"]
     name = md.get("name")

@@ -42,6 +42,11 @@ from . import k8s_model as m
 
 log = logging.getLogger("xdplb.k8s")
 
+try:                                   # 3-4x faster on 20k-object lists
+    from orjson import loads as _loads
+except ImportError:                    # pragma: no cover
+    _loads = json.loads
+
 WATCH_TIMEOUT_S = (300, 600)       # like client-go: the server ends a watch after 5..10 min
 BACKOFF_S = (0.1, 10.0)            # reconnect backoff: first, max
 
@@ -191,7 +196,7 @@ class Reflector(threading.Thread):
                         kw["_continue"] = token
                     resp = fn(_preload_content=False, _request_timeout=(10, 120), **kw)
                     try:
-                        body = json.loads(resp.data)
+                        body = _loads(resp.data)
                     finally:
                         resp.release_conn()
                     self.stats.pages += 1
