@@ -154,6 +154,7 @@ class Daemon:
         from .sources.kubernetes import KubernetesWatcher
 
         self.k8s = KubernetesWatcher(self.cfg.kubernetes, self._k8s_apply)
+        self.k8s.syncer.identity_limit = self.dp.maps["identities"].max_entries
         self.k8s.start_reflectors()
         log.info(kv("kubernetes: listing", node=self.cfg.kubernetes.node_name))
         plan = self.k8s.initial(abort=self.stop)

@@ -251,3 +251,33 @@ def test_address_conflict_waits_for_the_holder_to_go():
     plan = sy.plan([ev("DELETED", a)])
     assert [n for n in sy.entries if ".ext." in n] == ["default.b.p.tcp.ext.10.96.100.1"]
     assert {s.name for s in plan.upserts} == {"default.b.p.tcp.ext.10.96.100.1"}
+
+
+def test_identities_over_the_map_size_keep_the_previous_policy(caplog):
+    """More pod addresses than the identities map holds: nothing of the
+    new identity set is applied, services keep their last allow lists."""
+    from lb.sources import k8s_model as m
+    from lb.sources.kubernetes import Event, Syncer
+
+    def ev(obj):
+        k = obj["kind"]
+        return Event(k, "ADDED", m.key_of(k, obj), m.parse(k, obj), 1, 0)
+
+    def pod(name, ip, app):
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default",
+                "labels": {"app": app}}, "status": {"phase": "Running", "podIP": ip}}
+
+    sy = Syncer(KubernetesSource(node_name="node-a"))
+    sy.identity_limit = 3
+    pol = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+           "metadata": {"name": "p", "namespace": "default"},
+           "spec": {"podSelector": {"matchLabels": {"app": "web"}},
+                    "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}]}]}}
+    plan = sy.plan([ev(svc("web", "10.96.0.1")), ev(eps("web-1", "web", ["10.244.0.1"])),
+                    ev(pod("web-0", "10.244.0.1", "web")), ev(pod("c-0", "10.244.0.9", "client")), ev(pol)])
+    (web,) = sy.entries.values()
+    assert plan.identities is not None and len(web.allow) == 1
+    plan = sy.plan([ev(pod("c-1", "10.244.0.10", "client")), ev(pod("x-0", "10.244.0.11", "other"))])
+    assert plan.identities is None                    # 4 CIDRs > 3: not applied
+    assert "exceed the identities map's 3 entries" in caplog.text
+    assert list(sy.entries.values()) == [web]

@@ -420,6 +420,7 @@ class Syncer:
         self.notes: dict[tuple[str, str], list[str]] = {}       # why parts of a service are not served
         # SvcKey -> k8s services that wanted it while another held it: retried when it frees up.
         self.waiting: dict[tuple, set[tuple[str, str]]] = {}
+        self.identity_limit = 65536          # the identities map's size (the daemon sets it)
 
     # -- batches ---------------------------------------------------------------------
 
@@ -463,8 +464,12 @@ class Syncer:
         view = self.state.policy_view()
         ids = view.identities(+self.state.ranges)
         problems = _identity_ids(ids, None, None)[1]
+        cidrs = sum(len(v) for v in ids.values())
+        if cidrs > self.identity_limit:
+            problems.append(f"{cidrs} identity CIDRs (pod IPs, policy and source-range CIDRs) exceed "
+                            f"the identities map's {self.identity_limit} entries")
         if problems:
-            log.error(_kv("identity names collide; keeping the previous identities",
+            log.error(_kv("identities not updated; keeping the previous identities and policy",
                           problems="; ".join(problems)))
             return self.identities
         self.view = view
@@ -510,8 +515,11 @@ class Syncer:
                 del new[name]
             elif s.allow is not None and not set(s.allow) <= known:
                 self.stats.rejected += 1
-                log.error(_kv("service refers to unknown identities; not applied", service=name))
-                del new[name]
+                log.error(_kv("service refers to unknown identities; keeping its last state", service=name))
+                if name in self.entries:
+                    new[name] = self.entries[name]
+                else:
+                    del new[name]
         for name in old:
             if name not in new:
                 s = self.entries.pop(name)
