@@ -404,7 +404,7 @@ class Daemon:
     def _api_kubernetes(self, req: dict) -> dict:
         if self.k8s is None:
             raise api.ApiError("not in Kubernetes mode (no kubernetes: in the config)")
-        return self.k8s.status(since=int(req.get("since", 0)))
+        return self.k8s.status(since=int(req.get("since", 0)), reset_latency=bool(req.get("reset_latency")))
 
     def _not_k8s(self, what: str) -> None:
         if self.k8s is not None:

@@ -158,8 +158,13 @@ class Reflector(threading.Thread):
                 if need_list:
                     self.relist()
                     need_list = False
+                t0 = time.monotonic()
                 self.watch_once()
-                delay = BACKOFF_S[0]                  # a watch that worked resets the backoff
+                if time.monotonic() - t0 < 1.0:       # ended at once: do not spin
+                    self.stop.wait(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, BACKOFF_S[1])
+                else:
+                    delay = BACKOFF_S[0]              # a watch that worked resets the backoff
             except Exception as e:                    # noqa: BLE001 - every failure: back off, retry
                 status = getattr(e, "status", None)
                 if status == 410:
@@ -319,7 +324,7 @@ class KubeState:
             if obj is not None:
                 self.services[key] = obj
                 self.ranges.update(obj.lb_source_ranges)
-            if (old and old.lb_source_ranges) != (obj and obj.lb_source_ranges):
+            if (old.lb_source_ranges if old else ()) != (obj.lb_source_ranges if obj else ()):
                 flags.add("policy")                  # the CIDR identities change
             dirty.add(key)
         elif k == "EndpointSlice":
@@ -574,6 +579,7 @@ class KubernetesWatcher:
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
         self.applied_rv: dict[str, int] = {}      # kind -> highest resourceVersion in the maps
+        self._mu = threading.Lock()               # applied/latency_ns: appended here, read by status()
 
     def start_reflectors(self) -> None:
         for r in self.reflectors:
@@ -648,10 +654,11 @@ class KubernetesWatcher:
                 if plan.identities is not None:
                     self.syncer.identities = plan.identities
                 now = time.monotonic_ns()
-                self.applied.append((now, plan.rvs))
-                for k, rv in plan.rvs.items():
-                    self.applied_rv[k] = max(self.applied_rv.get(k, 0), rv)
-                self.latency_ns.extend(now - t for t in plan.received_ns)
+                with self._mu:
+                    self.applied.append((now, plan.rvs))
+                    for k, rv in plan.rvs.items():
+                        self.applied_rv[k] = max(self.applied_rv.get(k, 0), rv)
+                    self.latency_ns.extend(now - t for t in plan.received_ns)
             except Exception as e:                    # noqa: BLE001 - log, keep following the cluster
                 self.last_error = _short(e)
                 log.exception("kubernetes: applying a batch failed")
@@ -664,9 +671,15 @@ class KubernetesWatcher:
         for r in self.reflectors:
             r.close()
 
-    def status(self, since: int = 0) -> dict:
+    def status(self, since: int = 0, reset_latency: bool = False) -> dict:
         s = self.syncer
-        lat = sorted(self.latency_ns)
+        with self._mu:
+            lat = sorted(self.latency_ns)
+            if reset_latency:
+                self.latency_ns.clear()
+            applied = list(itertools.islice(self.applied, since, None))
+            applied_rv = dict(self.applied_rv)
+            applied_total = len(self.applied)
         pct = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] / 1e6, 3)) if lat else (lambda q: None)
         return {
             "synced": self.synced.is_set(),
@@ -678,7 +691,7 @@ class KubernetesWatcher:
             "reflectors": {r.kind: {**r.stats.__dict__, "rv": r.rv, "objects": len(r.known)}
                            for r in self.reflectors},
             "receive_to_map_ms": {"p50": pct(0.5), "p99": pct(0.99), "n": len(lat)},
-            "applied_rv": dict(self.applied_rv),
-            "applied": list(itertools.islice(self.applied, since, None)),
-            "applied_total": len(self.applied),
+            "applied_rv": applied_rv,
+            "applied": applied,
+            "applied_total": applied_total,
         }
