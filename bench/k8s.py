@@ -34,6 +34,13 @@ from k8s_scale import Cluster, applied_at, start_daemon, stop_daemon, wait  # no
 from lb.lab import Lab, build_lb_lab  # noqa: E402
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -53,6 +60,7 @@ def run(services: int, rate: float, seconds: float, relist_changes: int = 1000) 
             t0 = time.monotonic()
             d = start_daemon(api, topo, Path(tmp))
             out["first_sync_s"] = time.monotonic() - t0
+            out["rss_mb_after_sync"] = rss_mb(d.proc.pid)
             assert d.call("kubernetes", since=10**9)["applied_rv"].get("EndpointSlice", 0) >= last - 1
 
             # Relist after 410: cut the watches, change slices meanwhile, compact.
@@ -90,6 +98,7 @@ def run(services: int, rate: float, seconds: float, relist_changes: int = 1000) 
             out["event_to_map_ms"] = {"n": len(lat), "rate_per_s": rate, "p50": pct(lat, 0.5),
                                       "p99": pct(lat, 0.99), "max": max(lat)}
             out["daemon_receive_to_map_ms"] = d.call("kubernetes", since=10**9)["receive_to_map_ms"]
+            out["rss_mb_after_churn"] = rss_mb(d.proc.pid)
         finally:
             stop_daemon(d)
             api.close()
@@ -112,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['relist_410_s']:.2f} s   relists={r['relists']}")
     print(f"event -> map: n={e['n']} at {e['rate_per_s']:g}/s  p50 {e['p50']:.2f} ms  "
           f"p99 {e['p99']:.2f} ms  max {e['max']:.2f} ms   (apiserver write -> maps written)")
+    print(f"daemon RSS: {r['rss_mb_after_sync']:.0f} MB after the first sync, "
+          f"{r['rss_mb_after_churn']:.0f} MB after the changes")
     dr = r["daemon_receive_to_map_ms"]
     print(f"  daemon share (event received -> maps written): p50 {dr['p50']} ms  p99 {dr['p99']} ms")
 
