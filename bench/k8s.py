@@ -99,6 +99,7 @@ def run(services: int, rate: float, seconds: float, relist_changes: int = 1000) 
                                       "p99": pct(lat, 0.99), "max": max(lat)}
             out["daemon_receive_to_map_ms"] = d.call("kubernetes", since=10**9)["receive_to_map_ms"]
             out["rss_mb_after_churn"] = rss_mb(d.proc.pid)
+            out["gc_full"] = d.call("kubernetes", since=10**9)["gc_full_collections"]
         finally:
             stop_daemon(d)
             api.close()
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
           f"p99 {e['p99']:.2f} ms  max {e['max']:.2f} ms   (apiserver write -> maps written)")
     print(f"daemon RSS: {r['rss_mb_after_sync']:.0f} MB after the first sync, "
           f"{r['rss_mb_after_churn']:.0f} MB after the changes")
+    print(f"daemon full GC passes (after the first sync): {r['gc_full']}")
     dr = r["daemon_receive_to_map_ms"]
     print(f"  daemon share (event received -> maps written): p50 {dr['p50']} ms  p99 {dr['p99']} ms")
 
