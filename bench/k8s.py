@@ -61,9 +61,11 @@ def run(services: int, rate: float, seconds: float, relist_changes: int = 1000) 
             d = start_daemon(api, topo, Path(tmp))
             out["first_sync_s"] = time.monotonic() - t0
             out["rss_mb_after_sync"] = rss_mb(d.proc.pid)
-            assert d.call("kubernetes", since=10**9)["applied_rv"].get("EndpointSlice", 0) >= last - 1
+            assert d.call("kubernetes", brief=True)["applied_rv"].get("EndpointSlice", 0) >= last - 1
 
             # Relist after 410: cut the watches, change slices meanwhile, compact.
+            wait(lambda: api.open_watches() >= 6, 30, "every watch open")
+            time.sleep(2.0)                      # a settled daemon (first-sync GC done)
             api.watch_gate.clear()
             api.drop_watches()
             time.sleep(0.2)
@@ -71,7 +73,7 @@ def run(services: int, rate: float, seconds: float, relist_changes: int = 1000) 
             api.compact()
             t0 = time.monotonic()
             api.watch_gate.set()
-            wait(lambda: d.call("kubernetes", since=10**9)["applied_rv"].get("EndpointSlice", 0) >= last,
+            wait(lambda: d.call("kubernetes", brief=True)["applied_rv"].get("EndpointSlice", 0) >= last,
                  120, "relist applied")
             out["relist_410_s"] = time.monotonic() - t0
             st = d.call("kubernetes", since=10**9)
@@ -91,7 +93,7 @@ def run(services: int, rate: float, seconds: float, relist_changes: int = 1000) 
                     rvs.append(cluster.change_filler()[1])
                 tick += period
                 time.sleep(max(0.0, tick - time.monotonic()))
-            wait(lambda: d.call("kubernetes", since=10**9)["applied_rv"].get("EndpointSlice", 0) >= rvs[-1],
+            wait(lambda: d.call("kubernetes", brief=True)["applied_rv"].get("EndpointSlice", 0) >= rvs[-1],
                  30, "last change applied")
             applied = d.call("kubernetes", since=n0)["applied"]
             lat = [(applied_at(applied, "EndpointSlice", rv) - api.emitted_ns[rv]) / 1e6 for rv in rvs]

@@ -404,7 +404,8 @@ class Daemon:
     def _api_kubernetes(self, req: dict) -> dict:
         if self.k8s is None:
             raise api.ApiError("not in Kubernetes mode (no kubernetes: in the config)")
-        return self.k8s.status(since=int(req.get("since", 0)), reset_latency=bool(req.get("reset_latency")))
+        return self.k8s.status(since=int(req.get("since", 0)), reset_latency=bool(req.get("reset_latency")),
+                               brief=bool(req.get("brief")))
 
     def _not_k8s(self, what: str) -> None:
         if self.k8s is not None:

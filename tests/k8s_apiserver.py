@@ -288,6 +288,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._list(kind, q, name)
 
     def _list(self, kind: str, q: dict, name: str | None) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._list_(kind, q, name)
+        finally:
+            self.api.stats["list_s"] = self.api.stats.get("list_s", 0.0) + time.perf_counter() - t0
+
+    def _list_(self, kind: str, q: dict, name: str | None) -> None:
         api = self.api
         limit = int(q.get("limit") or 0)
         token = q.get("continue")

@@ -146,5 +146,5 @@ def wait(cond, timeout: float, what: str):
         v = cond()
         if v:
             return v
-        time.sleep(0.01)
+        time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")

@@ -75,7 +75,7 @@ def applied(d: DaemonProcess, rv: int, kinds=("Service", "EndpointSlice"), timeo
     """Wait until the daemon's maps hold everything up to resourceVersion rv."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        st = d.call("kubernetes", since=10**9)
+        st = d.call("kubernetes", brief=True)
         if any(st["applied_rv"].get(k, 0) >= rv for k in kinds):
             return
         time.sleep(0.02)

@@ -222,6 +222,8 @@ class Reflector(threading.Thread):
 
     def _relist(self) -> None:
         fn = _list_fn(self.kind, self.client)
+        t0 = time.monotonic()
+        fetch = 0.0
         while True:
             items, token, rv = [], None, "0"
             self.stats.lists += 1
@@ -230,9 +232,12 @@ class Reflector(threading.Thread):
                     kw = {"limit": self.page_size, **self._kw()}
                     if token:
                         kw["_continue"] = token
+                    tf = time.monotonic()
                     resp = fn(_preload_content=False, _request_timeout=(10, 120), **kw)
                     try:
-                        body = _loads(resp.data)
+                        data = resp.data
+                        fetch += time.monotonic() - tf
+                        body = _loads(data)
                     finally:
                         resp.release_conn()
                     self.stats.pages += 1
@@ -269,7 +274,7 @@ class Reflector(threading.Thread):
         self.out.put(Event(self.kind, "SYNCED", ("", ""), len(self.known), int(rv), now))
         self.synced.set()
         log.info(_kv("listed", kind=self.kind, objects=len(self.known), changes=len(events),
-                     rv=rv, pages=self.stats.pages))
+                     rv=rv, pages=self.stats.pages, seconds=time.monotonic() - t0, http_s=fetch))
 
     def _event(self, typ: str, obj: dict, now: int) -> Event | None:
         key = m.key_of(self.kind, obj)
@@ -673,7 +678,11 @@ class KubernetesWatcher:
             try:
                 ev = self.queue.get(timeout=0.5)
             except queue.Empty:
-                gc.collect(1)            # idle: the young generations, off the event path
+                # Idle: the young generations, off the event path. Not while a
+                # list is being parsed (no_gc): its million young objects would
+                # all be walked.
+                if _gc_state["holders"] == 0:
+                    gc.collect(1)
                 continue
             events = [ev]
             deadline = time.monotonic() + batch_s
@@ -728,8 +737,12 @@ class KubernetesWatcher:
         for r in self.reflectors:
             r.close()
 
-    def status(self, since: int = 0, reset_latency: bool = False) -> dict:
+    def status(self, since: int = 0, reset_latency: bool = False, brief: bool = False) -> dict:
         s = self.syncer
+        if brief:                  # cheap enough to poll: what has reached the maps
+            with self._mu:
+                return {"synced": self.synced.is_set(), "applied_rv": dict(self.applied_rv),
+                        "applied_total": len(self.applied)}
         with self._mu:
             lat = sorted(self.latency_ns)
             if reset_latency:
