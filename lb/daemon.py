@@ -8,7 +8,6 @@ them without touching established flows. `xdplb down` detaches on purpose.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -216,12 +215,7 @@ class Daemon:
         self.health.start()
         threading.Thread(target=self._health_apply_loop, name="xdplb-health-apply", daemon=True).start()
         if self.k8s is not None:
-            # The first sync made ~1M long-lived objects (slim objects, models):
-            # out of the collector's sight, a gen-2 pass no longer walks them
-            # between two events (measured: p99 event->map spikes of 300 ms).
-            gc.collect()
-            gc.freeze()
-            self.k8s.run_forever()
+            self.k8s.run_forever()       # its thread freezes the first sync's objects (GC)
             self.k8s.synced.set()
         # Only now do the maps hold the config and the links run it.
         sd_notify(f"READY=1\nSTATUS={self._status_line()}")
