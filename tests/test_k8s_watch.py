@@ -283,3 +283,22 @@ def test_identities_over_the_map_size_keep_the_previous_policy(caplog):
     assert plan.identities is None                    # 4 CIDRs > 3: not applied
     assert "exceed the identities map's 3 entries" in caplog.text
     assert list(sy.entries.values()) == [web]
+
+
+def test_in_cluster_service_account_credentials(tmp_path, monkeypatch):
+    """Without a kubeconfig, inside a pod: the library's in-cluster loader
+    (service-account token and CA files, KUBERNETES_SERVICE_HOST/PORT)."""
+    from kubernetes.config import incluster_config
+
+    token, ca = tmp_path / "token", tmp_path / "ca.crt"
+    token.write_text("sa-token-123")
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(ca))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    c = api_client(None)
+    assert c.configuration.host == "https://10.96.0.1:443"
+    assert c.configuration.ssl_ca_cert == str(ca)
+    auth = c.configuration.auth_settings()["BearerToken"]
+    assert (auth["key"], auth["value"].lower()) == ("authorization", "bearer sa-token-123")
