@@ -72,7 +72,10 @@ class FakeApiServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, bookmark_interval: float = 1.0,
                  netns: str | None = None, service_cidr: str = "10.96.0.0/16") -> None:
         self.rv = 0
-        self.cond = threading.Condition()
+        self.cond = threading.Condition()          # guards everything below
+        # One condition per kind on the same lock: a write wakes only the
+        # watches of its kind (not all six per event).
+        self.kind_cond = {k: threading.Condition(self.cond) for k in RESOURCES}
         self.stores = {k: _Store() for k in RESOURCES}
         self.snapshots: dict[str, tuple[int, int, list[bytes]]] = {}   # id -> (rv, kind-compact, items)
         self.bookmark_interval = bookmark_interval
@@ -118,7 +121,8 @@ class FakeApiServer:
     def close(self) -> None:
         self._closing = True
         with self.cond:
-            self.cond.notify_all()
+            for c in self.kind_cond.values():
+                c.notify_all()
         self.drop_watches()
         self.httpd.shutdown()
         self.httpd.server_close()
@@ -149,7 +153,8 @@ class FakeApiServer:
         with self.cond:
             for obj in objs:
                 out.append(self._put(copy.deepcopy(obj)))
-            self.cond.notify_all()
+            for k in {o["kind"] for o in objs}:
+                self.kind_cond[k].notify_all()
         return out
 
     def apply_manifests(self, path: Path) -> list[int]:
@@ -169,7 +174,7 @@ class FakeApiServer:
             obj = json.loads(cur[1])
             obj["metadata"]["resourceVersion"] = str(self.rv)
             self._log(kind, "DELETED", obj)
-            self.cond.notify_all()
+            self.kind_cond[kind].notify_all()
             return self.rv
 
     def get(self, kind: str, namespace: str, name: str) -> dict | None:
@@ -393,7 +398,7 @@ class _Handler(BaseHTTPRequestHandler):
                         wake = min(deadline, last_bm + api.bookmark_interval) if bookmarks else deadline
                         if now >= wake:
                             break
-                        api.cond.wait(wake - now)
+                        api.kind_cond[kind].wait(wake - now)
                     pos = min(pos, len(st.log))       # compact() cleared the history
                     pending = st.log[pos:]
                     pos = len(st.log)
