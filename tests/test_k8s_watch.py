@@ -4,7 +4,6 @@ lists, watch resumption, bookmarks, 410 relist+diff, reconnects."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from pathlib import Path

@@ -21,7 +21,7 @@ import json
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
+from ipaddress import IPv4Address, IPv4Network, ip_network
 from typing import Any
 
 HEADLESS_LABEL = "service.kubernetes.io/headless"
