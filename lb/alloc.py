@@ -282,6 +282,9 @@ class Reclaimer:
     grace: Callable[[], object] = membarrier_grace
     _queue: list[_Retired] = field(default_factory=list, repr=False)
     _queued: set[tuple] = field(default_factory=set, repr=False)
+    # begin()..finish(): retired before begin(), waiting for a grace period
+    # that a caller runs without holding its own lock.
+    _inflight: list[_Retired] = field(default_factory=list, repr=False)
 
     def retire_region(self, allocator: RegionAllocator, offset: int, size: int) -> None:
         # Errors are caught here, where the caller can see them, not after
@@ -309,13 +312,31 @@ class Reclaimer:
 
     @property
     def pending(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._inflight)
+
+    def begin(self) -> int:
+        """Split synchronize() for a caller that waits for the grace period
+        without holding the lock that guards this reclaimer: under the lock,
+        begin(); then grace() unlocked; then, under the lock again, finish()
+        releases what was retired before begin(). A synchronize() in between
+        releases those items too (its own grace period started later).
+        Returns how many items the next finish() will release."""
+        self._inflight += self._queue
+        self._queue = []
+        return len(self._inflight)
+
+    def finish(self) -> int:
+        """Release what begin() set aside; call only after a grace period
+        that started after begin() returned."""
+        batch, self._inflight = self._inflight, []
+        return self._release(batch)
 
     def synchronize(self) -> int:
         """Wait a grace period, then release everything retired before the
         wait began, in retirement order. Returns how many items were
         released. If the wait fails, nothing is released."""
-        batch, self._queue = self._queue, []
+        batch = self._inflight + self._queue
+        self._inflight, self._queue = [], []
         if not batch:
             return 0
         try:
@@ -323,6 +344,9 @@ class Reclaimer:
         except BaseException:
             self._queue[:0] = batch  # still pending, still in order
             raise
+        return self._release(batch)
+
+    def _release(self, batch: list[_Retired]) -> int:
         for i, item in enumerate(batch):
             self._queued.discard(item.key)
             try:

@@ -99,6 +99,30 @@ def _print_unhealthy(h: dict | None, limit: int = 50) -> None:
         console.print(f"({len(rows) - limit} more; --json lists them all)")
 
 
+def cmd_kubernetes(args) -> int:
+    st = api.call(args.socket, "kubernetes", since=10**9)
+    st.pop("applied", None)
+    if args.json:
+        _print_json(st)
+        return 0
+    t = Table(title="xdplb kubernetes", show_header=False)
+    for k in ("synced", "node", "services", "endpointslices", "pods", "networkpolicies",
+              "xdplb_services", "identities", "last_error"):
+        t.add_row(k, str(st[k]))
+    sy = st["sync"]
+    t.add_row("not served", f"{sy['not_served']} services (headless, other proxy, ExternalName); "
+              f"{sy['skipped_sctp']} SCTP ports; {sy['skipped_ipv6']} IPv6 addresses; "
+              f"{sy['conflicts']} address conflicts; {sy['rejected']} rejected")
+    lat = st["receive_to_map_ms"]
+    t.add_row("event -> map", f"p50 {lat['p50']} ms, p99 {lat['p99']} ms over {lat['n']} events")
+    for kind, r in st["reflectors"].items():
+        t.add_row(f"watch {kind}", f"rv {r['rv']}, {r['objects']} objects, {r['lists']} lists, "
+                  f"{r['relists_410']} relists after 410, {r['reconnects']} reconnects, "
+                  f"{r['bookmarks']} bookmarks, {r['bad_objects']} malformed")
+    console.print(t)
+    return 0
+
+
 def cmd_stats(args) -> int:
     st = api.call(args.socket, "stats")
     if args.json:
@@ -242,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="daemon, interfaces and map state")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser("kubernetes", help="Kubernetes mode: watches, objects, skipped features, latency")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_kubernetes)
 
     s = sub.add_parser("stats", help="counters per service, backend, identity and drop reason")
     s.add_argument("--json", action="store_true")

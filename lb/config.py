@@ -48,6 +48,7 @@ __all__ = [
     "Config",
     "HealthCheck",
     "HealthCheckLimits",
+    "KubernetesSource",
     "ConfigError",
     "FloodGuard",
     "DEFAULT_HASH_SEED",
@@ -490,6 +491,26 @@ class NoBackendReject(_Model):
     burst: Annotated[int, Strict(), _int_range(1, 1_000_000)] = 100
 
 
+class KubernetesSource(_Model):
+    """`kubernetes:`: services and identities come from a cluster's API
+    (lb.sources.kubernetes) instead of `services:`/`identities:`."""
+
+    # None: in-cluster service-account files, else $KUBECONFIG / ~/.kube/config.
+    kubeconfig: AbsPath | None = None
+    # This node: its addresses serve NodePorts; `*TrafficPolicy: Local` keeps
+    # only endpoints whose nodeName is this. None: no NodePorts, Local = none.
+    node_name: Annotated[str, Strict()] | None = None
+    # kube-proxy's service.kubernetes.io/service-proxy-name: services that
+    # carry it are served only if it equals this (None: only unlabelled ones).
+    proxy_name: Annotated[str, Strict()] | None = None
+    # Watch Pods, Namespaces and NetworkPolicies and enforce ingress rules.
+    network_policy: bool = True
+    # Events that arrive within this window are applied together.
+    batch_ms: Annotated[int, Strict(), _int_range(0, 1000)] = 5
+    # List page size (the `limit` query parameter).
+    page_size: Annotated[int, Strict(), _int_range(1, 100000)] = 500
+
+
 class Config(_Model):
     """The whole desired state of one load balancer."""
 
@@ -513,6 +534,8 @@ class Config(_Model):
     no_backend_reject: NoBackendReject = Field(default_factory=NoBackendReject)
     identities: dict[IdentityName, tuple[Network, ...]] = Field(default_factory=dict)
     services: tuple[Service, ...] = ()
+    # Kubernetes mode: the cluster supplies services and identities.
+    kubernetes: KubernetesSource | None = None
 
     @field_validator("interfaces")
     @classmethod
@@ -608,6 +631,9 @@ def _svc(i: int, s: Service) -> str:
 def _cross_checks(cfg: Config) -> list[str]:
     """Rules that span entries; each message names every entry involved."""
     problems: list[str] = []
+    if cfg.kubernetes is not None:
+        problems += [f"{f}: must be empty with kubernetes: (the cluster supplies them)"
+                     for f in ("services", "identities") if getattr(cfg, f)]
 
     first_if: dict[str, int] = {}
     for i, name in enumerate(cfg.interfaces):

@@ -200,11 +200,31 @@ class Reconciler:
         result.seconds = time.perf_counter() - t0
         return result
 
+    def apply_services(self, cfg: Config, changed: list[Service], removed: list[SvcKey]) -> ApplyResult:
+        """Several services of an already validated `cfg` in one pass (the
+        Kubernetes path): each service record is still replaced atomically
+        on its own, the per-call work (capacity check, config read, one
+        batched flip) is shared. Raises ConfigError before any write."""
+        t0 = time.perf_counter()
+        result = self._apply(cfg, changed, removed, identities=False)
+        result.seconds = time.perf_counter() - t0
+        return result
+
     def delete_service(self, cfg: Config, key: SvcKey) -> ApplyResult:
         t0 = time.perf_counter()
         result = self._apply(cfg, [], [key], identities=False)
         result.seconds = time.perf_counter() - t0
         return result
+
+    def write_identities(self, cfg: Config) -> None:
+        """Add or re-point the CIDRs of `cfg.identities` (before services
+        that refer to them are upserted). Kubernetes mode's incremental path."""
+        self._write_identities(cfg, self.identity_ids(cfg))
+
+    def prune_identities(self, cfg: Config) -> None:
+        """Delete CIDRs `cfg.identities` no longer has (after the upserts)."""
+        self._remove_identities(cfg)
+        self.config = cfg
 
     def _apply(self, cfg: Config, changed: list[Service], removed: list[SvcKey],
                identities: bool = True) -> ApplyResult:

@@ -354,3 +354,24 @@ def test_retiring_twice_fails_early():
     i = ids.alloc()
     rec.retire_id(ids, i)
     assert rec.pending == 1
+
+
+def test_reclaimer_begin_finish_waits_outside_the_lock():
+    """begin() sets aside what is retired now; finish() after a grace period
+    releases exactly that; a synchronize() in between releases it too, and
+    what is retired after begin() waits for the next grace period."""
+    graces = []
+    r = Reclaimer(grace=lambda: graces.append(1))
+    ids = IdAllocator(1, 10)
+    a, b, c = ids.alloc(), ids.alloc(), ids.alloc()
+    r.retire_id(ids, a)
+    assert r.begin() == 1 and r.pending == 1
+    r.retire_id(ids, b)                     # after begin(): not covered by this grace period
+    r.grace()
+    assert r.finish() == 1
+    assert not ids.in_use(a) and ids.in_use(b) and r.pending == 1
+    assert r.begin() == 1
+    r.retire_id(ids, c)
+    assert r.synchronize() == 2             # its own grace period covers the set-aside item
+    assert r.finish() == 0 and r.pending == 0
+    assert not ids.in_use(b) and not ids.in_use(c) and len(graces) == 2
