@@ -201,7 +201,7 @@ class IptablesEngine(_PassOnL0):
 
     def update(self, old: BService, new: BService) -> float:
         self.services[self._pos(old)] = new
-        k_old, k_new = old.kube(), new.kube()
+        k_old = old.kube()
         stale = [sep_chain(k_old, ep) for ep in old.endpoints if ep not in new.endpoints]
         return self._sync([new], stale)
 

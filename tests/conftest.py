@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +33,27 @@ def lab():
         start_backends(lab, topo)
         warm_neighbours(topo)
         yield lab, topo
+
+
+@pytest.fixture
+def daemon_factory(lab, bpf_object, tmp_path):
+    """Start `xdplb run` in the lab's lb namespace; always stop and detach."""
+    from lb.dataplane import Dataplane
+    from lb.demo import DaemonProcess, lab_config
+    from lbtest import pin_dir
+
+    lab_, topo = lab
+    started = []
+
+    def start(fillers: int = 0, **kw):
+        bpffs = pin_dir()
+        cfg = lab_config(topo, fillers=fillers, bpffs=bpffs,
+                         socket=f"/run/xdplb/test-{os.getpid()}-{len(started)}.sock", **kw)
+        d = DaemonProcess(cfg, tmp_path, topo.lb_ns)
+        started.append(d)
+        return d.start()
+
+    yield start
+    for d in started:
+        d.kill(signal.SIGKILL)
+        Dataplane.detach(Path(d.config["bpffs"]), purge=True)

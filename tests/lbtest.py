@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -12,10 +16,11 @@ from scapy.layers.l2 import Ether
 
 from lb.config import config_from_dict
 from lb.dataplane import Dataplane
-from lb.demo import lab_config
+from lb.demo import DaemonProcess, lab_config
 from lb.reconcile import Reconciler
 from loader.testrun import test_run
 
+ROOT = Path(__file__).resolve().parent.parent
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 _seq = itertools.count()
 
@@ -163,3 +168,24 @@ def open_pinned_maps(bpffs: str) -> dict:
         return maps
     finally:
         obj.close()
+
+
+def xdplb(d: DaemonProcess, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The CLI against daemon `d`'s API socket."""
+    return subprocess.run([sys.executable, "-m", "lb.cli", "--socket", d.socket, *args],
+                          capture_output=True, text=True, cwd=ROOT, check=check, timeout=120)
+
+
+def stats(d: DaemonProcess) -> dict:
+    return json.loads(xdplb(d, "stats", "--json").stdout)
+
+
+def download(lab_, topo, url: str, result: dict, max_time: int = 30) -> threading.Thread:
+    """curl `url` from the client in a thread; result["out"] gets "size code"."""
+    def run():
+        p = lab_.run(topo.client_ns, ["curl", "-s", "-o", "/dev/null", "-w", "%{size_download} %{http_code}",
+                                      "--max-time", str(max_time), url], timeout=max_time + 10, check=False)
+        result["out"] = p.stdout
+    t = threading.Thread(target=run)
+    t.start()
+    return t

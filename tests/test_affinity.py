@@ -9,7 +9,7 @@ import time
 from ipaddress import IPv4Address
 
 import pytest
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP
 
 from lb.config import ConfigError, config_from_dict
 from lb.dataplane import addr_word

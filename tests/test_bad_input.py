@@ -148,7 +148,7 @@ def _api_examples(daemon, payload):
 
 
 def test_api_rejects_garbage_and_keeps_serving(lab, daemon_factory):
-    from test_e2e import xdplb
+    from lbtest import xdplb
 
     d = daemon_factory()
     before = json.loads(xdplb(d, "status", "--json").stdout)
@@ -157,4 +157,3 @@ def test_api_rejects_garbage_and_keeps_serving(lab, daemon_factory):
     assert after["generation"] == before["generation"] and after["services"] == before["services"]
 
 
-from test_e2e import daemon_factory  # noqa: E402,F401  (fixture)

@@ -4,55 +4,20 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import re
 import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
-from lb.demo import UDP_VIP, WEB_VIP, DaemonProcess, curl_many, filler_vip, lab_config
-from lb.dataplane import Dataplane
-from lbtest import dump_maps, open_pinned_maps, pin_dir
+from lb.demo import UDP_VIP, WEB_VIP, curl_many, filler_vip
+from lbtest import download as _download, dump_maps, open_pinned_maps, stats, xdplb
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAFFIC_MAPS = ("global_stats", "svc_stats", "backend_stats", "drop_stats", "drop_detail",
                 "conntrack", "rev_nat", "monitor_bucket", "flood_bucket", "reject_bucket", "nexthops", "events")
-
-
-@pytest.fixture
-def daemon_factory(lab, bpf_object, tmp_path):
-    """Start `xdplb run` in the lab's lb namespace; always stop and detach."""
-    lab_, topo = lab
-    started = []
-
-    def start(fillers: int = 0, **kw) -> DaemonProcess:
-        bpffs = pin_dir()
-        cfg = lab_config(topo, fillers=fillers, bpffs=bpffs,
-                         socket=f"/run/xdplb/test-{os.getpid()}-{len(started)}.sock", **kw)
-        d = DaemonProcess(cfg, tmp_path, topo.lb_ns)
-        started.append(d)
-        return d.start()
-
-    yield start
-    for d in started:
-        d.kill(signal.SIGKILL)
-        Dataplane.detach(Path(d.config["bpffs"]), purge=True)
-
-
-def xdplb(d: DaemonProcess, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lb.cli", "--socket", d.socket, *args],
-                          capture_output=True, text=True, cwd=ROOT, check=check, timeout=120)
-
-
-def stats(d: DaemonProcess) -> dict:
-    return json.loads(xdplb(d, "stats", "--json").stdout)
 
 
 def test_balance_and_denied_identity(lab, daemon_factory):
@@ -108,16 +73,6 @@ def test_snat_mode_backends_see_lb_address(lab, daemon_factory):
         m = re.match(r"backend=b\d client=([\d.]+):(\d+)", out)
         assert m and m.group(1) == topo.snat_ip, out
         assert 10000 <= int(m.group(2)) <= 32767
-
-
-def _download(lab_, topo, url: str, result: dict, max_time: int = 30) -> threading.Thread:
-    def run():
-        p = lab_.run(topo.client_ns, ["curl", "-s", "-o", "/dev/null", "-w", "%{size_download} %{http_code}",
-                                      "--max-time", str(max_time), url], timeout=max_time + 10, check=False)
-        result["out"] = p.stdout
-    t = threading.Thread(target=run)
-    t.start()
-    return t
 
 
 def test_kill_9_during_download_and_restart(lab, daemon_factory):

@@ -7,15 +7,14 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
 import yaml
 
 from lb.demo import WEB_VIP
-from test_e2e import _download as start_download
-from test_e2e import daemon_factory, xdplb  # noqa: F401  (fixture)
+from lbtest import download as start_download, xdplb
 
 N = 2_500_000
 RATE = 800_000           # ~3 s per download

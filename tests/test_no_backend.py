@@ -5,11 +5,10 @@ as kube-proxy's REJECT does, within a per-CPU budget."""
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, TCPerror, UDPerror
+from scapy.layers.inet import ICMP, IP, TCP, IPerror, TCPerror, UDPerror
 from scapy.layers.l2 import Dot1Q, Ether
 
 from lb.demo import UDP_VIP, WEB_VIP, lab_config

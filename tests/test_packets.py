@@ -8,7 +8,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR
 from scapy.layers.l2 import Dot1Q, Ether
 
 from lb.demo import lab_config
-from lbtest import (XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, Harness, assert_checksums_valid,
+from lbtest import (XDP_DROP, XDP_PASS, XDP_REDIRECT, Harness, assert_checksums_valid,
                     pin_dir, tcp, udp)
 
 VIP = "10.96.0.10"
