@@ -34,7 +34,6 @@ a probe costs ~140 us of CPU, so 2000 probes/s take ~0.3 of a core.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import random
@@ -48,6 +47,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import gcpause
 from .config import Config, HealthCheck, HealthCheckLimits, Service
 
 __all__ = ["BackendHealth", "HealthChecker", "MAX_IN_FLIGHT", "Target", "Transition", "probe"]
@@ -224,19 +224,13 @@ class HealthChecker:
         backends keep their state; new ones start up; gone ones stop."""
         # 200k new targets: generational GC passes over the whole config
         # would cost twice the work itself (as in Reconciler._apply).
-        gc_was_on = gc.isenabled()
-        gc.disable()
-        try:
-            with self._lock:
-                names = set()
-                for svc in cfg.services:
-                    names.add(svc.name)
-                    self._set_locked(svc)
-                for name in [n for n in self._services if n not in names]:
-                    self._drop_locked(name)
-        finally:
-            if gc_was_on:
-                gc.enable()
+        with gcpause.paused(), self._lock:
+            names = set()
+            for svc in cfg.services:
+                names.add(svc.name)
+                self._set_locked(svc)
+            for name in [n for n in self._services if n not in names]:
+                self._drop_locked(name)
         self._kick()
 
     def set_service(self, svc: Service) -> None:

@@ -29,9 +29,9 @@ from socket import inet_ntoa
 
 import numpy as np
 
-from . import maglev
+from . import gcpause, maglev
 from .alloc import IdAllocator, Reclaimer, RegionAllocator
-from .config import IPPROTO, Config, ConfigError, Service, gc_paused
+from .config import IPPROTO, Config, ConfigError, Service
 from .dataplane import Dataplane, addr_word, htons, ntohs, word_addr
 
 log = logging.getLogger("xdplb.reconcile")
@@ -228,7 +228,7 @@ class Reconciler:
 
     def _apply(self, cfg: Config, changed: list[Service], removed: list[SvcKey],
                identities: bool = True) -> ApplyResult:
-        with gc_paused():
+        with gcpause.paused():
             return self._apply_locked(cfg, changed, removed, identities)
 
     def _apply_locked(self, cfg: Config, changed: list[Service], removed: list[SvcKey],

@@ -10,8 +10,6 @@ resourceVersion after an exponential backoff. It emits slim objects
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import logging
 import os
@@ -23,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import gcpause
 from . import k8s_model as m
 
 log = logging.getLogger("xdplb.k8s")
@@ -34,36 +33,6 @@ except ImportError:                    # pragma: no cover
 
 WATCH_TIMEOUT_S = (300, 600)       # like client-go: the server ends a watch after 5..10 min
 BACKOFF_S = (0.1, 10.0)            # reconnect backoff: first, max
-
-
-_gc_mu = threading.Lock()
-_gc_state = {"holders": 0, "restore": False}
-
-
-@contextlib.contextmanager
-def no_gc():
-    """No cyclic-GC pass inside (process-wide; threads may nest it): parsing
-    a 20k-object list or applying a batch makes many young objects, and a
-    collection in the middle would walk them all for nothing (the data is
-    acyclic: refcounting frees it). The first holder records whether the
-    collector was on; the last one restores that."""
-    with _gc_mu:
-        if _gc_state["holders"] == 0:
-            _gc_state["restore"] = gc.isenabled()
-            gc.disable()
-        _gc_state["holders"] += 1
-    try:
-        yield
-    finally:
-        with _gc_mu:
-            _gc_state["holders"] -= 1
-            if _gc_state["holders"] == 0 and _gc_state["restore"]:
-                gc.enable()
-
-
-def gc_held() -> bool:
-    """True while some thread is inside no_gc()."""
-    return _gc_state["holders"] > 0
 
 
 def _kv(message: str, **fields: Any) -> str:
@@ -205,7 +174,7 @@ class Reflector(threading.Thread):
     def relist(self) -> None:
         """A full paged list; what changed since `known` becomes events
         (a relist after 410 is a diff, not a reset)."""
-        with no_gc():
+        with gcpause.paused():
             self._relist()
 
     def _relist(self) -> None:

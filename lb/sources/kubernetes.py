@@ -29,12 +29,12 @@ import time
 from collections.abc import Callable
 
 from ..config import KubernetesSource
-from .k8s_reflector import (BACKOFF_S, WATCH_TIMEOUT_S, Event, Reflector, _kv, _short, api_client,
-                            gc_held, no_gc)
+from .. import gcpause
+from .k8s_reflector import BACKOFF_S, WATCH_TIMEOUT_S, Event, Reflector, _kv, _short, api_client
 from .k8s_sync import KubeState, Plan, Syncer, to_service
 
 __all__ = ["BACKOFF_S", "WATCH_TIMEOUT_S", "Event", "KubeState", "KubernetesWatcher", "Plan",
-           "Reflector", "Syncer", "api_client", "gc_held", "no_gc", "to_service"]
+           "Reflector", "Syncer", "api_client", "to_service"]
 
 log = logging.getLogger("xdplb.k8s")
 REFREEZE_S = 5.0                   # move what survived into the frozen generation this often
@@ -104,7 +104,7 @@ class KubernetesWatcher:
             if ev.type == "SYNCED":
                 pending.discard(ev.kind)
             events.append(ev)
-        with no_gc():                  # ~650k new long-lived objects: no pass over them midway
+        with gcpause.paused():                  # ~650k new long-lived objects: no pass over them midway
             plan = self.syncer.plan(events)
         self.applied_rv = dict(plan.rvs)
         if plan.identities is None:
@@ -146,9 +146,9 @@ class KubernetesWatcher:
                 ev = self.queue.get(timeout=0.5)
             except queue.Empty:
                 # Idle: the young generations, off the event path. Not while a
-                # list is being parsed (no_gc): its million young objects would
+                # list is being parsed (gcpause.paused): its million young objects would
                 # all be walked.
-                if not gc_held():
+                if not gcpause.held():
                     gc.collect(1)
                 continue
             events = [ev]
@@ -161,7 +161,7 @@ class KubernetesWatcher:
                     break
             # No collector pass between an event and its map update (a full
             # pass over the 20k-service state costs 100+ ms); idle time does it.
-            guard = no_gc()
+            guard = gcpause.paused()
             guard.__enter__()
             try:
                 t0 = time.monotonic_ns()
