@@ -32,8 +32,9 @@ enum guard_verdict {
 	GUARD_DROP = 2,         /* DROP_NEW_FLOW_RATE */
 };
 
+/* `now` is bpf_ktime_get_ns(), read by the caller whenever the guard is on. */
 static __always_inline enum guard_verdict flood_guard(const struct packet *pkt,
-						      const struct lb_config *cfg, int snat)
+						      const struct lb_config *cfg, int snat, __u64 now)
 {
 	struct token_bucket *b;
 	__u32 zero = 0;
@@ -42,7 +43,7 @@ static __always_inline enum guard_verdict flood_guard(const struct packet *pkt,
 	if (!cfg->new_flow_rate || dry_run)
 		return GUARD_INSERT;
 	b = bpf_map_lookup_elem(&flood_bucket, &zero);
-	if (!b || bucket_take(b, cfg->new_flow_rate, cfg->new_flow_burst, bpf_ktime_get_ns()))
+	if (!b || bucket_take(b, cfg->new_flow_rate, cfg->new_flow_burst, now))
 		return GUARD_INSERT;
 	if (snat || !pkt->tcp || pkt->tcp->syn)
 		return GUARD_DROP;

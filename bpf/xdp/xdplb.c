@@ -124,7 +124,10 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 	if (!b) {
 		if (!svc.ring_size)
 			return no_backend(ctx, pkt, identity, svc.svc_id, cfg);
-		switch (flood_guard(pkt, cfg, snat)) {
+		/* One clock read for the guard and affinity, only if either is on. */
+		if (cfg->new_flow_rate || svc.affinity_timeout_s)
+			now = bpf_ktime_get_ns();
+		switch (flood_guard(pkt, cfg, snat, now)) {
 		case GUARD_DROP:
 			return drop(ctx, pkt, identity, svc.svc_id, DROP_NEW_FLOW_RATE);
 		case GUARD_STATELESS:
@@ -135,8 +138,6 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 		}
 		/* Only new flows need the hash (here and for the SNAT port). */
 		hash = flow_hash(&pkt->flow, cfg->hash_seed);
-		if (svc.affinity_timeout_s)
-			now = bpf_ktime_get_ns();
 		b = affinity_backend(&svc, &pkt->flow, now, &backend_id);
 		if (!b) {
 			backend_id = maglev_pick(&svc, hash);
