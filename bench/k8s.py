@@ -30,8 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from k8s_apiserver import FakeApiServer  # noqa: E402
-from k8s_scale import Cluster, applied_at, start_daemon, stop_daemon, wait  # noqa: E402
+from k8s_scale import Cluster, applied_at, start_daemon, stop_daemon  # noqa: E402
 from lb.lab import Lab, build_lb_lab  # noqa: E402
+from lbtest import wait_for  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -64,7 +65,7 @@ def run(services: int, rate: float, seconds: float, relist_changes: int = 1000) 
             assert d.call("kubernetes", brief=True)["applied_rv"].get("EndpointSlice", 0) >= last - 1
 
             # Relist after 410: cut the watches, change slices meanwhile, compact.
-            wait(lambda: api.open_watches() >= 6, 30, "every watch open")
+            wait_for(lambda: api.open_watches() >= 6, 30, "every watch open")
             time.sleep(2.0)                      # a settled daemon (first-sync GC done)
             api.watch_gate.clear()
             api.drop_watches()
@@ -73,7 +74,7 @@ def run(services: int, rate: float, seconds: float, relist_changes: int = 1000) 
             api.compact()
             t0 = time.monotonic()
             api.watch_gate.set()
-            wait(lambda: d.call("kubernetes", brief=True)["applied_rv"].get("EndpointSlice", 0) >= last,
+            wait_for(lambda: d.call("kubernetes", brief=True)["applied_rv"].get("EndpointSlice", 0) >= last,
                  120, "relist applied")
             out["relist_410_s"] = time.monotonic() - t0
             st = d.call("kubernetes", since=10**9)
@@ -93,7 +94,7 @@ def run(services: int, rate: float, seconds: float, relist_changes: int = 1000) 
                     rvs.append(cluster.change_filler()[1])
                 tick += period
                 time.sleep(max(0.0, tick - time.monotonic()))
-            wait(lambda: d.call("kubernetes", brief=True)["applied_rv"].get("EndpointSlice", 0) >= rvs[-1],
+            wait_for(lambda: d.call("kubernetes", brief=True)["applied_rv"].get("EndpointSlice", 0) >= rvs[-1],
                  30, "last change applied")
             applied = d.call("kubernetes", since=n0)["applied"]
             lat = [(applied_at(applied, "EndpointSlice", rv) - api.emitted_ns[rv]) / 1e6 for rv in rvs]

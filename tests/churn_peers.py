@@ -15,8 +15,11 @@ import json
 import selectors
 import signal
 import socket
+import subprocess
 import sys
 import time
+
+PORTS = list(range(9100, 9106))      # where the recorders listen, in every backend namespace
 
 
 def send(vips: list[list], seconds: float, flows: int, out: str) -> None:
@@ -73,6 +76,34 @@ def record(ports: list[int], out: str) -> None:
                 rows.append((key.data, int(svc), int(sent), time.monotonic_ns()))
     with open(out, "w") as f:
         json.dump(rows, f)
+
+
+class Peers:
+    """The recorders (one per backend) and the sender, as lab processes.
+    stop() ends them in order (sender, then recorders, which write their
+    files); call it in a finally."""
+
+    def __init__(self) -> None:
+        self.recorders: list[subprocess.Popen] = []
+        self.sender: subprocess.Popen | None = None
+
+    def start(self, lab_, topo, out_dir, vips: list[list]) -> None:
+        for b in topo.backends:
+            p = lab_.popen(b.ns, [sys.executable, __file__, "record", json.dumps(PORTS),
+                                  str(out_dir / f"{b.name}.json")], stdout=subprocess.PIPE, text=True)
+            self.recorders.append(p)
+            assert p.stdout.readline().strip() == "ready"
+        self.sender = lab_.popen(topo.client_ns, [sys.executable, __file__, "send", json.dumps(vips), "3600",
+                                                  "64", str(out_dir / "sent.json")])
+
+    def stop(self) -> None:
+        if self.sender:
+            self.sender.send_signal(signal.SIGINT)
+            self.sender.wait(10)
+        time.sleep(0.3)
+        for p in self.recorders:
+            p.send_signal(signal.SIGTERM)
+            p.wait(20)
 
 
 if __name__ == "__main__":

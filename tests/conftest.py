@@ -23,6 +23,16 @@ def bpf_object() -> Path:
     return ROOT / "bpf" / "xdp" / "xdplb.o"
 
 
+@pytest.fixture
+def one_cpu():
+    """Keep the test on one CPU: per-CPU budgets (token buckets) then count
+    exactly, since BPF test-run runs on the calling CPU."""
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(saved)})
+    yield
+    os.sched_setaffinity(0, saved)
+
+
 @pytest.fixture(scope="module")
 def lab():
     """A client, the LB and 3 backends running real servers."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import time
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -140,11 +139,3 @@ def map_state(bpffs: str) -> dict[tuple[str, int, str], set[tuple[str, int, str]
         obj.close()
 
 
-def wait(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")

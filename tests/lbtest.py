@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -189,3 +190,15 @@ def download(lab_, topo, url: str, result: dict, max_time: int = 30) -> threadin
     t = threading.Thread(target=run)
     t.start()
     return t
+
+
+def wait_for(cond, timeout: float = 20.0, what: str = "condition"):
+    """Poll until cond() is truthy and return its value (a wait, not a
+    timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")

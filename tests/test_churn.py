@@ -14,11 +14,10 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from churn_peers import PORTS, Peers
 from lb import api
 from lb.dataplane import Constants, Dataplane, default_object_path
 from loader import BpfObject
@@ -27,8 +26,6 @@ from lbtest import open_pinned_maps, pin_dir
 
 CHANGES = int(os.environ.get("XDPLB_CHURN_CHANGES", "1000"))
 SERVICES = 12
-PORTS = list(range(9100, 9106))
-PEERS = str(Path(__file__).resolve().parent / "churn_peers.py")
 
 
 class Timeline:
@@ -104,19 +101,12 @@ def test_no_misroute_under_churn(lab, bpf_object, tmp_path):
            "api_socket": f"/run/xdplb/churn-{os.getpid()}.sock", "metrics_address": False,
            "identities": {"frontend": ["10.1.0.0/24"]}, "services": services}
     timeline = Timeline()
-    recorders, sender, d = [], None, None
+    peers, d = Peers(), None
     try:
         d = DaemonProcess(cfg, tmp_path, topo.lb_ns).start()
         for i, s in enumerate(services):
             timeline.add(i, 0, time.monotonic_ns(), members(s))
-        for b in topo.backends:
-            p = lab_.popen(b.ns, [sys.executable, PEERS, "record", json.dumps(PORTS), str(tmp_path / f"{b.name}.json")],
-                           stdout=subprocess.PIPE, text=True)
-            assert p.stdout.readline().strip() == "ready"
-            recorders.append(p)
-        vips = [[i, s["vip"], s["port"]] for i, s in enumerate(services)]
-        sender = lab_.popen(topo.client_ns, [sys.executable, PEERS, "send", json.dumps(vips), "3600", "64",
-                                             str(tmp_path / "sent.json")])
+        peers.start(lab_, topo, tmp_path, [[i, s["vip"], s["port"]] for i, s in enumerate(services)])
         time.sleep(0.5)
         ops: dict[str, int] = {}
         extra_up = set()
@@ -141,13 +131,7 @@ def test_no_misroute_under_churn(lab, bpf_object, tmp_path):
             timeline.add(i, t0, time.monotonic_ns(), members(services[i]))
         time.sleep(0.5)
     finally:
-        if sender:
-            sender.send_signal(signal.SIGINT)
-            sender.wait(10)
-        time.sleep(0.3)
-        for p in recorders:
-            p.send_signal(signal.SIGTERM)
-            p.wait(20)
+        peers.stop()
         maps = open_pinned_maps(cfg["bpffs"]) if d else {}
         if d:
             d.kill(signal.SIGKILL)

@@ -6,7 +6,6 @@ pins itself to one CPU: the counts below are exact."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -17,12 +16,7 @@ from lbtest import XDP_DROP, XDP_REDIRECT, Harness, pin_dir, tcp, udp
 
 
 
-@pytest.fixture(autouse=True)
-def one_cpu():
-    saved = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(saved)})
-    yield
-    os.sched_setaffinity(0, saved)
+pytestmark = pytest.mark.usefixtures("one_cpu")
 
 
 def _harness(lab, rate: int, burst: int, **kw) -> Harness:

@@ -18,19 +18,16 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from churn_peers import PORTS, Peers
 from k8s_apiserver import FakeApiServer
 from k8s_scale import (NOT_READY, READY, TERMINATING, Cluster, applied_at, map_state, service,
-                       slice_, start_daemon, stop_daemon, wait)
+                       slice_, start_daemon, stop_daemon)
 from lb.dataplane import Constants, default_object_path
-from lbtest import open_pinned_maps
+from lbtest import open_pinned_maps, wait_for
 from loader import BpfObject
 from test_churn import Timeline
 
@@ -40,8 +37,6 @@ SERVICES = int(os.environ.get("XDPLB_K8S_SERVICES", "2000"))
 CHURN_S = float(os.environ.get("XDPLB_K8S_CHURN_S", "5"))
 RATE = int(os.environ.get("XDPLB_K8S_RATE", "1000"))     # endpoint changes per second
 TRAFFIC = 12
-PORTS = list(range(9100, 9106))
-PEERS = str(Path(__file__).resolve().parent / "churn_peers.py")
 
 
 def members(eps: dict) -> frozenset:
@@ -75,7 +70,7 @@ def test_k8s_churn_no_misroute_and_convergence(lab, bpf_object, tmp_path):
     ips = [b.ip for b in topo.backends]
     api = FakeApiServer(netns=topo.lb_ns, bookmark_interval=1.0).start()
     d = None
-    recorders, sender = [], None
+    peers = Peers()
     timeline = Timeline()
     versions: dict[int, list[tuple[int, frozenset]]] = {}    # svc -> [(rv, members)]
     traffic_eps = {}
@@ -93,14 +88,7 @@ def test_k8s_churn_no_misroute_and_convergence(lab, bpf_object, tmp_path):
         t1 = time.monotonic()
         d = start_daemon(api, topo, tmp_path)
         t_start = time.monotonic() - t1
-        for b in topo.backends:
-            p = lab_.popen(b.ns, [sys.executable, PEERS, "record", json.dumps(PORTS),
-                                  str(tmp_path / f"{b.name}.json")], stdout=subprocess.PIPE, text=True)
-            assert p.stdout.readline().strip() == "ready"
-            recorders.append(p)
-        vips = [[i, f"10.96.10.{i + 1}", 5000] for i in range(TRAFFIC)]
-        sender = lab_.popen(topo.client_ns, [sys.executable, PEERS, "send", json.dumps(vips), "3600", "64",
-                                             str(tmp_path / "sent.json")])
+        peers.start(lab_, topo, tmp_path, [[i, f"10.96.10.{i + 1}", 5000] for i in range(TRAFFIC)])
         time.sleep(0.5)
 
         # The churn: RATE endpoint changes per second, in steps of 10 ms.
@@ -123,19 +111,13 @@ def test_k8s_churn_no_misroute_and_convergence(lab, bpf_object, tmp_path):
         t_last = api.emitted_ns[last_rv]
 
         # Convergence: when did the maps hold the last event?
-        wait(lambda: d.call("kubernetes", brief=True)["applied_rv"].get("EndpointSlice", 0) >= last_rv,
-             30, "the last event applied")
+        wait_for(lambda: d.call("kubernetes", brief=True)["applied_rv"].get("EndpointSlice", 0) >= last_rv,
+                 30, "the last event applied")
         st = d.call("kubernetes")
         converged_s = (applied_at(st["applied"], "EndpointSlice", last_rv) - t_last) / 1e9
         time.sleep(0.5)
     finally:
-        if sender:
-            sender.send_signal(signal.SIGINT)
-            sender.wait(10)
-        time.sleep(0.3)
-        for p in recorders:
-            p.send_signal(signal.SIGTERM)
-            p.wait(20)
+        peers.stop()
         state = map_state(d.config["bpffs"]) if d else {}
         maps = open_pinned_maps(d.config["bpffs"]) if d else {}
         stop_daemon(d)

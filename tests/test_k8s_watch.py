@@ -13,19 +13,9 @@ import pytest
 from k8s_apiserver import FakeApiServer, load_manifests
 from lb.config import KubernetesSource
 from lb.sources.kubernetes import KubernetesWatcher, api_client
+from lbtest import wait_for
 
 MANIFESTS = Path(__file__).resolve().parent / "k8s_manifests"
-
-
-def wait_for(cond, timeout: float = 20.0, what: str = "condition"):
-    """Poll until cond() is truthy (a wait, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def svc(name: str, ip: str, port: int = 80, ns: str = "default") -> dict:

@@ -4,7 +4,6 @@ as kube-proxy's REJECT does, within a per-CPU budget."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -17,13 +16,7 @@ from lbtest import XDP_DROP, XDP_REDIRECT, Harness, assert_checksums_valid, pin_
 CLIENT = "10.1.0.10"
 
 
-@pytest.fixture(autouse=True)
-def one_cpu():
-    """Rejects are budgeted per CPU; test-run runs on the calling CPU."""
-    saved = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(saved)})
-    yield
-    os.sched_setaffinity(0, saved)
+pytestmark = pytest.mark.usefixtures("one_cpu")   # rejects are budgeted per CPU
 
 
 def _empty(lab, per_second: int = 1000, burst: int = 100, attach: bool = False) -> Harness:
