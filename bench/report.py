@@ -169,18 +169,8 @@ def plots(doc: dict, out_dir: Path) -> list[Path]:
     lim = doc.get("lab_limit") or {}
     if mpps_lim(lim, "new"):
         ax.axhline(mpps_lim(lim, "new"), color="grey", linestyle=":", label="bare forwarder (lab limit)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("services (3 endpoints each)")
-    ax.set_ylabel("delivered Mpps (to the last service)")
-    ax.set_title("Delivered packet rate against services")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = out_dir / "mpps_vs_services.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    files.append(p)
+    files.append(_save(plt, fig, ax, out_dir / "mpps_vs_services.png", "services (3 endpoints each)",
+                       "delivered Mpps (to the last service)", "Delivered packet rate against services"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for e in engines(doc):
@@ -190,19 +180,24 @@ def plots(doc: dict, out_dir: Path) -> list[Path]:
         line, = ax.plot(xs, [r["operations"]["update"]["p50_ms"] for r in rows], marker="o", label=f"{e} p50")
         ax.plot(xs, [r["operations"]["update"]["p99_ms"] for r in rows], marker="x", linestyle="--",
                 color=line.get_color(), label=f"{e} p99")
+    files.append(_save(plt, fig, ax, out_dir / "update_latency_vs_services.png", "services",
+                       "single-service update latency (ms)", "Update latency against services"))
+    return files
+
+
+def _save(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Both plots: log-log axes, labels, grid and legend; written as PNG."""
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("services")
-    ax.set_ylabel("single-service update latency (ms)")
-    ax.set_title("Update latency against services")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    p = out_dir / "update_latency_vs_services.png"
-    fig.savefig(p, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    files.append(p)
-    return files
+    return path
 
 
 def write(doc: dict, out_dir: Path, with_plots: bool = True) -> dict[str, Path]:

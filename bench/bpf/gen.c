@@ -11,16 +11,9 @@
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
-#include "bench.h"
+#include "shared.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
-
-/* Never read: makes clang emit the enums into BTF for the harness. */
-const volatile struct {
-	enum bench_limits limits;
-	enum gen_op op;
-	enum sink_counter counter;
-} bench_anchor;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -35,13 +28,6 @@ struct {
 	__type(key, __u32);
 	__type(value, struct gen_state);
 } gen_state SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct flow_ctl);
-} flow_ctl SEC(".maps");
 
 /* 1: keep this frame back (window full and the sink still making progress). */
 static __always_inline int hold_back(struct flow_ctl *fc)

@@ -15,15 +15,9 @@
 #include <linux/udp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
-#include "bench.h"
+#include "shared.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
-
-const volatile struct {
-	enum bench_limits limits;
-	enum gen_op op;
-	enum sink_counter counter;
-} bench_anchor;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -52,15 +46,6 @@ struct {
 	__type(key, __u32);
 	__type(value, struct sink_stat);
 } sink_stats SEC(".maps");
-
-/* The generator's map (bench.h, struct flow_ctl): the harness makes both
- * objects use one map. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct flow_ctl);
-} flow_ctl SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
