@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         console.print(f"[bold red]error:[/] --services must be ≥ 1 (got {bad})")
         return 2
     out = args.out or RESULTS / ("quick" if args.quick else "full")
-    units = 1 + len(settings.engines) * len(settings.services) + (1 if settings.big_sync else 0)
+    units = (1 + len(settings.engines) * len(settings.services) + (1 if settings.big_sync else 0)
+             + (1 if settings.state_floor else 0))
     t0 = time.perf_counter()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), console=console) as bar:

@@ -269,17 +269,20 @@ class NftEngine(_PassOnL0):
 
 
 class ForwarderEngine(Engine):
-    """Bare XDP forwarder on l0: MAC rewrite + bpf_redirect into l1."""
+    """Bare XDP forwarder on l0: MAC rewrite + bpf_redirect into l1
+    (`forwarder`), or the same plus one LRU conntrack lookup and insert on a
+    miss (`state-floor`, bench/bpf/fwd.c). Neither balances."""
 
-    name = "forwarder"
     kernel_path = False
+    PROGRAMS = {"forwarder": "fwd_main", "state-floor": "state_main"}
 
-    def __init__(self, bl: BenchLab) -> None:
+    def __init__(self, bl: BenchLab, name: str = "forwarder") -> None:
         super().__init__(bl)
+        self.name = name
         self.fwd: Forwarder | None = None
 
     def attach(self) -> None:
-        self.fwd = Forwarder("fwd_main")
+        self.fwd = Forwarder(self.PROGRAMS[self.name])
         self.fwd.configure(self.bl.l1, self.bl.l1_mac, self.bl.s0_mac)
         with self.bl.inside(self.bl.lb_ns):
             self.fwd.attach(self.bl.l0)
@@ -441,6 +444,6 @@ def make_engine(name: str, bl: BenchLab) -> Engine:
         return IptablesEngine(bl, name.split("-", 1)[1])
     if name == "nftables":
         return NftEngine(bl)
-    if name == "forwarder":
-        return ForwarderEngine(bl)
-    raise ValueError(f"unknown engine {name!r} (have: {', '.join(ENGINES + ('forwarder',))})")
+    if name in ForwarderEngine.PROGRAMS:
+        return ForwarderEngine(bl, name)
+    raise ValueError(f"unknown engine {name!r} (have: {', '.join(ENGINES + tuple(ForwarderEngine.PROGRAMS))})")

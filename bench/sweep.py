@@ -33,7 +33,8 @@ from . import lab as blab
 from . import memcg
 from . import profile as prof
 from . import traffic
-from .engines import BService, Engine, make_engine, make_service, make_services, replace_endpoint
+from .engines import (BService, Engine, ForwarderEngine, make_engine, make_service, make_services,
+                      replace_endpoint)
 from .progs import Forwarder, Generator, Sink, build
 
 FULL_SERVICES = [1, 1000, 5000, 10000, 20000]
@@ -62,13 +63,14 @@ class Settings:
     trex_client: str = "auto"       # how profiles are evaluated: auto | trex | stand-in
     seed: int = 1
     big_sync: tuple[int, int] | None = (20000, 10)    # xdplb full sync of N x backends
+    state_floor: bool = True        # also measure bench/bpf/fwd.c state_main
     conntrack: blab.ConntrackSettings = field(default_factory=blab.ConntrackSettings)
 
     @classmethod
     def quick(cls) -> "Settings":
         return cls(services=list(QUICK_SERVICES), engines=list(QUICK_ENGINES), seconds=1.0,
                    load_seconds=0.5, testrun_calls=2000, ops=20, ops_budget_s=15.0,
-                   first_packet_reps=1, targets=("last",), big_sync=None)
+                   first_packet_reps=1, targets=("last",), big_sync=None, state_floor=False)
 
 
 Progress = Callable[[str, float], None]      # (what, units of work done)
@@ -97,7 +99,7 @@ class Session:
             self.sink = self.stack.enter_context(Sink(self.gen))
             with self.bl.inside(self.bl.sink_ns):
                 self.sink.attach(self.bl.s0)
-            self.sink.configure(check=engine != "forwarder")
+            self.sink.configure(check=engine not in ForwarderEngine.PROGRAMS)    # they don't balance
             self.engine: Engine = make_engine(engine, self.bl)
             self.stack.callback(self.engine.close)
             self.engine.attach()
@@ -260,23 +262,14 @@ def run(settings: Settings, progress: Progress | None = None,
                  "lab_limit": {}, "results": [], "targets_big_sync": None}
     t_start = time.perf_counter()
 
-    # The lab's limit: the bare forwarder, and the test-run floor.
-    progress("forwarder (lab limit)", 0)
-    sess = Session(settings, "forwarder")
-    try:
-        svc = make_service(0, settings.endpoints, settings.proto)
-        spec_new, spec_est = sess.spec(svc, 0), sess.spec(svc, settings.established_flows)
-        floor = Forwarder("empty_main")
-        try:
-            doc["lab_limit"] = {"engine": "forwarder", "new": sess.rate(spec_new),
-                                "established": sess.rate(spec_est),
-                                **sess.program_cost(spec_new, spec_est, floor.prog.fd)}
-        finally:
-            floor.close()
-        doc["settings"]["profile_api"] = sess.profiles_api
-    finally:
-        sess.close()
-    progress("forwarder (lab limit)", 1)
+    # The lab's limit: the bare forwarder, and the test-run floor. Then the
+    # least any forwarder with an LRU conntrack costs (state-floor).
+    for engine, key in (("forwarder", "lab_limit"), ("state-floor", "state_floor")):
+        if engine == "state-floor" and not settings.state_floor:
+            continue
+        progress(f"{engine} (lab limit)", 0)
+        doc[key] = _lab_limit(settings, engine, doc)
+        progress(f"{engine} (lab limit)", 1)
 
     for engine in settings.engines:
         sess = Session(settings, engine)
@@ -308,6 +301,23 @@ def run(settings: Settings, progress: Progress | None = None,
     doc["machine"]["loadavg_end"] = os.getloadavg()
     doc["duration_s"] = round(time.perf_counter() - t_start, 1)
     return doc
+
+
+def _lab_limit(settings: Settings, engine: str, doc: dict) -> dict:
+    sess = Session(settings, engine)
+    try:
+        svc = make_service(0, settings.endpoints, settings.proto)
+        spec_new, spec_est = sess.spec(svc, 0), sess.spec(svc, settings.established_flows)
+        floor = Forwarder("empty_main")
+        try:
+            out = {"engine": engine, "new": sess.rate(spec_new), "established": sess.rate(spec_est),
+                   **sess.program_cost(spec_new, spec_est, floor.prog.fd)}
+        finally:
+            floor.close()
+        doc["settings"]["profile_api"] = sess.profiles_api
+        return out
+    finally:
+        sess.close()
 
 
 def _point(sess: Session, n: int, rng: random.Random, floor_fd: int, progress: Progress,

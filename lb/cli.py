@@ -52,8 +52,8 @@ def cmd_apply(args) -> int:
 
 
 # The tables that fill up with traffic or config (the rest are fixed-size).
-FILL_SHOWN = ("services", "backends", "maglev_pool", "conntrack", "rev_nat", "identities", "policy",
-              "nexthops", "drop_detail")
+FILL_SHOWN = ("services", "backends", "maglev_pool", "conntrack", "rev_nat", "reply_index", "identities",
+              "policy", "nexthops", "drop_detail")
 
 
 def cmd_status(args) -> int:

@@ -170,7 +170,7 @@ def map_fill(dp, rec) -> tuple[dict[str, int], dict[str, int]]:
     its slots; ring buffers have none. The caller holds the daemon's lock."""
     entries: dict[str, int] = {}
     capacity: dict[str, int] = {}
-    used_arrays = {"services": None, "svc_stats": rec.svc_ids.count,
+    used_arrays = {"services": None, "svc_stats": rec.svc_ids.count, "svc_keys": rec.svc_ids.count,
                    "backends": rec.backend_ids.count, "backend_stats": rec.backend_ids.count}
     for name, m in dp.maps.items():
         if name == "maglev_pool":          # in slots: services' tables are runs of slots
@@ -320,7 +320,7 @@ def families(s: Snapshot, health: dict | None) -> Iterator[Metric]:
     yield f
 
     yield GaugeMetricFamily("xdplb_conntrack_entries", "Flows in the conntrack LRU.", value=s.conntrack)
-    yield GaugeMetricFamily("xdplb_nat_entries", "Entries in the reverse-NAT LRU.", value=s.nat)
+    yield GaugeMetricFamily("xdplb_nat_entries", "Entries in the reverse-NAT LRU (SNAT mode, and services flagged rev_nat).", value=s.nat)
     e = GaugeMetricFamily("xdplb_map_entries", "Entries in use per BPF map (maglev_pool: slots; "
                           "fixed-index arrays are always full).", labels=["map"])
     cap = GaugeMetricFamily("xdplb_map_capacity", "Capacity per BPF map (max_entries; "

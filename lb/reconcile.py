@@ -33,6 +33,7 @@ from . import gcpause, maglev
 from .alloc import IdAllocator, Reclaimer, RegionAllocator
 from .config import IPPROTO, Config, ConfigError, Service
 from .dataplane import Dataplane, addr_word, htons, ntohs, word_addr
+from .replies import ReplyIndex
 
 log = logging.getLogger("xdplb.reconcile")
 
@@ -128,6 +129,7 @@ class Reconciler:
         self.svc_ids = IdAllocator(1, m["services"].max_entries)
         self.backend_ids = IdAllocator(1, m["backends"].max_entries)
         self.pool = RegionAllocator(m["maglev_pool"].max_entries * self.c.MAGLEV_CHUNK_SLOTS)
+        self.replies = ReplyIndex(self.c.REPLY_INDEX_SVCS)
         self._recover()
 
     # -- recovery from the pinned maps --------------------------------------
@@ -138,8 +140,9 @@ class Reconciler:
         bview = dp.view("backends")
         for key, val in dp.maps["services"].items():
             skey = (word_addr(key.vip[0]), ntohs(key.port), PROTOCOL_NAMES.get(key.proto, str(key.proto)))
-            live = LiveService(skey, val.svc_id, val.ring_offset, val.ring_size,
-                               val.policy_gen, int(val.flags), int(val.affinity_timeout_s))
+            # SVC_F_REV_NAT follows the reply index, not the config.
+            live = LiveService(skey, val.svc_id, val.ring_offset, val.ring_size, val.policy_gen,
+                               int(val.flags) & ~c.SVC_F_REV_NAT, int(val.affinity_timeout_s))
             self.services[skey] = live
             self.svc_ids.reserve(val.svc_id)
             if val.ring_size:
@@ -171,6 +174,24 @@ class Reconciler:
             self.identities[net] = val.identity
         for key, val in dp.maps["vips"].items():
             self.vips[word_addr(key.addr[0])] = val.services
+        self._recover_replies()
+
+    def _recover_replies(self) -> None:
+        """The map gives who is listed, in order; the live backends give
+        every member (the ones that did not fit are in no map). Only entries
+        that differ from the map are rewritten."""
+        members = {(s.svc_id, (k, PROTOCOLS[s.key[2]])) for s in self.services.values()
+                   for k in s.backends}
+        on_map: dict = {}
+        for key, val in self.dp.maps["reply_index"].items():
+            ak = (bkey(word_addr(key.addr[0]), ntohs(key.port)), key.proto)
+            on_map[ak] = [int(i) for i in val.svc_id if i]
+            for sid in on_map[ak]:
+                if (sid, ak) in members:
+                    self.replies.add(sid, ak)
+        for sid, ak in sorted(members):
+            self.replies.add(sid, ak)
+        self.replies.keep_written(on_map)
 
     def identity_ids(self, cfg: Config | None = None) -> dict[str, int]:
         """Identity name -> id, with the reserved values from BTF."""
@@ -246,6 +267,7 @@ class Reconciler:
         self._flip(plan)
         self._remove(removed)
         self._retire(plan)
+        self._write_replies()           # what the retired backends left
         if identities:
             self._remove_identities(cfg)
         self.config = cfg
@@ -486,9 +508,15 @@ class Reconciler:
             recs["svc_id"] = [ch.svc_id for ch, _ in new]
             bview[ids] = recs
             _zero_counters(maps["backend_stats"], ids)
-        fresh = [ch.svc_id for ch in plan if ch.live is None]
+        fresh = [ch for ch in plan if ch.live is None]
         if fresh:
-            _zero_counters(maps["svc_stats"], np.array(fresh, dtype=np.int64))
+            fresh_ids = np.array([ch.svc_id for ch in fresh], dtype=np.int64)
+            _zero_counters(maps["svc_stats"], fresh_ids)
+            self._write_svc_keys(fresh_ids, [ch.svc.key for ch in fresh])
+        add = self.replies.add
+        for ch, nb in new:
+            add(ch.svc_id, (nb[4], PROTOCOLS[ch.svc.key[2]]))
+        self._write_replies()
         for ch in plan:
             if ch.ring_ids is not None and len(ch.ring_ids):
                 pool[ch.ring_offset:ch.ring_offset + len(ch.ring_ids)] = ch.ring_ids
@@ -507,6 +535,29 @@ class Reconciler:
                 bview["state"][lb.id] = state
                 lb.state = state
 
+    def _write_svc_keys(self, ids: np.ndarray, keys: list[SvcKey]) -> None:
+        """svc_id -> (VIP, port, proto) for replies, before the ids go live."""
+        rec = np.zeros(len(keys), dtype=self.dp.obj.layouts.dtype("svc_key"))
+        rec["vip"][:, 0] = np.array([vip._ip for vip, _, _ in keys], np.uint32).byteswap()
+        rec["port"] = np.array([port for _, port, _ in keys], np.uint16).byteswap()
+        rec["proto"] = [PROTOCOLS[proto] for _, _, proto in keys]
+        rec["family"] = self.c.FAMILY_IPV4
+        self.dp.maps["svc_keys"].update_batch(ids.astype(np.uint32), rec)
+
+    def _write_replies(self) -> None:
+        """Write the reply-index entries that changed (replies.py)."""
+        writes, deletes = self.replies.take_dirty()
+        m = self.dp.maps["reply_index"]
+        kdt = self.dp.obj.layouts.dtype("backend_addr")
+        if writes:
+            keys = _backend_addrs(kdt, [k for k, _ in writes], self.c.FAMILY_IPV4)
+            vals = np.zeros((len(writes), self.replies.slots), np.uint32)
+            for i, (_, listed) in enumerate(writes):
+                vals[i, :len(listed)] = listed
+            m.update_batch(keys, vals)
+        if deletes:
+            m.delete_batch(_backend_addrs(kdt, deletes, self.c.FAMILY_IPV4))
+
     def _flip(self, plan: list[_Change]) -> None:
         maps = self.dp.maps
         sm = maps["services"]
@@ -520,7 +571,7 @@ class Reconciler:
             v.ring_offset = ch.ring_offset
             v.ring_size = ch.ring_size      # a kept table has this size too (_allocate)
             v.policy_gen = ch.policy_gen
-            v.flags = ch.flags
+            v.flags = ch.flags | (self.c.SVC_F_REV_NAT if self.replies.needs_rev_nat(ch.svc_id) else 0)
             v.affinity_timeout_s = ch.svc.client_affinity_s or 0
         if plan:
             sm.update_batch(keys, vals)
@@ -568,20 +619,23 @@ class Reconciler:
             _svc_key(k, key, c.FAMILY_IPV4)
             sm.delete(k)
             self._vip_ref(key[0], -1)
-            self._retire_backends(live.backends.values())
+            self._retire_backends(live, live.backends.values())
             if live.ring_size:
                 self.reclaimer.retire_region(self.pool, live.ring_offset, live.ring_size)
             self._retire_policy(pm, live.svc_id, live.policy_gen, live.policy)
             self.policy_entries -= len(live.policy)
             self.reclaimer.retire_id(self.svc_ids, live.svc_id)
 
-    def _retire_backends(self, backends) -> None:
+    def _retire_backends(self, live: LiveService, backends) -> None:
         """A removed backend loses its flows now (conntrack sees FREE and
-        re-picks); its id is reused only after a grace period."""
+        re-picks; its replies no longer match); its id is reused only after
+        a grace period."""
         state = self.dp.view("backends")["state"]
+        proto = PROTOCOLS[live.key[2]]
         for b in backends:
             state[b.id] = self.c.BACKEND_FREE
             self.reclaimer.retire_id(self.backend_ids, b.id)
+            self.replies.remove(live.svc_id, (bkey(b.address, b.port), proto))
 
     def _retire_policy(self, pm, svc_id: int, gen: int, entries: dict[int, int]) -> None:
         if not entries:
@@ -602,7 +656,7 @@ class Reconciler:
         for ch in plan:
             live = ch.live
             if live is not None:
-                self._retire_backends(ch.removed_backends)
+                self._retire_backends(live, ch.removed_backends)
                 if ch.ring_ids is not None and live.ring_size:
                     self.reclaimer.retire_region(self.pool, live.ring_offset, live.ring_size)
                 if ch.policy_changed:
@@ -625,6 +679,16 @@ def _zero_counters(m, ids: np.ndarray) -> None:
     keys = ids.astype(np.uint32)
     values = np.zeros((len(ids), m.ncpus * 2), dtype=np.uint64)  # struct counter per CPU
     m.update_batch(keys, values)
+
+
+def _backend_addrs(dtype: np.dtype, keys: list, family: int) -> np.ndarray:
+    """reply_index keys from (bkey, proto) pairs."""
+    out = np.zeros(len(keys), dtype=dtype)
+    out["addr"][:, 0] = np.array([k >> 16 for k, _ in keys], np.uint32).byteswap()
+    out["port"] = np.array([k & 0xFFFF for k, _ in keys], np.uint16).byteswap()
+    out["proto"] = [p for _, p in keys]
+    out["family"] = family
+    return out
 
 
 def _svc_key(k, key: SvcKey, family: int) -> None:

@@ -328,3 +328,17 @@ def test_trex_generator_fails_clearly_without_a_server():
     r = subprocess.run([str(Path(__file__).resolve().parent.parent / ".venv/bin/xdplb"), "bench",
                         "--generator", "trex"], capture_output=True, text=True)
     assert r.returncode == 2 and "--trex-server" in r.stderr
+
+
+def test_state_floor_keeps_one_entry_per_flow_and_forwards():
+    """The state floor (bench/bpf/fwd.c state_main) is the forwarder plus one
+    LRU conntrack lookup, and an insert per new flow: what every packet of a
+    new flow costs any design that keeps per-flow state."""
+    from loader import test_run
+    with Forwarder("state_main") as fwd:
+        fwd.configure(1, "02:00:00:00:00:01", "02:00:00:00:00:02")   # lo: test-run only
+        frames = [bytes(Ether() / IP(src="10.2.0.1", dst="10.96.0.1") / UDP(sport=p, dport=80) / b"x")
+                  for p in (1000, 1000, 1001, 1002, 1001)]
+        verdicts = [test_run(fwd.prog.fd, f).retval for f in frames]
+        assert verdicts == [4] * 5                                    # XDP_REDIRECT
+        assert len(fwd.maps["flow_state"].lookup_batch()) == 3

@@ -2,12 +2,18 @@
 /*
  * fwd_main: the lab's physical limit, the least an XDP forwarder can do
  * (rewrite both MACs, bpf_redirect to the egress veth).
+ * state_main: the least a forwarder that keeps per-flow state can do: the
+ * same, plus one lookup of the packet's 5-tuple in an LRU hash shaped like
+ * xdplb's conntrack, and an insert when it misses. It is the floor of any
+ * design with an LRU conntrack, which is what the issue asks xdplb for.
  * pass_main: XDP_PASS, so that a veth receives frames XDP_TX'd or
  * redirected into it by its peer while the kernel stack (iptables, nftables)
  * does the forwarding.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/udp.h>
 #include <bpf/bpf_helpers.h>
 #include "bench.h"
 
@@ -20,23 +26,77 @@ struct {
 	__type(value, struct fwd_config);
 } fwd_config SEC(".maps");
 
-SEC("xdp")
-int fwd_main(struct xdp_md *ctx)
+/* The sizes of xdplb's conntrack key and value (bpf/xdp/maps.h), so that
+ * an insert costs what it costs there. */
+struct state_key {
+	__u32 src[4];
+	__u32 dst[4];
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 family;
+	__u16 pad;
+};
+
+struct state_value {
+	__u32 words[5];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);           /* xdplb's default limits.conntrack */
+	__type(key, struct state_key);
+	__type(value, struct state_value);
+} flow_state SEC(".maps");
+
+static __always_inline int forward(struct ethhdr *eth)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = data;
 	struct fwd_config *c;
 	__u32 zero = 0;
 
-	if ((void *)(eth + 1) > data_end)
-		return XDP_PASS;
 	c = bpf_map_lookup_elem(&fwd_config, &zero);
 	if (!c || !c->ifindex)
 		return XDP_PASS;
 	__builtin_memcpy(eth->h_dest, c->dmac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, c->smac, ETH_ALEN);
 	return bpf_redirect(c->ifindex, 0);
+}
+
+SEC("xdp")
+int fwd_main(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return XDP_PASS;
+	return forward(eth);
+}
+
+SEC("xdp")
+int state_main(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+	struct udphdr *l4 = (void *)(ip + 1);   /* TCP and UDP ports sit alike */
+	struct state_key key = {};
+	struct state_value value = {};
+
+	if ((void *)(l4 + 1) > data_end || eth->h_proto != __builtin_bswap16(ETH_P_IP) ||
+	    ip->ihl != 5)
+		return XDP_PASS;
+	key.src[0] = ip->saddr;
+	key.dst[0] = ip->daddr;
+	key.sport = l4->source;
+	key.dport = l4->dest;
+	key.proto = ip->protocol;
+	key.family = 2;
+	if (!bpf_map_lookup_elem(&flow_state, &key))
+		bpf_map_update_elem(&flow_state, &key, &value, BPF_ANY);
+	return forward(eth);
 }
 
 SEC("xdp")

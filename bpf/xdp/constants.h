@@ -14,7 +14,10 @@
  * older layout are refused (or migrated) by the control plane, never reused
  * blindly. Stored in the pinned `meta` map. */
 enum xdplb_layout {
-	XDPLB_LAYOUT_VERSION = 3,     /* 3: flood guard, no-backend rejects, svc_value.affinity_timeout_s */
+	/* 3: flood guard, no-backend rejects, svc_value.affinity_timeout_s
+	 * 4: gateway-mode replies found through reply_index + conntrack
+	 *    (ct_entry.ifindex, svc_keys, SVC_F_REV_NAT) */
+	XDPLB_LAYOUT_VERSION = 4,
 };
 
 /* Default map capacities. The control plane may resize the ones marked
@@ -31,7 +34,12 @@ enum xdplb_limits {
 	MAGLEV_POOL_CHUNKS = 262144,
 	MAGLEV_CHUNK_SLOTS = 16,       /* slots per pool element (one 64-byte line) */
 	CT_ENTRIES = 262144,           /* conntrack LRU (sizable) */
-	NAT_ENTRIES = 262144,          /* reverse-NAT LRU (sizable) */
+	NAT_ENTRIES = 262144,          /* reverse-NAT LRU (sizable); SNAT mode and SVC_F_REV_NAT */
+	/* Gateway mode finds a reply's client flow through the services its
+	 * backend address serves (reply.h). One reply_index entry lists up to
+	 * this many; a service past them is flagged SVC_F_REV_NAT and its
+	 * flows write a reverse-NAT entry instead. Bounded for the verifier. */
+	REPLY_INDEX_SVCS = 8,
 	DEVMAP_ENTRIES = 256,          /* egress interfaces for XDP_REDIRECT */
 	NEXTHOP_ENTRIES = 65536,       /* cached next hops (backends and clients), LRU */
 	/* Client-IP affinity: (service, client address) -> backend, LRU. An
@@ -67,6 +75,10 @@ enum xdplb_family {
 enum svc_flags {
 	SVC_F_HAS_POLICY = 1 << 0,     /* look up policy entries for this service */
 	SVC_F_DEFAULT_DENY = 1 << 1,   /* no entry for an identity = deny */
+	/* Gateway mode: this service is missing from the reply_index entry of
+	 * one of its backends (more than REPLY_INDEX_SVCS services share that
+	 * address), so each new flow also writes a reverse-NAT entry. */
+	SVC_F_REV_NAT = 1 << 2,
 };
 
 /* backend.state. A draining backend keeps its flows but gets no new ones

@@ -79,13 +79,30 @@ struct flow_key {
 	__u16 pad;
 };
 
-/* Conntrack: client flow (client -> VIP) -> chosen backend. */
+/* Conntrack: client flow (client -> VIP) -> chosen backend. In gateway
+ * mode it is also what a reply is checked against (reply.h). */
 struct ct_entry {
 	__u32 backend_id;
 	__u32 backend_gen;          /* must match backend.gen, or the entry is stale */
 	__u32 svc_id;
 	__u16 nat_port;             /* SNAT source port, network order; 0 = no SNAT */
 	__u16 pad;
+	__u32 ifindex;              /* egress towards the backend: replies come in here */
+};
+
+/* A backend's address as its replies carry it in their source. */
+struct backend_addr {
+	__u32 addr[4];
+	__u16 port;                 /* network order */
+	__u8 proto;
+	__u8 family;
+};
+
+/* Gateway-mode reply index: backend address -> the services it serves,
+ * which give the VIP of the client flow a reply belongs to. Unused slots
+ * are ID_NONE, all after the used ones. */
+struct reply_services {
+	__u32 svc_id[REPLY_INDEX_SVCS];
 };
 
 /* Reverse NAT: reply flow (backend -> client or SNAT address) -> what to
@@ -275,6 +292,25 @@ struct {
 	__type(key, struct flow_key);
 	__type(value, struct nat_entry);
 } rev_nat SEC(".maps");
+
+/* Sized like `backends`: there are never more distinct backend addresses
+ * than backend records. Entries are replaced whole (RCU-freed elements). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_BACKENDS);
+	__type(key, struct backend_addr);
+	__type(value, struct reply_services);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} reply_index SEC(".maps");
+
+/* svc_id -> the service's key (VIP, port, proto), for replies. Written
+ * before the service record and unchanged while the id is in use. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, struct svc_key);
+} svc_keys SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);

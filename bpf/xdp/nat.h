@@ -110,4 +110,40 @@ static __always_inline int nat_store(const struct flow_key *rkey, const struct n
 	return bpf_map_update_elem(&rev_nat, rkey, nat, BPF_ANY);
 }
 
+/* The reverse-NAT entry of a new flow `flow` that leaves as `rw` for
+ * `ct`'s backend: in SNAT mode it first claims a source port (written to
+ * rw->sport and ct->nat_port). Returns DROP_NONE or why the flow cannot go.
+ * A subprogram, not inlined: its two structs on the entry program's stack,
+ * with monitor_emit()'s frame on top, went past the verifier's 512 bytes. */
+static __noinline int reverse_nat_store(const struct flow_key *flow, struct rewrite *rw,
+					struct ct_entry *ct, const struct lb_config *cfg, __u32 hash)
+{
+	struct nat_entry nat = {
+		.client_port = flow->sport,
+		.vip_port = flow->dport,
+		.ifindex = ct->ifindex,
+		.svc_id = ct->svc_id,
+		.backend_id = ct->backend_id,
+	};
+	/* The reply: backend -> client, or backend -> SNAT address:port. */
+	struct flow_key rkey = {
+		.sport = rw->dport,
+		.dport = rw->sport,
+		.proto = flow->proto,
+		.family = flow->family,
+	};
+
+	__builtin_memcpy(nat.client, flow->src, sizeof(nat.client));
+	__builtin_memcpy(nat.vip, flow->dst, sizeof(nat.vip));
+	rkey.src[0] = rw->daddr;
+	rkey.dst[0] = rw->saddr;
+	if (cfg->snat_family == FAMILY_NONE)
+		return nat_store(&rkey, &nat) ? DROP_CT_FULL : DROP_NONE;
+	ct->nat_port = nat_port_take(&rkey, &nat, cfg, hash);
+	if (!ct->nat_port)
+		return DROP_NAT_EXHAUSTED;
+	rw->sport = ct->nat_port;
+	return DROP_NONE;
+}
+
 #endif

@@ -4,7 +4,8 @@
  *
  *   parse -> service lookup -> identity policy -> conntrack or Maglev
  *         -> DNAT (+ optional SNAT) -> FIB -> XDP_REDIRECT (devmap)
- *   replies to translated flows -> reverse NAT -> FIB -> out
+ *   replies to translated flows -> reply index + conntrack (gateway mode)
+ *         or reverse NAT (SNAT) -> FIB -> out
  *   everything else -> XDP_PASS, untouched
  */
 #include <linux/bpf.h>
@@ -21,6 +22,7 @@
 #include "affinity.h"
 #include "conntrack.h"
 #include "nat.h"
+#include "reply.h"
 #include "guard.h"
 #include "reject.h"
 #include "forward.h"
@@ -153,6 +155,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 		ct.backend_gen = b->gen;
 		ct.svc_id = svc.svc_id;
 		ct.nat_port = 0;
+		ct.ifindex = 0;
 	}
 
 	rw.saddr = snat ? cfg->snat_addr[0] : pkt->flow.src[0];
@@ -167,33 +170,16 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 	if (stateless) {
 		count_global(CNT_GUARD_STATELESS, pkt->len);
 	} else if (!ct_hit) {
-		/* The reply the backend will send: backend -> client (gateway
-		 * mode) or backend -> SNAT address:port. */
-		struct nat_entry nat = {
-			.client_port = pkt->flow.sport,
-			.vip_port = pkt->flow.dport,
-			.ifindex = fib.ifindex,
-			.svc_id = svc.svc_id,
-			.backend_id = ct.backend_id,
-		};
-		struct flow_key rkey = {
-			.sport = rw.dport,
-			.dport = rw.sport,
-			.proto = pkt->flow.proto,
-			.family = pkt->flow.family,
-		};
+		ct.ifindex = fib.ifindex;   /* replies are accepted only from here */
+		/* Gateway-mode replies are found through reply_index and this
+		 * conntrack entry (reply.h). SNAT replies, and those of a
+		 * service missing from reply_index, need a reverse-NAT entry. */
+		if (snat || (svc.flags & SVC_F_REV_NAT)) {
+			enum drop_reason why = reverse_nat_store(&pkt->flow, &rw, &ct, cfg,
+								 mix32(hash ^ 0x9e3779b9));
 
-		__builtin_memcpy(nat.client, pkt->flow.src, sizeof(nat.client));
-		__builtin_memcpy(nat.vip, pkt->flow.dst, sizeof(nat.vip));
-		__builtin_memcpy(rkey.src, b->addr, sizeof(rkey.src));
-		rkey.dst[0] = rw.saddr;
-		if (snat) {
-			ct.nat_port = nat_port_take(&rkey, &nat, cfg, mix32(hash ^ 0x9e3779b9));
-			if (!ct.nat_port)
-				return drop(ctx, pkt, identity, svc.svc_id, DROP_NAT_EXHAUSTED);
-			rw.sport = ct.nat_port;
-		} else if (nat_store(&rkey, &nat)) {
-			return drop(ctx, pkt, identity, svc.svc_id, DROP_CT_FULL);
+			if (why != DROP_NONE)
+				return drop(ctx, pkt, identity, svc.svc_id, why);
 		}
 		if (ct_store(&pkt->flow, &ct))
 			return drop(ctx, pkt, identity, svc.svc_id, DROP_CT_FULL);
@@ -243,12 +229,31 @@ static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt,
 	return transmit(ctx, pkt, &fib, rc);
 }
 
+/* Not a service packet: a reply to a translated flow, or not ours. Its own
+ * function, so that its locals share stack space with handle_service()'s
+ * (the verifier allows 512 bytes, monitor_emit()'s frame included). */
+static __always_inline int handle_other(struct xdp_md *ctx, struct packet *pkt)
+{
+	struct lb_config *cfg = active_config();
+	struct nat_entry reply = {};
+	struct nat_entry *nat;
+
+	/* SNAT mode has no gateway flows: its replies are all in rev_nat. */
+	if (cfg && cfg->snat_family == FAMILY_NONE && reply_from_index(&pkt->flow, &reply))
+		return handle_reply(ctx, pkt, &reply);
+	nat = bpf_map_lookup_elem(&rev_nat, &pkt->flow);
+	if (nat)
+		return handle_reply(ctx, pkt, nat);
+	if (is_vip(&pkt->flow))
+		return drop(ctx, pkt, source_identity(&pkt->flow), ID_NONE, DROP_NO_SERVICE);
+	return count_verdict(XDP_PASS, pkt->len);
+}
+
 SEC("xdp")
 int xdplb_main(struct xdp_md *ctx)
 {
 	struct packet pkt = {};
 	struct svc_value *svc;
-	struct nat_entry *nat;
 	int res = parse_packet(ctx, &pkt);
 
 	if (res == PARSE_NOT_IPV4 || res == PARSE_NO_IP_HEADER)
@@ -262,10 +267,5 @@ int xdplb_main(struct xdp_md *ctx)
 	svc = service_lookup(&pkt.flow);
 	if (svc)
 		return handle_service(ctx, &pkt, svc);
-	nat = bpf_map_lookup_elem(&rev_nat, &pkt.flow);
-	if (nat)
-		return handle_reply(ctx, &pkt, nat);
-	if (is_vip(&pkt.flow))
-		return drop(ctx, &pkt, source_identity(&pkt.flow), ID_NONE, DROP_NO_SERVICE);
-	return count_verdict(XDP_PASS, pkt.len);
+	return handle_other(ctx, &pkt);
 }
