@@ -24,7 +24,7 @@ BENCH_BPF_OBJS := $(patsubst %.c,%.o,$(wildcard bench/bpf/*.c))
 
 bench-bpf: $(BENCH_BPF_OBJS)
 
-bench/bpf/%.o: bench/bpf/%.c bench/bpf/bench.h bench/bpf/shared.h
+bench/bpf/%.o: bench/bpf/%.c bench/bpf/bench.h bench/bpf/shared.h bpf/xdp/flow.h
 	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 
 apt:

@@ -16,6 +16,7 @@
 #include <linux/udp.h>
 #include <bpf/bpf_helpers.h>
 #include "bench.h"
+#include "../../bpf/xdp/flow.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -26,27 +27,11 @@ struct {
 	__type(value, struct fwd_config);
 } fwd_config SEC(".maps");
 
-/* The sizes of xdplb's conntrack key and value (bpf/xdp/maps.h), so that
- * an insert costs what it costs there. */
-struct state_key {
-	__u32 src[4];
-	__u32 dst[4];
-	__u16 sport;
-	__u16 dport;
-	__u8 proto;
-	__u8 family;
-	__u16 pad;
-};
-
-struct state_value {
-	__u32 words[5];
-};
-
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 262144);           /* xdplb's default limits.conntrack */
-	__type(key, struct state_key);
-	__type(value, struct state_value);
+	__type(key, struct flow_key);          /* xdplb's own layouts: an insert */
+	__type(value, struct ct_entry);        /* costs what it costs there */
 } flow_state SEC(".maps");
 
 static __always_inline int forward(struct ethhdr *eth)
@@ -82,8 +67,8 @@ int state_main(struct xdp_md *ctx)
 	struct ethhdr *eth = data;
 	struct iphdr *ip = (void *)(eth + 1);
 	struct udphdr *l4 = (void *)(ip + 1);   /* TCP and UDP ports sit alike */
-	struct state_key key = {};
-	struct state_value value = {};
+	struct flow_key key = {};
+	struct ct_entry value = {};
 
 	if ((void *)(l4 + 1) > data_end || eth->h_proto != __builtin_bswap16(ETH_P_IP) ||
 	    ip->ihl != 5)

@@ -14,6 +14,7 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include "constants.h"
+#include "flow.h"
 
 /* Services: (VIP, port, proto) -> service record. */
 struct svc_key {
@@ -66,28 +67,6 @@ struct backend {
  * array for the control plane (array elements are 8-byte aligned). */
 struct maglev_chunk {
 	__u32 slots[MAGLEV_CHUNK_SLOTS];
-};
-
-/* A flow as it appears on the wire. `pad` is always zero. */
-struct flow_key {
-	__u32 src[4];
-	__u32 dst[4];
-	__u16 sport;
-	__u16 dport;
-	__u8 proto;
-	__u8 family;
-	__u16 pad;
-};
-
-/* Conntrack: client flow (client -> VIP) -> chosen backend. In gateway
- * mode it is also what a reply is checked against (reply.h). */
-struct ct_entry {
-	__u32 backend_id;
-	__u32 backend_gen;          /* must match backend.gen, or the entry is stale */
-	__u32 svc_id;
-	__u16 nat_port;             /* SNAT source port, network order; 0 = no SNAT */
-	__u16 pad;
-	__u32 ifindex;              /* egress towards the backend: replies come in here */
 };
 
 /* A backend's address as its replies carry it in their source. */
