@@ -33,7 +33,7 @@ from . import gcpause, maglev
 from .alloc import IdAllocator, Reclaimer, RegionAllocator
 from .config import IPPROTO, Config, ConfigError, Service
 from .dataplane import Dataplane, addr_word, htons, ntohs, word_addr
-from .replies import ReplyIndex
+from .replies import ReplyIndex, addr_key
 
 log = logging.getLogger("xdplb.reconcile")
 
@@ -180,11 +180,11 @@ class Reconciler:
         """The map gives who is listed, in order; the live backends give
         every member (the ones that did not fit are in no map). Only entries
         that differ from the map are rewritten."""
-        members = {(s.svc_id, (k, PROTOCOLS[s.key[2]])) for s in self.services.values()
+        members = {(s.svc_id, addr_key(k, PROTOCOLS[s.key[2]])) for s in self.services.values()
                    for k in s.backends}
         on_map: dict = {}
         for key, val in self.dp.maps["reply_index"].items():
-            ak = (bkey(word_addr(key.addr[0]), ntohs(key.port)), key.proto)
+            ak = addr_key(bkey(word_addr(key.addr[0]), ntohs(key.port)), key.proto)
             on_map[ak] = [int(i) for i in val.svc_id if i]
             for sid in on_map[ak]:
                 if (sid, ak) in members:
@@ -513,9 +513,10 @@ class Reconciler:
             fresh_ids = np.array([ch.svc_id for ch in fresh], dtype=np.int64)
             _zero_counters(maps["svc_stats"], fresh_ids)
             self._write_svc_keys(fresh_ids, [ch.svc.key for ch in fresh])
-        add = self.replies.add
-        for ch, nb in new:
-            add(ch.svc_id, (nb[4], PROTOCOLS[ch.svc.key[2]]))
+        if new:
+            self.replies.add_many(np.array([ch.svc_id for ch, _ in new], np.uint32),
+                                  np.array([addr_key(nb[4], PROTOCOLS[ch.svc.key[2]]) for ch, nb in new],
+                                           np.int64))
         self._write_replies()
         for ch in plan:
             if ch.ring_ids is not None and len(ch.ring_ids):
@@ -546,17 +547,13 @@ class Reconciler:
 
     def _write_replies(self) -> None:
         """Write the reply-index entries that changed (replies.py)."""
-        writes, deletes = self.replies.take_dirty()
+        d = self.replies.take_dirty()
         m = self.dp.maps["reply_index"]
         kdt = self.dp.obj.layouts.dtype("backend_addr")
-        if writes:
-            keys = _backend_addrs(kdt, [k for k, _ in writes], self.c.FAMILY_IPV4)
-            vals = np.zeros((len(writes), self.replies.slots), np.uint32)
-            for i, (_, listed) in enumerate(writes):
-                vals[i, :len(listed)] = listed
-            m.update_batch(keys, vals)
-        if deletes:
-            m.delete_batch(_backend_addrs(kdt, deletes, self.c.FAMILY_IPV4))
+        if len(d.keys):
+            m.update_batch(_backend_addrs(kdt, d.keys, self.c.FAMILY_IPV4), d.values)
+        if len(d.deletes):
+            m.delete_batch(_backend_addrs(kdt, d.deletes, self.c.FAMILY_IPV4))
 
     def _flip(self, plan: list[_Change]) -> None:
         maps = self.dp.maps
@@ -635,7 +632,7 @@ class Reconciler:
         for b in backends:
             state[b.id] = self.c.BACKEND_FREE
             self.reclaimer.retire_id(self.backend_ids, b.id)
-            self.replies.remove(live.svc_id, (bkey(b.address, b.port), proto))
+            self.replies.remove(live.svc_id, addr_key(bkey(b.address, b.port), proto))
 
     def _retire_policy(self, pm, svc_id: int, gen: int, entries: dict[int, int]) -> None:
         if not entries:
@@ -681,12 +678,12 @@ def _zero_counters(m, ids: np.ndarray) -> None:
     m.update_batch(keys, values)
 
 
-def _backend_addrs(dtype: np.dtype, keys: list, family: int) -> np.ndarray:
-    """reply_index keys from (bkey, proto) pairs."""
+def _backend_addrs(dtype: np.dtype, keys: np.ndarray, family: int) -> np.ndarray:
+    """reply_index keys from replies.addr_key() ints."""
     out = np.zeros(len(keys), dtype=dtype)
-    out["addr"][:, 0] = np.array([k >> 16 for k, _ in keys], np.uint32).byteswap()
-    out["port"] = np.array([k & 0xFFFF for k, _ in keys], np.uint16).byteswap()
-    out["proto"] = [p for _, p in keys]
+    out["addr"][:, 0] = (keys >> 24).astype(np.uint32).byteswap()     # network order in memory
+    out["port"] = ((keys >> 8) & 0xFFFF).astype(np.uint16).byteswap()
+    out["proto"] = keys & 0xFF
     out["family"] = family
     return out
 

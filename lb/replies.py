@@ -8,6 +8,9 @@ address; one that joins a full entry waits, in order, for a free slot. While
 a service waits anywhere it is *uncovered*, and its flows write a reverse-NAT
 entry instead (SVC_F_REV_NAT).
 
+Most addresses serve one service, so those are one int in a dict; a full
+sync of 200k backends adds them as arrays (`add_many`).
+
 Pure bookkeeping: the reconciler writes what `take_dirty()` returns.
 """
 
@@ -15,26 +18,52 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-AddrKey = tuple[int, int]       # (bkey(address, port), IP protocol number)
+import numpy as np
+
+
+def addr_key(bkey: int, proto: int) -> int:
+    """One int per (address, port, protocol): bkey() (48 bits) and the
+    protocol number."""
+    return (bkey << 8) | proto
 
 
 @dataclass(slots=True)
-class _Entry:
+class _Shared:
     listed: list[int] = field(default_factory=list)            # what the map holds
     waiting: dict[int, None] = field(default_factory=dict)     # ordered set
+
+
+@dataclass
+class Dirty:
+    """Entries to write (keys as addr_key ints, one row of `slots` service
+    ids each, unused slots 0) and keys to delete."""
+
+    keys: np.ndarray
+    values: np.ndarray
+    deletes: np.ndarray
 
 
 class ReplyIndex:
     def __init__(self, slots: int) -> None:
         self.slots = slots
-        self._entries: dict[AddrKey, _Entry] = {}
+        self._single: dict[int, int] = {}        # key -> its one service
+        self._shared: dict[int, _Shared] = {}    # keys with two services or more
         self._uncovered: dict[int, int] = {}     # svc_id -> entries it waits in
-        self._dirty: set[AddrKey] = set()
+        self._dirty: set[int] = set()
+        self._bulk: list[tuple[np.ndarray, np.ndarray]] = []   # add_many's new keys
 
-    def add(self, svc_id: int, key: AddrKey) -> None:
-        e = self._entries.get(key)
-        if e is None:
-            e = self._entries[key] = _Entry()
+    def add(self, svc_id: int, key: int) -> None:
+        one = self._single.get(key)
+        if one is None and key not in self._shared:
+            self._single[key] = svc_id
+            self._dirty.add(key)
+            return
+        if one == svc_id:
+            return
+        if one is not None:
+            del self._single[key]
+            self._shared[key] = _Shared([one])
+        e = self._shared[key]
         if svc_id in e.listed or svc_id in e.waiting:
             return
         if len(e.listed) < self.slots:
@@ -44,8 +73,24 @@ class ReplyIndex:
             e.waiting[svc_id] = None
             self._uncovered[svc_id] = self._uncovered.get(svc_id, 0) + 1
 
-    def remove(self, svc_id: int, key: AddrKey) -> None:
-        e = self._entries.get(key)
+    def add_many(self, svc_ids: np.ndarray, keys: np.ndarray) -> None:
+        """add() for each pair; in one step when every key is new and
+        distinct (a full sync)."""
+        kl, il = keys.tolist(), svc_ids.tolist()
+        single, shared = self._single, self._shared
+        if len(set(kl)) == len(kl) and not any(k in single or k in shared for k in kl):
+            single.update(zip(kl, il))
+            self._bulk.append((np.asarray(keys, np.int64), np.asarray(svc_ids, np.uint32)))
+            return
+        for s, k in zip(il, kl):
+            self.add(s, k)
+
+    def remove(self, svc_id: int, key: int) -> None:
+        if self._single.get(key) == svc_id:
+            del self._single[key]
+            self._dirty.add(key)
+            return
+        e = self._shared.get(key)
         if e is None:
             return
         if svc_id in e.waiting:
@@ -59,35 +104,57 @@ class ReplyIndex:
                 del e.waiting[first]
                 e.listed.append(first)
                 self._cover(first)
-        if not e.listed:
-            del self._entries[key]
+        if len(e.listed) == 1 and not e.waiting:
+            self._single[key] = e.listed[0]
+            del self._shared[key]
 
     def needs_rev_nat(self, svc_id: int) -> bool:
         """True while the service waits for a slot at some address."""
         return svc_id in self._uncovered
 
-    def listed(self, key: AddrKey) -> list[int]:
-        e = self._entries.get(key)
+    def listed(self, key: int) -> list[int]:
+        one = self._single.get(key)
+        if one is not None:
+            return [one]
+        e = self._shared.get(key)
         return list(e.listed) if e else []
 
-    def keep_written(self, on_map: dict[AddrKey, list[int]]) -> None:
-        """After a rebuild: only entries that differ from `on_map` (what the
-        map holds) stay dirty, plus the keys it has that are gone."""
+    def keep_written(self, on_map: dict[int, list[int]]) -> None:
+        """After a rebuild from the map: only entries that differ from
+        `on_map` (what it holds) stay dirty, plus the keys it has that are
+        gone."""
+        self._flush_bulk()
         self._dirty = {k for k in self._dirty if self.listed(k) != on_map.get(k)}
-        self._dirty.update(k for k in on_map if k not in self._entries)
+        self._dirty.update(k for k in on_map if not self.listed(k))
 
-    def take_dirty(self) -> tuple[list[tuple[AddrKey, list[int]]], list[AddrKey]]:
-        """Entries to write (key, listed services) and keys to delete, since
-        the last call."""
-        writes, deletes = [], []
-        for key in self._dirty:
-            e = self._entries.get(key)
-            if e:
-                writes.append((key, list(e.listed)))
-            else:
-                deletes.append(key)
-        self._dirty.clear()
-        return writes, deletes
+    def take_dirty(self) -> Dirty:
+        """What changed since the last call. Bulk-added keys come first, so
+        a later change to one of them (also in the rest) is written after."""
+        parts_k = [k for k, _ in self._bulk]
+        parts_v = []
+        for k, ids in self._bulk:
+            v = np.zeros((len(k), self.slots), np.uint32)
+            v[:, 0] = ids
+            parts_v.append(v)
+        self._bulk = []
+        writes = [(k, self.listed(k)) for k in self._dirty]
+        deletes = [k for k, listed in writes if not listed]
+        writes = [(k, listed) for k, listed in writes if listed]
+        self._dirty = set()
+        if writes:
+            v = np.zeros((len(writes), self.slots), np.uint32)
+            for i, (_, listed) in enumerate(writes):
+                v[i, :len(listed)] = listed
+            parts_k.append(np.array([k for k, _ in writes], np.int64))
+            parts_v.append(v)
+        keys = np.concatenate(parts_k) if parts_k else np.zeros(0, np.int64)
+        values = np.concatenate(parts_v) if parts_v else np.zeros((0, self.slots), np.uint32)
+        return Dirty(keys, values, np.array(deletes, np.int64))
+
+    def _flush_bulk(self) -> None:
+        for k, _ in self._bulk:
+            self._dirty.update(k.tolist())
+        self._bulk = []
 
     def _cover(self, svc_id: int) -> None:
         n = self._uncovered[svc_id] - 1

@@ -5,12 +5,13 @@ reverse-NAT fallback for services that do not fit in an index entry."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from scapy.layers.inet import IP, TCP
 
 from lb.demo import filler_vip, lab_config
 from lb.reconcile import Reconciler, bkey
-from lb.replies import ReplyIndex
+from lb.replies import ReplyIndex, addr_key
 from lbtest import XDP_PASS, XDP_REDIRECT, Harness, assert_checksums_valid, tcp
 
 CLIENT = "10.1.0.10"
@@ -19,28 +20,35 @@ WEB_VIP = "10.96.0.10"
 
 # -- the bookkeeping, no kernel ------------------------------------------------
 
+def _dirty(ix):
+    d = ix.take_dirty()
+    return ({int(k): [int(i) for i in v if i] for k, v in zip(d.keys, d.values)},
+            sorted(int(k) for k in d.deletes))
+
+
 def test_index_lists_up_to_its_slots_and_queues_the_rest():
     ix = ReplyIndex(2)
-    key = ((1 << 16) | 80, 6)
+    key = addr_key((1 << 16) | 80, 6)
     for sid in (5, 6, 7, 8):
         ix.add(sid, key)
     ix.add(6, key)                               # again: no change
     assert ix.listed(key) == [5, 6]
     assert [ix.needs_rev_nat(s) for s in (5, 6, 7, 8)] == [False, False, True, True]
-    assert ix.take_dirty() == ([(key, [5, 6])], [])
+    assert _dirty(ix) == ({key: [5, 6]}, [])
     ix.remove(7, key)                            # a waiting one leaves: nothing to write
-    assert ix.take_dirty() == ([], []) and not ix.needs_rev_nat(7)
+    assert _dirty(ix) == ({}, []) and not ix.needs_rev_nat(7)
     ix.remove(5, key)                            # a listed one leaves: 8 takes its slot
     assert ix.listed(key) == [6, 8] and not ix.needs_rev_nat(8)
-    assert ix.take_dirty() == ([(key, [6, 8])], [])
+    assert _dirty(ix) == ({key: [6, 8]}, [])
     ix.remove(6, key)
+    assert ix.listed(key) == [8]
     ix.remove(8, key)
-    assert ix.take_dirty() == ([], [key])
+    assert _dirty(ix) == ({}, [key]) and ix.listed(key) == []
 
 
 def test_index_counts_every_address_a_service_waits_at():
     ix = ReplyIndex(1)
-    a, b = (1, 6), (2, 6)
+    a, b = addr_key(1, 6), addr_key(2, 6)
     for key in (a, b):
         ix.add(1, key)
         ix.add(2, key)
@@ -50,14 +58,34 @@ def test_index_counts_every_address_a_service_waits_at():
     assert not ix.needs_rev_nat(2)
 
 
+def test_bulk_adds_match_one_by_one_adds():
+    keys = np.array([addr_key(i << 16 | 80, 17) for i in range(1, 1001)], np.int64)
+    ids = np.arange(1, 1001, dtype=np.uint32) % 7 + 1
+    bulk, one = ReplyIndex(8), ReplyIndex(8)
+    bulk.add_many(ids, keys)                     # all new and distinct: the fast path
+    for s, k in zip(ids.tolist(), keys.tolist()):
+        one.add(s, k)
+    assert _dirty(bulk) == _dirty(one)
+    # Overlapping keys take the general path, with the same result.
+    bulk.add_many(ids[:10] + 100, keys[:10])
+    for s, k in zip((ids[:10] + 100).tolist(), keys[:10].tolist()):
+        one.add(s, k)
+    assert _dirty(bulk) == _dirty(one)
+    assert bulk.listed(int(keys[0])) == [int(ids[0]), int(ids[0]) + 100]
+    # A bulk-added key removed before the write is written, then deleted.
+    bulk.add_many(np.array([3], np.uint32), np.array([addr_key(99 << 16, 6)], np.int64))
+    bulk.remove(3, addr_key(99 << 16, 6))
+    d = bulk.take_dirty()
+    assert addr_key(99 << 16, 6) in d.keys.tolist() and d.deletes.tolist() == [addr_key(99 << 16, 6)]
+
+
 def test_rebuilt_index_rewrites_only_what_differs():
     ix = ReplyIndex(2)
-    ix.add(1, (1, 6))
-    ix.add(2, (1, 6))
-    ix.add(3, (2, 6))
-    ix.keep_written({(1, 6): [1, 2], (2, 6): [4], (3, 6): [9]})
-    writes, deletes = ix.take_dirty()
-    assert writes == [((2, 6), [3])] and deletes == [(3, 6)]
+    ix.add(1, 10)
+    ix.add(2, 10)
+    ix.add(3, 20)
+    ix.keep_written({10: [1, 2], 20: [4], 30: [9]})
+    assert _dirty(ix) == ({20: [3]}, [30])
 
 
 # -- the real program ------------------------------------------------------------
@@ -132,7 +160,7 @@ def test_a_service_past_the_index_slots_writes_reverse_nat(shared):
     assert rc == XDP_REDIRECT and (out[IP].src, out[IP].dst) == (filler_vip(21), CLIENT)
     # The index entry itself lists the first 8, as the control plane says.
     b0 = h.topo.backends[0]
-    key = (bkey(_ip(b0.ip), h.topo.backend_port), 6)
+    key = addr_key(bkey(_ip(b0.ip), h.topo.backend_port), 6)
     assert _index_entry(h, b0.ip, h.topo.backend_port) == h.rec.replies.listed(key)
     assert len(h.rec.replies.listed(key)) == c.REPLY_INDEX_SVCS
 
@@ -155,9 +183,9 @@ def test_removing_a_listed_service_lets_a_waiting_one_in(lab, bpf_object):
         assert not h.dp.maps["services"].lookup(_key(h, "filler-21")).flags & c.SVC_F_REV_NAT
         # A restarted control plane finds the same index and rewrites nothing.
         again = Reconciler(h.dp)
-        assert again.replies.take_dirty() == ([], [])
+        assert _dirty(again.replies) == ({}, [])
         for b in topo.backends:
-            key = (bkey(_ip(b.ip), topo.backend_port), 6)
+            key = addr_key(bkey(_ip(b.ip), topo.backend_port), 6)
             assert again.replies.listed(key) == h.rec.replies.listed(key)
         assert again.replies.needs_rev_nat(_svc(h, "filler-22").svc_id)
 
