@@ -131,6 +131,7 @@ class _Backends:
     slots: np.ndarray | None = None
     t_offsets: np.ndarray | None = None
     a_start: np.ndarray | None = None
+    reused: np.ndarray | None = None     # indices of new backends whose id was used before
 
     @property
     def keys(self) -> np.ndarray:
@@ -448,7 +449,11 @@ class Reconciler:
             if ids is None:     # _check_capacity makes this unreachable
                 raise CapacityError(["allocation failed in IdAllocator"])
             fb.id[new] = ids
-            fb.gen[new] = self.dp.view("backends")["gen"][fb.id[new]] + np.uint32(1)   # wraps
+            old = self.dp.view("backends")["gen"][fb.id[new]]
+            # Generations start at 1 and skip 0 when they wrap, so gen 0 means
+            # "never used": counters still zero from map creation (_write_tables).
+            fb.gen[new] = np.where(old == np.uint32(0xFFFFFFFF), np.uint32(1), old + np.uint32(1))
+            fb.reused = new[old != 0]
         act_ids = fb.id[fb.state == self.c.BACKEND_ACTIVE]
         for i, ch in enumerate(plan):
             live, size = ch.live, ch.ring_size
@@ -540,7 +545,9 @@ class Reconciler:
             recs["gen"] = fb.gen[new]
             recs["svc_id"] = svc_ids[fb.owner()[new]]
             bview[ids] = recs
-            _zero_counters(maps["backend_stats"], ids)
+            # Only ids used before can hold counts (a full sync from empty
+            # maps: none, and 200k per-CPU zeroes not written).
+            _zero_counters(maps["backend_stats"], fb.id[fb.reused].astype(np.int64))
         fresh = [ch.svc_id for ch in plan if ch.live is None]
         if fresh:
             _zero_counters(maps["svc_stats"], np.array(fresh, dtype=np.int64))
