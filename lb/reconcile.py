@@ -71,10 +71,26 @@ class LiveService:
     policy_gen: int
     flags: int
     affinity_timeout_s: int = 0
-    backends: dict[int, LiveBackend] = field(default_factory=dict)     # by bkey()
+    _backends: dict[int, LiveBackend] | None = field(default_factory=dict, repr=False)
     policy: dict[int, int] = field(default_factory=dict)
     name: str | None = None
     applied: Service | None = None     # the model last applied (None if recovered)
+    # (keys, ids, gens, states) of `applied`'s backends, in order, until
+    # `backends` is first read: a full sync of 200k backends does not make
+    # 200k objects that only status, metrics and updates look at.
+    _pending: tuple | None = field(default=None, repr=False)
+
+    @property
+    def backends(self) -> dict[int, LiveBackend]:
+        """Backends by bkey(). (Readers hold the daemon's lock, as for
+        every other part of the reconciler's state.)"""
+        if self._backends is None:
+            keys, ids, gens, states = self._pending
+            models = self.applied.backends
+            self._backends = dict(zip(keys, map(LiveBackend, ids, gens, states,
+                                                [b.address for b in models], [b.port for b in models])))
+            self._pending = None
+        return self._backends
 
 
 @dataclass
@@ -683,19 +699,17 @@ class Reconciler:
                     self.policy_entries -= len(live.policy)
             if ch.policy_changed:
                 self.policy_entries += len(ch.policy)
-            backends = ch.kept
+            backends, pending = ch.kept, None
             b0, b1 = start[i], start[i + 1]
-            if ch.new_count == b1 - b0:          # all new: 200k of them in a full sync
-                backends.update(zip(keys[b0:b1], map(
-                    LiveBackend, ids[b0:b1], gens[b0:b1], states[b0:b1],
-                    [b.address for b in ch.svc.backends], [b.port for b in ch.svc.backends])))
+            if ch.new_count == b1 - b0:          # all new (a full sync): made when first read
+                backends, pending = None, (keys[b0:b1], ids[b0:b1], gens[b0:b1], states[b0:b1])
             elif ch.new_count:
                 for j, b in enumerate(ch.svc.backends, b0):
                     if new[j]:
                         backends[keys[j]] = LiveBackend(ids[j], gens[j], states[j], b.address, b.port)
             self.services[ch.svc.key] = LiveService(
                 ch.svc.key, ch.svc_id, ch.ring_offset, ch.ring_size, ch.policy_gen, ch.flags,
-                ch.svc.client_affinity_s or 0, backends, dict(ch.policy), ch.svc.name, ch.svc)
+                ch.svc.client_affinity_s or 0, backends, dict(ch.policy), ch.svc.name, ch.svc, pending)
 
 
 def _zero_counters(m, ids: np.ndarray) -> None:
