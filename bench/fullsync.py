@@ -42,7 +42,7 @@ def phase_timer(into: dict[str, float]) -> Iterator[None]:
     """Wrap the Reconciler's steps so that each adds its seconds to `into`."""
     from lb.reconcile import Reconciler
 
-    saved = {name: getattr(Reconciler, name) for name in PHASES}
+    saved = {name: getattr(Reconciler, name) for name in PHASES if hasattr(Reconciler, name)}
 
     def timed(name, fn):
         @functools.wraps(fn)
@@ -129,7 +129,8 @@ def main(argv=None) -> int:
             eng.close()
     med = {k: statistics.median(r[k] for r in rows) for k in ("total_s", "validate_s", "apply_s")}
     if a.phases:
-        med["phases"] = {k: statistics.median(r["phases"].get(k, 0.0) for r in rows) for k in PHASES}
+        med["phases"] = {k: statistics.median(r["phases"].get(k, 0.0) for r in rows) for k in PHASES
+                         if any(k in r["phases"] for r in rows)}
     print(f"median of {len(rows)} ({a.services} x {a.backends}): total {med['total_s']:.3f} s = "
           f"validate {med['validate_s']:.3f} + apply {med['apply_s']:.3f}")
     if a.phases:

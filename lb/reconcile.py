@@ -75,9 +75,10 @@ class LiveService:
     policy: dict[int, int] = field(default_factory=dict)
     name: str | None = None
     applied: Service | None = None     # the model last applied (None if recovered)
-    # (keys, ids, gens, states) of `applied`'s backends, in order, until
-    # `backends` is first read: a full sync of 200k backends does not make
-    # 200k objects that only status, metrics and updates look at.
+    # (_Made, first, end): where `applied`'s backends are in the arrays of
+    # the apply that made them, until `backends` is first read. A full sync
+    # of 200k backends does not make 200k objects that only status, metrics
+    # and updates look at.
     _pending: tuple | None = field(default=None, repr=False)
 
     @property
@@ -85,12 +86,23 @@ class LiveService:
         """Backends by bkey(). (Readers hold the daemon's lock, as for
         every other part of the reconciler's state.)"""
         if self._backends is None:
-            keys, ids, gens, states = self._pending
+            made, b0, b1 = self._pending
             models = self.applied.backends
-            self._backends = dict(zip(keys, map(LiveBackend, ids, gens, states,
-                                                [b.address for b in models], [b.port for b in models])))
+            self._backends = dict(zip(made.keys[b0:b1].tolist(), map(
+                LiveBackend, made.id[b0:b1].tolist(), made.gen[b0:b1].tolist(),
+                made.state[b0:b1].tolist(), [b.address for b in models], [b.port for b in models])))
             self._pending = None
         return self._backends
+
+
+@dataclass(frozen=True)
+class _Made:
+    """What one apply wrote for its backends, kept for LiveService.backends."""
+
+    keys: np.ndarray
+    id: np.ndarray
+    gen: np.ndarray
+    state: np.ndarray
 
 
 @dataclass
@@ -451,20 +463,15 @@ class Reconciler:
         return errors
 
     def _allocate(self, plan: list[_Change], fb: _Backends) -> None:
+        fresh = [ch for ch in plan if ch.live is None]
+        for ch, svc_id in zip(fresh, self._alloc_many(self.svc_ids, len(fresh))):
+            ch.svc_id = svc_id
         for ch in plan:
-            if ch.live is None:
-                ch.svc_id = self._alloc(self.svc_ids)
-            else:
+            if ch.live is not None:
                 ch.svc_id = ch.live.svc_id
         new = np.nonzero(fb.new)[0]
         if len(new):
-            ids = self.backend_ids.alloc_many(len(new))
-            if ids is None:
-                self.reclaimer.synchronize()
-                ids = self.backend_ids.alloc_many(len(new))
-            if ids is None:     # _check_capacity makes this unreachable
-                raise CapacityError(["allocation failed in IdAllocator"])
-            fb.id[new] = ids
+            fb.id[new] = self._alloc_many(self.backend_ids, len(new))
             old = self.dp.view("backends")["gen"][fb.id[new]]
             # Generations start at 1 and skip 0 when they wrap, so gen 0 means
             # "never used": counters still zero from map creation (_write_tables).
@@ -485,6 +492,15 @@ class Reconciler:
                 ch.ring_new = False
                 continue
             ch.ring_offset = self._alloc(self.pool, size) if size else 0
+
+    def _alloc_many(self, allocator: IdAllocator, n: int) -> list[int]:
+        got = allocator.alloc_many(n)
+        if got is None:
+            self.reclaimer.synchronize()
+            got = allocator.alloc_many(n)
+        if got is None:     # _check_capacity makes this unreachable
+            raise CapacityError([f"allocation of {n} ids failed in IdAllocator"])
+        return got
 
     def _alloc(self, allocator, *args) -> int:
         got = allocator.alloc(*args)
@@ -685,9 +701,9 @@ class Reconciler:
     def _retire(self, plan: list[_Change], fb: _Backends) -> None:
         """Record the new live state; retire what only old records use."""
         pm = self.dp.maps["policy"]
-        ids, gens, states, keys = fb.id.tolist(), fb.gen.tolist(), fb.state.tolist(), fb.keys.tolist()
-        new = fb.new.tolist()
+        made = _Made(fb.keys, fb.id, fb.gen, fb.state)
         start = fb.start.tolist()
+        ids = gens = states = keys = new = None        # as lists, if some service needs them
         for i, ch in enumerate(plan):
             live = ch.live
             if live is not None:
@@ -702,8 +718,11 @@ class Reconciler:
             backends, pending = ch.kept, None
             b0, b1 = start[i], start[i + 1]
             if ch.new_count == b1 - b0:          # all new (a full sync): made when first read
-                backends, pending = None, (keys[b0:b1], ids[b0:b1], gens[b0:b1], states[b0:b1])
+                backends, pending = None, (made, b0, b1)
             elif ch.new_count:
+                if ids is None:
+                    ids, gens, states = fb.id.tolist(), fb.gen.tolist(), fb.state.tolist()
+                    keys, new = made.keys.tolist(), fb.new.tolist()
                 for j, b in enumerate(ch.svc.backends, b0):
                     if new[j]:
                         backends[keys[j]] = LiveBackend(ids[j], gens[j], states[j], b.address, b.port)
