@@ -22,7 +22,10 @@ backend that flaps does not reshuffle the whole service).
 
 The fill loop is compiled with numba (cache=True: compiled once, then loaded
 from __pycache__). `build_tables` does many services in one parallel call
-over flat arrays: Python only hashes the keys.
+over flat arrays: Python only hashes the keys. `build_tables_ipv4` takes
+the backends as arrays of addresses and ports and hashes their keys in
+native code too (the same bytes, so the same tables): the reconciler's path,
+with no Python object per backend.
 """
 
 from __future__ import annotations
