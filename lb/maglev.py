@@ -363,8 +363,8 @@ def _table_sizes(counts: np.ndarray, sizes: Sequence[int] | None) -> np.ndarray:
     m = np.asarray(sizes, np.int64)
     if m.shape != counts.shape:
         raise ValueError(f"{len(m)} sizes for {len(counts)} services")
-    wrong = np.nonzero((counts == 0) != (m == 0))[0].tolist()
-    wrong += np.nonzero((m != 0) & ~np.isin(m, _PRIMES))[0].tolist()
+    known = _PRIMES[np.minimum(np.searchsorted(_PRIMES, m), len(PRIMES) - 1)] == m
+    wrong = np.nonzero(((counts == 0) != (m == 0)) | ((m != 0) & ~known))[0].tolist()
     if wrong:
         s = min(wrong)
         raise ValueError(f"service #{s}: size {m[s]} for {counts[s]} backends (want one of PRIMES, 0 iff none)")

@@ -186,6 +186,8 @@ class Reconciler:
         self.svc_ids = IdAllocator(1, m["services"].max_entries)
         self.backend_ids = IdAllocator(1, m["backends"].max_entries)
         self.pool = RegionAllocator(m["maglev_pool"].max_entries * self.c.MAGLEV_CHUNK_SLOTS)
+        # Record layouts for batches built as arrays (made from BTF once).
+        self._dtypes = {name: dp.obj.layouts.dtype(name) for name in ("svc_key", "svc_value", "vip_key")}
         self._recover()
 
     # -- recovery from the pinned maps --------------------------------------
@@ -347,42 +349,43 @@ class Reconciler:
         """Every planned backend into flat arrays; the ones a live service
         already has keep their id and generation (state changes are noted)."""
         c = self.c
-        counts = np.fromiter((len(ch.svc.backends) for ch in plan), np.int64, len(plan))
+        counts = [len(ch.svc.backends) for ch in plan]
         flat = [b for ch in plan for b in ch.svc.backends]
         n = len(flat)
         start = np.zeros(len(plan) + 1, np.int64)
         np.cumsum(counts, out=start[1:])
         # One comprehension per field: the fastest way through 200k models.
-        active = np.fromiter([b.state == "active" for b in flat], np.bool_, n)
-        fb = _Backends(
-            start=start,
-            addr=np.fromiter([b.address._ip for b in flat], np.int64, n),
-            port=np.fromiter([b.port for b in flat], np.int64, n),
-            weight=np.fromiter([b.weight for b in flat], np.int64, n),
-            state=np.where(active, c.BACKEND_ACTIVE, c.BACKEND_DRAINING).astype(np.uint32),
-            new=np.ones(n, np.bool_), id=np.zeros(n, np.uint32), gen=np.zeros(n, np.uint32))
-        keys = None
-        for i, ch in enumerate(plan):
+        active, draining = c.BACKEND_ACTIVE, c.BACKEND_DRAINING
+        addr = [b.address._ip for b in flat]
+        port = [b.port for b in flat]
+        state = [active if b.state == "active" else draining for b in flat]
+        new, ids, gens = np.ones(n, np.bool_), np.zeros(n, np.uint32), np.zeros(n, np.uint32)
+        kept: list[tuple[int, int, int]] = []       # (index, id, gen) of kept backends
+        b1 = 0
+        for ch, count in zip(plan, counts):
             live = ch.live
+            b0, b1 = b1, b1 + count
             if live is None:
-                ch.new_count = int(counts[i])
+                ch.new_count = count
                 continue
-            if keys is None:
-                keys = fb.keys
-            b0, b1 = int(start[i]), int(start[i + 1])
             live_backends = dict(live.backends)
-            for j, k in enumerate(keys[b0:b1].tolist(), b0):
+            for j in range(b0, b1):
+                k = (addr[j] << 16) | port[j]            # bkey()
                 lb = live_backends.pop(k, None)
                 if lb is None:
                     ch.new_count += 1
                     continue
-                fb.new[j], fb.id[j], fb.gen[j] = False, lb.id, lb.gen
+                kept.append((j, lb.id, lb.gen))
                 ch.kept[k] = lb
-                state = int(fb.state[j])
-                if lb.state != state:
-                    ch.state_changes.append((lb, state))
+                if lb.state != state[j]:
+                    ch.state_changes.append((lb, state[j]))
             ch.removed_backends = list(live_backends.values())
-        return fb
+        if kept:
+            j, i, g = zip(*kept)
+            new[list(j)], ids[list(j)], gens[list(j)] = False, i, g
+        return _Backends(start=start, addr=np.array(addr, np.int64), port=np.array(port, np.int64),
+                         weight=np.fromiter([b.weight for b in flat], np.int64, n),
+                         state=np.array(state, np.uint32), new=new, id=ids, gen=gens)
 
     def _compute_rings(self, plan: list[_Change], fb: _Backends) -> None:
         """Maglev tables for every planned service, in one native call."""
@@ -604,23 +607,36 @@ class Reconciler:
                 lb.state = state
 
     def _flip(self, plan: list[_Change]) -> None:
-        """The service records, in one batch built as arrays (20k records
-        field by field through ctypes cost 0.1 s)."""
+        """The service records, in one batch."""
         sm = self.dp.maps["services"]
         self._vip_refs([ch.svc.vip for ch in plan if ch.live is None], +1)
         if not plan:
             return
-        layouts = self.dp.obj.layouts
-        keys = np.zeros(len(plan), layouts.dtype("svc_key"))
+        if len(plan) <= SERIAL_BUILD_MAX:    # a few: ctypes records, no array set-up
+            keys = (sm.key_type * len(plan))()
+            vals = (sm.value_type * len(plan))()
+            for i, ch in enumerate(plan):
+                _svc_key(keys[i], ch.svc.key, self.c.FAMILY_IPV4)
+                v = vals[i]
+                v.svc_id = ch.svc_id
+                v.ring_offset = ch.ring_offset
+                v.ring_size = ch.ring_size      # a kept table has this size too (_allocate)
+                v.policy_gen = ch.policy_gen
+                v.flags = ch.flags
+                v.affinity_timeout_s = ch.svc.client_affinity_s or 0
+            sm.update_batch(keys, vals)
+            return
+        # Many: built as arrays (20k records field by field through ctypes: 0.1 s).
+        keys = np.zeros(len(plan), self._dtypes["svc_key"])
         svcs = [ch.svc for ch in plan]
         keys["vip"][:, 0] = np.array([s.vip._ip for s in svcs], np.uint32).byteswap()
         keys["port"] = np.array([s.port for s in svcs], np.uint16).byteswap()
         keys["proto"] = [PROTOCOLS[s.protocol] for s in svcs]
         keys["family"] = self.c.FAMILY_IPV4
-        vals = np.zeros(len(plan), layouts.dtype("svc_value"))
+        vals = np.zeros(len(plan), self._dtypes["svc_value"])
         vals["svc_id"] = [ch.svc_id for ch in plan]
         vals["ring_offset"] = [ch.ring_offset for ch in plan]
-        vals["ring_size"] = [ch.ring_size for ch in plan]   # a kept table has this size too (_allocate)
+        vals["ring_size"] = [ch.ring_size for ch in plan]
         vals["policy_gen"] = [ch.policy_gen for ch in plan]
         vals["flags"] = [ch.flags for ch in plan]
         vals["affinity_timeout_s"] = [s.client_affinity_s or 0 for s in svcs]
@@ -639,7 +655,7 @@ class Reconciler:
         vm = self.dp.maps["vips"]
         up = [(v, n) for v, n in touched.items() if n > 0]
         if up:
-            keys = np.zeros(len(up), dtype=self.dp.obj.layouts.dtype("vip_key"))
+            keys = np.zeros(len(up), dtype=self._dtypes["vip_key"])
             keys["addr"][:, 0] = np.array([v._ip for v, _ in up], np.uint32).byteswap()
             keys["family"] = self.c.FAMILY_IPV4
             vm.update_batch(keys, np.array([n for _, n in up], np.uint32))
@@ -701,7 +717,7 @@ class Reconciler:
     def _retire(self, plan: list[_Change], fb: _Backends) -> None:
         """Record the new live state; retire what only old records use."""
         pm = self.dp.maps["policy"]
-        made = _Made(fb.keys, fb.id, fb.gen, fb.state)
+        made = None
         start = fb.start.tolist()
         ids = gens = states = keys = new = None        # as lists, if some service needs them
         for i, ch in enumerate(plan):
@@ -718,11 +734,12 @@ class Reconciler:
             backends, pending = ch.kept, None
             b0, b1 = start[i], start[i + 1]
             if ch.new_count == b1 - b0:          # all new (a full sync): made when first read
+                made = made or _Made(fb.keys, fb.id, fb.gen, fb.state)
                 backends, pending = None, (made, b0, b1)
             elif ch.new_count:
                 if ids is None:
                     ids, gens, states = fb.id.tolist(), fb.gen.tolist(), fb.state.tolist()
-                    keys, new = made.keys.tolist(), fb.new.tolist()
+                    keys, new = fb.keys.tolist(), fb.new.tolist()
                 for j, b in enumerate(ch.svc.backends, b0):
                     if new[j]:
                         backends[keys[j]] = LiveBackend(ids[j], gens[j], states[j], b.address, b.port)
