@@ -173,6 +173,30 @@ class IdAllocator:
         self._next += 1
         return self._next - 1
 
+    def alloc_many(self, n: int) -> list[int] | None:
+        """The n ids that n alloc() calls would hand out, or None (and
+        nothing allocated) if fewer are free. Ids above the watermark go in
+        one step: a full sync allocates 200k of them."""
+        if n < 0:
+            raise ValueError(f"negative count {n}")
+        if self.capacity - self.count < n:
+            return None
+        out: list[int] = []
+        while len(out) < n and self._freed and self._freed[0] < self._next:
+            i = self.alloc()
+            assert i is not None
+            out.append(i)
+        fresh = range(self._next, self._next + n - len(out))
+        if fresh.stop <= self.hi and self._used.isdisjoint(fresh):
+            self._used.update(fresh)
+            self._next = fresh.stop
+            out.extend(fresh)
+        while len(out) < n:      # ids reserved above the watermark: one by one
+            i = self.alloc()
+            assert i is not None
+            out.append(i)
+        return out
+
     def release(self, id: int) -> None:
         if id not in self._used:
             raise ValueError(f"id {id} is not allocated")

@@ -37,6 +37,7 @@ from pydantic import (
     Strict,
     ValidationError,
     ValidationInfo,
+    WrapValidator,
     field_validator,
     model_validator,
 )
@@ -337,6 +338,44 @@ class Backend(_Model):
         return f"{self.address}:{self.port}"
 
 
+# "a.b.c.d:port" exactly as str(IPv4Address) and int formatting spell them
+# (no leading zeros anywhere): text equality is then backend equality.
+_CANONICAL_BACKEND = re.compile(rf"({_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}):([1-9][0-9]{{0,4}})")
+_new = object.__new__
+_set = object.__setattr__
+# Shared by every backend built from a string: one object, not 200k for the
+# collector to walk. Never mutated: the model is frozen, and model_copy()
+# copies it before adding to it.
+_STRING_FIELDS = {"address", "port"}
+
+
+def _backend_list(v: Any, handler: Any) -> Any:
+    """A service's backends. The common form, a list of "a.b.c.d:port"
+    strings with valid ports, is parsed here in one call and the models are
+    built directly: BaseModel.model_construct() without its per-field
+    Python loop (validating 200k backends one by one was most of a 20k
+    service config). tests/test_config.py checks that the result is the
+    model validation gives, field for field. Anything else, or any doubt,
+    takes the per-backend validation (and its messages)."""
+    if not isinstance(v, list):
+        return handler(v)
+    out = []
+    match, aton, from_bytes = _CANONICAL_BACKEND.fullmatch, socket.inet_aton, int.from_bytes
+    for item in v:
+        m = match(item) if type(item) is str else None
+        if m is None or (port := int(m[2])) > 65535:
+            return handler(v)
+        ip = _new(IPv4Address)
+        ip._ip = from_bytes(aton(m[1]), "big")        # what IPv4Address(int) stores
+        b = _new(Backend)
+        _set(b, "__dict__", {"address": ip, "port": port, "weight": 1, "state": "active"})
+        _set(b, "__pydantic_fields_set__", _STRING_FIELDS)
+        _set(b, "__pydantic_extra__", None)
+        _set(b, "__pydantic_private__", None)
+        out.append(b)
+    return tuple(out)
+
+
 class HealthCheck(_Model):
     """Active probing of a service's backends (lb.health). Defaults: a TCP
     connect to the backend's own port every 1 s with a 0.5 s timeout; down
@@ -390,7 +429,7 @@ class Service(_Model):
     vip: Address
     port: Port
     protocol: Protocol
-    backends: tuple[Backend, ...] = ()
+    backends: Annotated[tuple[Backend, ...], WrapValidator(_backend_list)] = ()
     # None: no policy, everyone allowed. A list (even empty): default deny.
     allow: tuple[IdentityRef, ...] | None = None
     deny: tuple[IdentityRef, ...] = ()
@@ -603,12 +642,13 @@ def _identity_ids(
 def _service_problems(svc: Service) -> list[str]:
     """Rules between the entries of one service (messages relative to it)."""
     problems: list[str] = []
-    seen: dict[tuple[int, int], int] = {}
-    for i, b in enumerate(svc.backends):
-        k = (b.address._ip, b.port)        # b.key formats strings: only for messages
-        if k in seen:
-            problems.append(f"backends[{i}] '{b.key}': duplicate of backends[{seen[k]}]")
-        seen.setdefault(k, i)
+    keys = [(b.address._ip << 16) | b.port for b in svc.backends]   # b.key formats strings
+    if len(set(keys)) != len(keys):          # the rare case: say which ones
+        seen: dict[int, int] = {}
+        for i, (b, k) in enumerate(zip(svc.backends, keys)):
+            if k in seen:
+                problems.append(f"backends[{i}] '{b.key}': duplicate of backends[{seen[k]}]")
+            seen.setdefault(k, i)
     for field in ("allow", "deny"):
         names = getattr(svc, field) or ()
         for i, name in enumerate(names):
@@ -656,7 +696,7 @@ def _cross_checks(cfg: Config) -> list[str]:
     problems += _identity_ids(cfg.identities, None, None)[1]
 
     names: dict[str, int] = {}
-    keys: dict[tuple[IPv4Address, int, str], int] = {}
+    keys: dict[tuple[int, int, str], int] = {}
     known = set(cfg.identities) | {WORLD}
     for i, s in enumerate(cfg.services):
         problems += [f"{_svc(i, s)}: {m}" for m in _service_problems(s)]
@@ -664,12 +704,13 @@ def _cross_checks(cfg: Config) -> list[str]:
             j = names[s.name]
             problems.append(f"{_svc(i, s)}: name already used by services[{j}]")
         names.setdefault(s.name, i)
-        if s.key in keys:
-            j = keys[s.key]
+        key = (s.vip._ip, s.port, s.protocol)      # s.key: IPv4Address hashes in Python
+        if key in keys:
+            j = keys[key]
             problems.append(
                 f"{_svc(i, s)}: {s.vip}:{s.port}/{s.protocol} is already used by {_svc(j, cfg.services[j])}"
             )
-        keys.setdefault(s.key, i)
+        keys.setdefault(key, i)
         for field in ("allow", "deny"):
             for k, ref in enumerate(getattr(s, field) or ()):
                 if ref not in known:

@@ -22,13 +22,17 @@ backend that flaps does not reshuffle the whole service).
 
 The fill loop is compiled with numba (cache=True: compiled once, then loaded
 from __pycache__). `build_tables` does many services in one parallel call
-over flat arrays: Python only hashes the keys.
+over flat arrays: Python only hashes the keys. `build_tables_ipv4` takes
+the backends as arrays of addresses and ports and hashes their keys in
+native code too (the same bytes, so the same tables): the reconciler's path,
+with no Python object per backend.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import ipaddress
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,7 +44,10 @@ __all__ = [
     "PRIMES",
     "build_table",
     "build_tables",
+    "build_tables_ipv4",
+    "ipv4_digests",
     "permutation",
+    "place_tables",
     "table_size",
 ]
 
@@ -98,6 +105,127 @@ def permutation(key: str, m: int) -> tuple[int, int]:
 
 
 # ---- native part --------------------------------------------------------
+
+# BLAKE2b (RFC 7693), for the digests of IPv4 backend keys in native code:
+# at 200k backends, formatting "a.b.c.d:port" and hashing it in Python cost
+# more than building the tables. Same bytes, same digest as hashlib (tested).
+_B2_IV = np.array([
+    0x6A09E667F3BCC908, 0xBB67AE8584CAA73B, 0x3C6EF372FE94F82B, 0xA54FF53A5F1D36F1,
+    0x510E527FADE682D1, 0x9B05688C2B3E6C1F, 0x1F83D9ABFB41BD6B, 0x5BE0CD19137E2179,
+], np.uint64)  # fmt: skip
+_B2_SIGMA = np.array([
+    [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+    [14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3],
+    [11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4],
+    [7, 9, 3, 1, 13, 12, 11, 14, 2, 6, 5, 10, 4, 0, 15, 8],
+    [9, 0, 5, 7, 2, 4, 10, 15, 14, 1, 11, 12, 6, 8, 3, 13],
+    [2, 12, 6, 10, 0, 11, 8, 3, 4, 13, 7, 5, 15, 14, 1, 9],
+    [12, 5, 1, 15, 14, 13, 4, 10, 0, 7, 6, 3, 9, 2, 8, 11],
+    [13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10],
+    [6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5],
+    [10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0],
+], np.int64)  # fmt: skip
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _rotr(x, n):  # pragma: no cover - numba
+    return (x >> np.uint64(n)) | (x << np.uint64(64 - n))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _g(v, a, b, c, d, x, y):  # pragma: no cover - numba
+    v[a] = v[a] + v[b] + x
+    v[d] = _rotr(v[d] ^ v[a], 32)
+    v[c] = v[c] + v[d]
+    v[b] = _rotr(v[b] ^ v[c], 24)
+    v[a] = v[a] + v[b] + y
+    v[d] = _rotr(v[d] ^ v[a], 16)
+    v[c] = v[c] + v[d]
+    v[b] = _rotr(v[b] ^ v[c], 63)
+
+
+@njit(cache=True, nogil=True)
+def _blake2b_16(block, length, iv, sigma, v, m):  # pragma: no cover - numba
+    """(h0, h1): blake2b(digest_size=16) of block[:length], length <= 128,
+    block zero-padded to 128 bytes. v and m are scratch (uint64[16])."""
+    for i in range(16):
+        w = np.uint64(0)
+        for j in range(8):
+            w |= np.uint64(block[8 * i + j]) << np.uint64(8 * j)
+        m[i] = w
+    h0 = iv[0] ^ np.uint64(0x01010000 | _DIGEST)  # depth 1, fanout 1, no key
+    for i in range(8):
+        v[i] = iv[i]
+        v[i + 8] = iv[i]
+    v[0] = h0
+    v[12] ^= np.uint64(length)  # t (bytes), one and last block
+    v[14] = ~v[14]
+    for r in range(12):
+        s = sigma[r % 10]
+        _g(v, 0, 4, 8, 12, m[s[0]], m[s[1]])
+        _g(v, 1, 5, 9, 13, m[s[2]], m[s[3]])
+        _g(v, 2, 6, 10, 14, m[s[4]], m[s[5]])
+        _g(v, 3, 7, 11, 15, m[s[6]], m[s[7]])
+        _g(v, 0, 5, 10, 15, m[s[8]], m[s[9]])
+        _g(v, 1, 6, 11, 12, m[s[10]], m[s[11]])
+        _g(v, 2, 7, 8, 13, m[s[12]], m[s[13]])
+        _g(v, 3, 4, 9, 14, m[s[14]], m[s[15]])
+    return h0 ^ v[0] ^ v[8], iv[1] ^ v[1] ^ v[9]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _put_decimal(block, pos, x):  # pragma: no cover - numba
+    """Write x >= 0 in decimal at block[pos:]; returns the position after."""
+    n = 1
+    t = x
+    while t >= 10:
+        t //= 10
+        n += 1
+    for i in range(n - 1, -1, -1):
+        block[pos + i] = 48 + x % 10
+        x //= 10
+    return pos + n
+
+
+@njit(cache=True, nogil=True)
+def _ipv4_digest_range(addrs, ports, iv, sigma, h0, h1, lo, hi):  # pragma: no cover - numba
+    """h0/h1[lo:hi]: the digests of "a.b.c.d:port" for host-order addrs and ports."""
+    block = np.zeros(128, np.uint8)
+    v = np.empty(16, np.uint64)
+    m = np.empty(16, np.uint64)
+    for k in range(lo, hi):
+        a = addrs[k]
+        pos = 0
+        for shift in (24, 16, 8, 0):
+            pos = _put_decimal(block, pos, (a >> shift) & 255)
+            block[pos] = 46 if shift else 58  # '.' between octets, then ':'
+            pos += 1
+        pos = _put_decimal(block, pos, ports[k])
+        h0[k], h1[k] = _blake2b_16(block, pos, iv, sigma, v, m)
+        block[:pos] = 0
+
+
+_DIGEST_CHUNK = 4096  # keys per parallel task
+
+
+@njit(cache=True, parallel=True)
+def _ipv4_digests_parallel(addrs, ports, iv, sigma, h0, h1):  # pragma: no cover - numba
+    n = addrs.shape[0]
+    for c in prange((n + _DIGEST_CHUNK - 1) // _DIGEST_CHUNK):
+        _ipv4_digest_range(addrs, ports, iv, sigma, h0, h1, c * _DIGEST_CHUNK, min(n, (c + 1) * _DIGEST_CHUNK))
+
+
+def ipv4_digests(addrs: np.ndarray, ports: np.ndarray, parallel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(h0, h1) of each IPv4 backend, as _digests() gives for its key
+    "a.b.c.d:port" (addrs: host-order ints, ports: ints)."""
+    addrs = np.ascontiguousarray(addrs, np.int64)
+    ports = np.ascontiguousarray(ports, np.int64)
+    h0, h1 = np.empty(len(addrs), np.uint64), np.empty(len(addrs), np.uint64)
+    if parallel:
+        _ipv4_digests_parallel(addrs, ports, _B2_IV, _B2_SIGMA, h0, h1)
+    else:
+        _ipv4_digest_range(addrs, ports, _B2_IV, _B2_SIGMA, h0, h1, 0, len(addrs))
+    return h0, h1
 
 
 @njit(cache=True, nogil=True)
@@ -208,9 +336,45 @@ def _build_many(h0, h1, weights, bstart, tstart):  # pragma: no cover - numba
     return out, ok
 
 
+@njit(cache=True, nogil=True)
+def _build_serial(h0, h1, weights, bstart, tstart):  # pragma: no cover - numba
+    """_build_many without a parallel region (a few services)."""
+    n_svc = bstart.shape[0] - 1
+    out = np.empty(tstart[n_svc], np.int32)
+    ok = np.ones(n_svc, np.bool_)
+    for s in range(n_svc):
+        b0, b1 = bstart[s], bstart[s + 1]
+        t0, t1 = tstart[s], tstart[s + 1]
+        if t1 > t0:
+            ok[s] = _build_into(out[t0:t1], h0[b0:b1], h1[b0:b1], weights[b0:b1])
+    return out, ok
+
+
 # ---- Python entry points ------------------------------------------------
 
 Backends = Sequence[tuple[str, int]]  # (key, weight) of the active backends
+
+
+def _table_sizes(counts: np.ndarray, sizes: Sequence[int] | None) -> np.ndarray:
+    """Each service's table size: `sizes` checked, or table_size() of its count."""
+    if sizes is None:  # table_size(), vectorised
+        i = np.minimum(np.searchsorted(_PRIMES, 100 * counts), len(PRIMES) - 1)
+        return np.where(counts > 0, _PRIMES[i], 0)
+    m = np.asarray(sizes, np.int64)
+    if m.shape != counts.shape:
+        raise ValueError(f"{len(m)} sizes for {len(counts)} services")
+    known = _PRIMES[np.minimum(np.searchsorted(_PRIMES, m), len(PRIMES) - 1)] == m
+    wrong = np.nonzero(((counts == 0) != (m == 0)) | ((m != 0) & ~known))[0].tolist()
+    if wrong:
+        s = min(wrong)
+        raise ValueError(f"service #{s}: size {m[s]} for {counts[s]} backends (want one of PRIMES, 0 iff none)")
+    return m
+
+
+def _starts(counts: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
 
 
 def _flatten(services: Sequence[Backends], sizes: Sequence[int] | None):
@@ -220,30 +384,15 @@ def _flatten(services: Sequence[Backends], sizes: Sequence[int] | None):
     if len(flat) and weights.min() < 1:
         bad = flat[int(np.argmin(weights))]
         raise ValueError(f"backend {bad[0]!r}: weight must be >= 1, not {bad[1]}")
-    if sizes is None:  # table_size(), vectorised
-        i = np.minimum(np.searchsorted(_PRIMES, 100 * counts), len(PRIMES) - 1)
-        m = np.where(counts > 0, _PRIMES[i], 0)
-    else:
-        m = np.asarray(sizes, np.int64)
-        if m.shape != counts.shape:
-            raise ValueError(f"{len(m)} sizes for {len(counts)} services")
-        wrong = [s for s, (c, size) in enumerate(zip(counts, m)) if (c == 0) != (size == 0)]
-        wrong += [s for s, size in enumerate(m) if size and int(size) not in PRIMES]
-        if wrong:
-            s = wrong[0]
-            raise ValueError(f"service #{s}: size {m[s]} for {counts[s]} backends (want one of PRIMES, 0 iff none)")
+    m = _table_sizes(counts, sizes)
     h = _digests([k for k, _ in flat])
-    bstart = np.zeros(len(services) + 1, np.int64)
-    np.cumsum(counts, out=bstart[1:])
-    tstart = np.zeros(len(services) + 1, np.int64)
-    np.cumsum(m, out=tstart[1:])
-    return np.ascontiguousarray(h[:, 0]), np.ascontiguousarray(h[:, 1]), weights, bstart, tstart
+    return np.ascontiguousarray(h[:, 0]), np.ascontiguousarray(h[:, 1]), weights, _starts(counts), _starts(m)
 
 
-def _duplicates(services: Sequence[Backends], s: int) -> ValueError:
+def _duplicates(services: Sequence[Backends], s: int, number: int | None = None) -> ValueError:
     keys = [k for k, _ in services[s]]
     dups = sorted({k for k in keys if keys.count(k) > 1})
-    return ValueError(f"service #{s}: duplicate backend {', '.join(map(repr, dups))}")
+    return ValueError(f"service #{s if number is None else number}: duplicate backend {', '.join(map(repr, dups))}")
 
 
 def build_tables(
@@ -261,6 +410,55 @@ def build_tables(
     if not ok.all():
         raise _duplicates(services, int(np.argmin(ok)))
     return slots, tstart[:-1].copy(), np.diff(tstart)
+
+
+def build_tables_ipv4(
+    addrs: np.ndarray, ports: np.ndarray, weights: np.ndarray, counts: np.ndarray,
+    sizes: Sequence[int] | None = None, parallel: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """build_tables() for IPv4 backends given as flat arrays, without a
+    Python object per backend: service s has the next counts[s] entries of
+    addrs (host-order ints), ports and weights. Its key is "a.b.c.d:port",
+    so the tables are the ones build_tables() makes from those keys.
+    parallel=False keeps out of numba's parallel region (a few services)."""
+    counts = np.asarray(counts, np.int64)
+    weights = np.ascontiguousarray(weights, np.int64)
+    if len(weights) != counts.sum():
+        raise ValueError(f"{len(weights)} backends, the counts add up to {counts.sum()}")
+    if len(weights) and weights.min() < 1:
+        i = int(np.argmin(weights))
+        raise ValueError(f"backend #{i}: weight must be >= 1, not {weights[i]}")
+    bstart, tstart = _starts(counts), _starts(_table_sizes(counts, sizes))
+    h0, h1 = ipv4_digests(addrs, ports, parallel)
+    slots, ok = (_build_many if parallel else _build_serial)(h0, h1, weights, bstart, tstart)
+    if not ok.all():
+        s = int(np.argmin(ok))
+        b0, b1 = bstart[s], bstart[s + 1]
+        raise _duplicates([[(f"{ipaddress.IPv4Address(int(a))}:{int(p)}", 1)
+                            for a, p in zip(addrs[b0:b1], ports[b0:b1])]], 0, s)
+    return slots, tstart[:-1].copy(), np.diff(tstart)
+
+
+@njit(cache=True, parallel=True)
+def _place(out, out_offsets, slots, offsets, sizes, ids, id_offsets):  # pragma: no cover - numba
+    for s in prange(sizes.shape[0]):
+        o, t, base = out_offsets[s], offsets[s], id_offsets[s]
+        for k in range(sizes[s]):
+            out[o + k] = ids[base + slots[t + k]]
+
+
+def place_tables(out: np.ndarray, out_offsets: Sequence[int], slots: np.ndarray, offsets: Sequence[int],
+                 sizes: Sequence[int], ids: np.ndarray, id_offsets: Sequence[int]) -> None:
+    """Write tables as ids: table s (slots[offsets[s]:+sizes[s]], indices
+    into its service's backends) goes to out[out_offsets[s]:], each index i
+    written as ids[id_offsets[s] + i]. Many tables: one native parallel pass."""
+    ids = np.ascontiguousarray(ids, out.dtype)
+    if len(sizes) <= 32:      # a few: no parallel region (see build_tables_ipv4)
+        for o, t, n, base in zip(out_offsets, offsets, sizes, id_offsets):
+            out[o:o + n] = ids[base + slots[t:t + n]]
+        return
+    _place(out, np.asarray(out_offsets, np.int64), slots, np.asarray(offsets, np.int64),
+           np.asarray(sizes, np.int64), ids, np.asarray(id_offsets, np.int64))
 
 
 def build_table(backends: Backends, size: int | None = None) -> np.ndarray:

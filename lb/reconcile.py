@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
-from socket import inet_ntoa
 
 import numpy as np
 
@@ -72,10 +72,38 @@ class LiveService:
     policy_gen: int
     flags: int
     affinity_timeout_s: int = 0
-    backends: dict[int, LiveBackend] = field(default_factory=dict)     # by bkey()
+    _backends: dict[int, LiveBackend] | None = field(default_factory=dict, repr=False)
     policy: dict[int, int] = field(default_factory=dict)
     name: str | None = None
     applied: Service | None = None     # the model last applied (None if recovered)
+    # (_Made, first, end): where `applied`'s backends are in the arrays of
+    # the apply that made them, until `backends` is first read. A full sync
+    # of 200k backends does not make 200k objects that only status, metrics
+    # and updates look at.
+    _pending: tuple | None = field(default=None, repr=False)
+
+    @property
+    def backends(self) -> dict[int, LiveBackend]:
+        """Backends by bkey(). (Readers hold the daemon's lock, as for
+        every other part of the reconciler's state.)"""
+        if self._backends is None:
+            made, b0, b1 = self._pending
+            models = self.applied.backends
+            self._backends = dict(zip(made.keys[b0:b1].tolist(), map(
+                LiveBackend, made.id[b0:b1].tolist(), made.gen[b0:b1].tolist(),
+                made.state[b0:b1].tolist(), [b.address for b in models], [b.port for b in models])))
+            self._pending = None
+        return self._backends
+
+
+@dataclass(frozen=True)
+class _Made:
+    """What one apply wrote for its backends, kept for LiveService.backends."""
+
+    keys: np.ndarray
+    id: np.ndarray
+    gen: np.ndarray
+    state: np.ndarray
 
 
 @dataclass
@@ -98,18 +126,49 @@ class _Change:
     svc: Service
     live: LiveService | None
     svc_id: int = 0
-    new_backends: list = field(default_factory=list)      # (Backend, id, gen)
+    new_count: int = 0                                     # backends that need an id
     kept: dict = field(default_factory=dict)               # bkey -> LiveBackend
-    state_changes: list = field(default_factory=list)      # (id, new_state)
+    state_changes: list = field(default_factory=list)      # (LiveBackend, new_state)
     removed_backends: list = field(default_factory=list)   # LiveBackend
-    keys: list = field(default_factory=list)               # bkey of each backend, in order
-    ring_ids: np.ndarray | None = None                     # new table, or None = keep
+    ring_new: bool = True                                  # write a new table (else keep the live one)
     ring_offset: int = 0
     ring_size: int = 0                                     # table size M (0: no active backend)
     policy: dict = field(default_factory=dict)
     flags: int = 0
     policy_gen: int = 0
     policy_changed: bool = False
+
+
+@dataclass
+class _Backends:
+    """The backends of every planned service as flat arrays (plan entry i
+    owns start[i]:start[i + 1]): one Python pass over the models, the rest
+    in numpy. 200k backends in per-object Python cost more than the work."""
+
+    start: np.ndarray          # int64[len(plan) + 1]
+    addr: np.ndarray           # int64, host order
+    port: np.ndarray           # int64
+    weight: np.ndarray         # int64
+    state: np.ndarray          # uint32: BACKEND_ACTIVE or BACKEND_DRAINING
+    new: np.ndarray            # bool: needs an id (not kept from the live service)
+    id: np.ndarray             # uint32: backend id (new ones: once allocated)
+    gen: np.ndarray            # uint32: generation under that id
+    # The Maglev tables (_compute_rings): plan entry i's table is
+    # slots[t_offsets[i]:+ring_size], indices into its active backends,
+    # which are the active ones of start[i]:start[i + 1], a_start[i] onwards
+    # in the active-only order.
+    slots: np.ndarray | None = None
+    t_offsets: np.ndarray | None = None
+    a_start: np.ndarray | None = None
+    reused: np.ndarray | None = None     # indices of new backends whose id was used before
+
+    @property
+    def keys(self) -> np.ndarray:
+        return (self.addr << 16) | self.port        # bkey() of each
+
+    def owner(self) -> np.ndarray:
+        """The plan index of each backend."""
+        return np.repeat(np.arange(len(self.start) - 1), np.diff(self.start))
 
 
 class Reconciler:
@@ -124,11 +183,12 @@ class Reconciler:
         self.generation = 0
         self.pending_policy = 0       # old-generation entries awaiting a grace period
         self.policy_entries = 0       # entries of live generations
-        self._backend_names: dict[int, str] = {}     # bkey -> "ip:port", for Maglev
         m = dp.maps
         self.svc_ids = IdAllocator(1, m["services"].max_entries)
         self.backend_ids = IdAllocator(1, m["backends"].max_entries)
         self.pool = RegionAllocator(m["maglev_pool"].max_entries * self.c.MAGLEV_CHUNK_SLOTS)
+        # Record layouts for batches built as arrays (made from BTF once).
+        self._dtypes = {name: dp.obj.layouts.dtype(name) for name in ("svc_key", "svc_value", "vip_key")}
         self.replies = ReplyIndex(self.c.REPLY_INDEX_SVCS)
         self._recover()
 
@@ -205,11 +265,14 @@ class Reconciler:
     def apply(self, cfg: Config) -> ApplyResult:
         """Make the maps hold `cfg`. Raises ConfigError before any write."""
         t0 = time.perf_counter()
-        desired = {s.key: s for s in cfg.services}
-        changed = [s for k, s in desired.items()
-                   if k not in self.services or self.services[k].applied != s]
-        removed = [k for k in self.services if k not in desired]
-        result = self._apply(cfg, changed, removed)
+        # The pause covers the diff too: its 20k keys are the allocations
+        # that would start a pass over the (million-object) config.
+        with gcpause.paused():
+            desired = {s.key: s for s in cfg.services}
+            changed = [s for k, s in desired.items()
+                       if k not in self.services or self.services[k].applied != s]
+            removed = [k for k in self.services if k not in desired]
+            result = self._apply(cfg, changed, removed)
         result.unchanged = len(desired) - len(changed)
         result.seconds = time.perf_counter() - t0
         return result
@@ -256,23 +319,24 @@ class Reconciler:
                       identities: bool) -> ApplyResult:
         ids = self.identity_ids(cfg)
         plan = [self._plan(svc, ids) for svc in changed]
-        self._compute_rings(plan)
+        fb = self._match_backends(plan)
+        self._compute_rings(plan, fb)
         self._check_capacity(cfg, plan, removed, identities)
-        self._allocate(plan)
+        self._allocate(plan, fb)
         # --- from here on, writes ---
         if identities:
             self._write_identities(cfg, ids)
         self._write_config(cfg)
-        self._write_tables(plan)
+        self._write_tables(plan, fb)
         self._flip(plan)
         self._remove(removed)
-        self._retire(plan)
+        self._retire(plan, fb)
         self._write_replies()           # what the retired backends left
         if identities:
             self._remove_identities(cfg)
         self.config = cfg
         self.generation += 1
-        res = ApplyResult(removed=len(removed), rings_written=sum(ch.ring_ids is not None for ch in plan))
+        res = ApplyResult(removed=len(removed), rings_written=sum(ch.ring_new for ch in plan))
         res.added = sum(ch.live is None for ch in plan)
         res.updated = len(plan) - res.added
         return res
@@ -280,24 +344,10 @@ class Reconciler:
     # -- planning (no writes) ----------------------------------------------
 
     def _plan(self, svc: Service, ids: dict[str, int]) -> _Change:
+        """Policy and flags; the backends are matched in _match_backends."""
         c = self.c
         live = self.services.get(svc.key)
         ch = _Change(svc, live)
-        live_backends = dict(live.backends) if live else {}
-        active, draining = c.BACKEND_ACTIVE, c.BACKEND_DRAINING
-        keys = ch.keys
-        for b in svc.backends:
-            state = active if b.state == "active" else draining
-            k = (b.address._ip << 16) | b.port          # bkey(), inlined: hot at 200k
-            keys.append(k)
-            lb = live_backends.pop(k, None)
-            if lb is None:
-                ch.new_backends.append([b, 0, 0, state, k])
-            else:
-                ch.kept[k] = lb
-                if lb.state != state:
-                    ch.state_changes.append((lb, state))
-        ch.removed_backends = list(live_backends.values())
         # Policy: explicit entries, and default-deny when an allow list exists.
         world = c.IDENTITY_WORLD
         ident = lambda name: world if name == "world" else ids[name]  # noqa: E731
@@ -317,39 +367,68 @@ class Reconciler:
             ch.policy_gen = 1
         return ch
 
-    def _compute_rings(self, plan: list[_Change]) -> None:
-        """Maglev tables for every planned service, in one numba call."""
-        names = self._backend_names
-        inputs = []
-        for ch in plan:
-            row = []
-            for b, k in zip(ch.svc.backends, ch.keys):
-                if b.state == "active":
-                    name = names.get(k)
-                    if name is None:
-                        # == b.key, formatted from bkey() in C: 6x faster at 200k
-                        name = names[k] = f"{inet_ntoa((k >> 16).to_bytes(4, 'big'))}:{k & 0xFFFF}"
-                    row.append((name, b.weight))
-            inputs.append(row)
+    def _match_backends(self, plan: list[_Change]) -> _Backends:
+        """Every planned backend into flat arrays; the ones a live service
+        already has keep their id and generation (state changes are noted)."""
+        c = self.c
+        counts = [len(ch.svc.backends) for ch in plan]
+        flat = [b for ch in plan for b in ch.svc.backends]
+        n = len(flat)
+        start = np.zeros(len(plan) + 1, np.int64)
+        np.cumsum(counts, out=start[1:])
+        # One comprehension per field: the fastest way through 200k models.
+        active, draining = c.BACKEND_ACTIVE, c.BACKEND_DRAINING
+        addr = [b.address._ip for b in flat]
+        port = [b.port for b in flat]
+        state = [active if b.state == "active" else draining for b in flat]
+        new, ids, gens = np.ones(n, np.bool_), np.zeros(n, np.uint32), np.zeros(n, np.uint32)
+        kept: list[tuple[int, int, int]] = []       # (index, id, gen) of kept backends
+        b1 = 0
+        for ch, count in zip(plan, counts):
+            live = ch.live
+            b0, b1 = b1, b1 + count
+            if live is None:
+                ch.new_count = count
+                continue
+            live_backends = dict(live.backends)
+            for j in range(b0, b1):
+                k = (addr[j] << 16) | port[j]            # bkey()
+                lb = live_backends.pop(k, None)
+                if lb is None:
+                    ch.new_count += 1
+                    continue
+                kept.append((j, lb.id, lb.gen))
+                ch.kept[k] = lb
+                if lb.state != state[j]:
+                    ch.state_changes.append((lb, state[j]))
+            ch.removed_backends = list(live_backends.values())
+        if kept:
+            j, i, g = zip(*kept)
+            new[list(j)], ids[list(j)], gens[list(j)] = False, i, g
+        return _Backends(start=start, addr=np.array(addr, np.int64), port=np.array(port, np.int64),
+                         weight=np.fromiter([b.weight for b in flat], np.int64, n),
+                         state=np.array(state, np.uint32), new=new, id=ids, gen=gens)
+
+    def _compute_rings(self, plan: list[_Change], fb: _Backends) -> None:
+        """Maglev tables for every planned service, in one native call."""
+        active = fb.state == self.c.BACKEND_ACTIVE
+        before = np.zeros(len(active) + 1, np.int64)      # active backends before each
+        np.cumsum(active, out=before[1:])
+        a_start = before[fb.start]
+        counts = np.diff(a_start)
         # Keep a service's table size while it still fits: a new size
         # would remap every flow, not just the ones Maglev has to move.
-        want = [maglev.table_size(len(i), current=ch.live.ring_size if ch.live else 0)
-                for i, ch in zip(inputs, plan)]
-        if len(inputs) <= SERIAL_BUILD_MAX:
-            # A few services: build them one by one. The batch build is a
-            # parallel numba region, which stalls for milliseconds when the
-            # other core is busy (measured: one-service p99 0.315 ms, max
-            # 16.8 ms in parallel; 0.041 / 0.144 ms serially).
-            tables = [maglev.build_table(i, size=w) if w else np.zeros(0, np.int32)
-                      for i, w in zip(inputs, want)]
-            sizes = np.array([len(t) for t in tables], dtype=np.int64)
-            offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-            flat = np.concatenate(tables) if tables else np.zeros(0, np.int32)
-        else:
-            flat, offsets, sizes = maglev.build_tables(inputs, sizes=want)
-        for ch, off, size in zip(plan, offsets, sizes):
-            ch.ring_ids = flat[off:off + size]          # indices into the active list, for now
-            ch.ring_size = int(size)
+        want = [maglev.table_size(n, current=ch.live.ring_size if ch.live else 0)
+                for n, ch in zip(counts.tolist(), plan)]
+        # A few services: no parallel region. It stalls for milliseconds
+        # when the other core is busy (measured: one-service p99 0.315 ms,
+        # max 16.8 ms in parallel; 0.041 / 0.144 ms serially).
+        fb.slots, fb.t_offsets, sizes = maglev.build_tables_ipv4(
+            fb.addr[active], fb.port[active], fb.weight[active], counts, sizes=want,
+            parallel=len(plan) > SERIAL_BUILD_MAX)
+        fb.a_start = a_start
+        for ch, size in zip(plan, sizes.tolist()):
+            ch.ring_size = size
 
     def _check_capacity(self, cfg: Config, plan: list[_Change], removed: list[SvcKey],
                         identities: bool) -> None:
@@ -386,7 +465,7 @@ class Reconciler:
         free_backends = self.backend_ids.capacity - self.backend_ids.count
         need = 0
         for ch in plan:
-            need += len(ch.new_backends)
+            need += ch.new_count
             if need > free_backends:
                 errors.append(f"{where(ch)}: no free backend id: the update needs {need}, "
                               f"{free_backends} free (the backends map holds "
@@ -408,30 +487,45 @@ class Reconciler:
                           f"the map holds {m['policy'].max_entries}")
         return errors
 
-    def _allocate(self, plan: list[_Change]) -> None:
-        gens = self.dp.view("backends")["gen"]      # one field view, not one per backend
+    def _allocate(self, plan: list[_Change], fb: _Backends) -> None:
+        fresh = [ch for ch in plan if ch.live is None]
+        for ch, svc_id in zip(fresh, self._alloc_many(self.svc_ids, len(fresh))):
+            ch.svc_id = svc_id
         for ch in plan:
-            ch.svc_id = ch.live.svc_id if ch.live else self._alloc(self.svc_ids)
-            for nb in ch.new_backends:
-                bid = self._alloc(self.backend_ids)
-                nb[1] = bid
-                nb[2] = (int(gens[bid]) + 1) & 0xFFFFFFFF
-            id_of = {nb[4]: nb[1] for nb in ch.new_backends}
-            id_of.update({k: lb.id for k, lb in ch.kept.items()})
-            ids = np.array([id_of[k] for b, k in zip(ch.svc.backends, ch.keys)
-                            if b.state == "active"], dtype=np.uint32)
-            table = ids[ch.ring_ids] if len(ids) else np.zeros(0, np.uint32)
-            live = ch.live
-            if live and live.ring_size == len(table) and len(table) and np.array_equal(
-                    self.dp.view("maglev_pool")[live.ring_offset:live.ring_offset + live.ring_size], table):
-                ch.ring_ids = None                      # identical table: keep it
-                ch.ring_offset = live.ring_offset
-            elif live and not len(table) and not live.ring_size:
-                ch.ring_ids = None
-                ch.ring_offset = 0
-            else:
-                ch.ring_ids = table
-                ch.ring_offset = self._alloc(self.pool, len(table)) if len(table) else 0
+            if ch.live is not None:
+                ch.svc_id = ch.live.svc_id
+        new = np.nonzero(fb.new)[0]
+        if len(new):
+            fb.id[new] = self._alloc_many(self.backend_ids, len(new))
+            old = self.dp.view("backends")["gen"][fb.id[new]]
+            # Generations start at 1 and skip 0 when they wrap, so gen 0 means
+            # "never used": counters still zero from map creation (_write_tables).
+            fb.gen[new] = np.where(old == np.uint32(0xFFFFFFFF), np.uint32(1), old + np.uint32(1))
+            fb.reused = new[old != 0]
+        act_ids = fb.id[fb.state == self.c.BACKEND_ACTIVE]
+        for i, ch in enumerate(plan):
+            live, size = ch.live, ch.ring_size
+            if live and live.ring_size == size and size:
+                off = int(fb.t_offsets[i])
+                table = act_ids[int(fb.a_start[i]):][fb.slots[off:off + size]]
+                if np.array_equal(
+                        self.dp.view("maglev_pool")[live.ring_offset:live.ring_offset + size], table):
+                    ch.ring_new = False                 # identical table: keep it
+                    ch.ring_offset = live.ring_offset
+                    continue
+            elif live and not size and not live.ring_size:
+                ch.ring_new = False
+                continue
+            ch.ring_offset = self._alloc(self.pool, size) if size else 0
+
+    def _alloc_many(self, allocator: IdAllocator, n: int) -> list[int]:
+        got = allocator.alloc_many(n)
+        if got is None:
+            self.reclaimer.synchronize()
+            got = allocator.alloc_many(n)
+        if got is None:     # _check_capacity makes this unreachable
+            raise CapacityError([f"allocation of {n} ids failed in IdAllocator"])
+        return got
 
     def _alloc(self, allocator, *args) -> int:
         got = allocator.alloc(*args)
@@ -490,37 +584,42 @@ class Reconciler:
         meta.layout_version = c.XDPLB_LAYOUT_VERSION
         maps["meta"].update(0, meta)
 
-    def _write_tables(self, plan: list[_Change]) -> None:
+    def _write_tables(self, plan: list[_Change], fb: _Backends) -> None:
         """Backends, Maglev slots, policy entries and zeroed counters: all
         into ids/slots/generations that no live record points at yet."""
         c, maps = self.c, self.dp.maps
         bview, pool = self.dp.view("backends"), self.dp.view("maglev_pool")
-        new = [(ch, nb) for ch in plan for nb in ch.new_backends]
-        if new:
-            ids = np.array([nb[1] for _, nb in new], dtype=np.int64)
+        new = np.nonzero(fb.new)[0]
+        if len(new):
+            ids = fb.id[new].astype(np.int64)
+            svc_ids = np.array([ch.svc_id for ch in plan], np.uint32)
             recs = np.zeros(len(new), dtype=bview.dtype)
             # Host-order ints, byte-swapped once: network order in memory.
-            recs["addr"][:, 0] = np.array([nb[4] >> 16 for _, nb in new], np.uint32).byteswap()
-            recs["port"] = np.array([nb[0].port for _, nb in new], np.uint16).byteswap()
+            recs["addr"][:, 0] = fb.addr[new].astype(np.uint32).byteswap()
+            recs["port"] = fb.port[new].astype(np.uint16).byteswap()
             recs["family"] = c.FAMILY_IPV4
-            recs["state"] = [nb[3] for _, nb in new]
-            recs["gen"] = [nb[2] for _, nb in new]
-            recs["svc_id"] = [ch.svc_id for ch, _ in new]
+            recs["state"] = fb.state[new]
+            recs["gen"] = fb.gen[new]
+            owner = fb.owner()[new]
+            recs["svc_id"] = svc_ids[owner]
             bview[ids] = recs
-            _zero_counters(maps["backend_stats"], ids)
+            # Only ids used before can hold counts (a full sync from empty
+            # maps: none, and 200k per-CPU zeroes not written).
+            _zero_counters(maps["backend_stats"], fb.id[fb.reused].astype(np.int64))
+            # Each new backend's address lists its service for replies.
+            protos = np.array([PROTOCOLS[ch.svc.protocol] for ch in plan], np.int64)
+            self.replies.add_many(svc_ids[owner], (fb.keys[new] << 8) | protos[owner])
+        self._write_replies()
         fresh = [ch for ch in plan if ch.live is None]
         if fresh:
             fresh_ids = np.array([ch.svc_id for ch in fresh], dtype=np.int64)
             _zero_counters(maps["svc_stats"], fresh_ids)
-            self._write_svc_keys(fresh_ids, [ch.svc.key for ch in fresh])
-        if new:
-            self.replies.add_many(np.array([ch.svc_id for ch, _ in new], np.uint32),
-                                  np.array([addr_key(nb[4], PROTOCOLS[ch.svc.key[2]]) for ch, nb in new],
-                                           np.int64))
-        self._write_replies()
-        for ch in plan:
-            if ch.ring_ids is not None and len(ch.ring_ids):
-                pool[ch.ring_offset:ch.ring_offset + len(ch.ring_ids)] = ch.ring_ids
+            self._write_svc_keys(fresh_ids, [ch.svc for ch in fresh])
+        rings = [i for i, ch in enumerate(plan) if ch.ring_new and ch.ring_size]
+        if rings:
+            maglev.place_tables(pool, [plan[i].ring_offset for i in rings], fb.slots, fb.t_offsets[rings],
+                                [plan[i].ring_size for i in rings],
+                                fb.id[fb.state == c.BACKEND_ACTIVE], fb.a_start[rings])
         pm = maps["policy"]
         keys, vals = [], []
         for ch in plan:
@@ -536,14 +635,22 @@ class Reconciler:
                 bview["state"][lb.id] = state
                 lb.state = state
 
-    def _write_svc_keys(self, ids: np.ndarray, keys: list[SvcKey]) -> None:
+    def _write_svc_keys(self, ids: np.ndarray, svcs: list[Service]) -> None:
         """svc_id -> (VIP, port, proto) for replies, before the ids go live."""
-        rec = np.zeros(len(keys), dtype=self.dp.obj.layouts.dtype("svc_key"))
-        rec["vip"][:, 0] = np.array([vip._ip for vip, _, _ in keys], np.uint32).byteswap()
-        rec["port"] = np.array([port for _, port, _ in keys], np.uint16).byteswap()
-        rec["proto"] = [PROTOCOLS[proto] for _, _, proto in keys]
-        rec["family"] = self.c.FAMILY_IPV4
-        self.dp.maps["svc_keys"].update_batch(ids.astype(np.uint32), rec)
+        self.dp.maps["svc_keys"].update_batch(ids.astype(np.uint32), self._svc_keys(svcs))
+
+    def _svc_keys(self, svcs: list[Service]) -> np.ndarray:
+        keys = np.zeros(len(svcs), self._dtypes["svc_key"])
+        keys["vip"][:, 0] = np.array([s.vip._ip for s in svcs], np.uint32).byteswap()
+        keys["port"] = np.array([s.port for s in svcs], np.uint16).byteswap()
+        keys["proto"] = [PROTOCOLS[s.protocol] for s in svcs]
+        keys["family"] = self.c.FAMILY_IPV4
+        return keys
+
+    def _flags(self, ch: _Change) -> int:
+        """The record's flags: the config's, and SVC_F_REV_NAT while the
+        service waits for a reply-index slot (replies.py)."""
+        return ch.flags | (self.c.SVC_F_REV_NAT if self.replies.needs_rev_nat(ch.svc_id) else 0)
 
     def _write_replies(self) -> None:
         """Write the reply-index entries that changed (replies.py)."""
@@ -556,22 +663,36 @@ class Reconciler:
             m.delete_batch(_backend_addrs(kdt, d.deletes, self.c.FAMILY_IPV4))
 
     def _flip(self, plan: list[_Change]) -> None:
-        maps = self.dp.maps
-        sm = maps["services"]
+        """The service records, in one batch."""
+        sm = self.dp.maps["services"]
         self._vip_refs([ch.svc.vip for ch in plan if ch.live is None], +1)
-        keys = (sm.key_type * len(plan))()
-        vals = (sm.value_type * len(plan))()
-        for i, ch in enumerate(plan):
-            _svc_key(keys[i], ch.svc.key, self.c.FAMILY_IPV4)
-            v = vals[i]
-            v.svc_id = ch.svc_id
-            v.ring_offset = ch.ring_offset
-            v.ring_size = ch.ring_size      # a kept table has this size too (_allocate)
-            v.policy_gen = ch.policy_gen
-            v.flags = ch.flags | (self.c.SVC_F_REV_NAT if self.replies.needs_rev_nat(ch.svc_id) else 0)
-            v.affinity_timeout_s = ch.svc.client_affinity_s or 0
-        if plan:
+        if not plan:
+            return
+        if len(plan) <= SERIAL_BUILD_MAX:    # a few: ctypes records, no array set-up
+            keys = (sm.key_type * len(plan))()
+            vals = (sm.value_type * len(plan))()
+            for i, ch in enumerate(plan):
+                _svc_key(keys[i], ch.svc.key, self.c.FAMILY_IPV4)
+                v = vals[i]
+                v.svc_id = ch.svc_id
+                v.ring_offset = ch.ring_offset
+                v.ring_size = ch.ring_size      # a kept table has this size too (_allocate)
+                v.policy_gen = ch.policy_gen
+                v.flags = self._flags(ch)
+                v.affinity_timeout_s = ch.svc.client_affinity_s or 0
             sm.update_batch(keys, vals)
+            return
+        # Many: built as arrays (20k records field by field through ctypes: 0.1 s).
+        svcs = [ch.svc for ch in plan]
+        keys = self._svc_keys(svcs)
+        vals = np.zeros(len(plan), self._dtypes["svc_value"])
+        vals["svc_id"] = [ch.svc_id for ch in plan]
+        vals["ring_offset"] = [ch.ring_offset for ch in plan]
+        vals["ring_size"] = [ch.ring_size for ch in plan]
+        vals["policy_gen"] = [ch.policy_gen for ch in plan]
+        vals["flags"] = [self._flags(ch) for ch in plan]
+        vals["affinity_timeout_s"] = [s.client_affinity_s or 0 for s in svcs]
+        sm.update_batch(keys, vals)
 
     def _vip_refs(self, vips: list[IPv4Address], delta: int) -> None:
         """Count services per VIP address; one batch for many services."""
@@ -579,14 +700,15 @@ class Reconciler:
             for vip in vips:
                 self._vip_ref(vip, delta)
             return
-        touched = {}
-        for vip in vips:
-            touched[vip] = touched.get(vip, self.vips.get(vip, 0)) + delta
+        # Counted by int: IPv4Address hashes in Python, 3 lookups per service.
+        per_ip = Counter(v._ip for v in vips)
+        addr = {v._ip: v for v in vips}
+        touched = {addr[ip]: self.vips.get(addr[ip], 0) + delta * k for ip, k in per_ip.items()}
         vm = self.dp.maps["vips"]
         up = [(v, n) for v, n in touched.items() if n > 0]
         if up:
-            keys = np.zeros(len(up), dtype=self.dp.obj.layouts.dtype("vip_key"))
-            keys["addr"][:, 0] = np.array([int(v) for v, _ in up], np.uint32).byteswap()
+            keys = np.zeros(len(up), dtype=self._dtypes["vip_key"])
+            keys["addr"][:, 0] = np.array([v._ip for v, _ in up], np.uint32).byteswap()
             keys["family"] = self.c.FAMILY_IPV4
             vm.update_batch(keys, np.array([n for _, n in up], np.uint32))
         for v, n in touched.items():
@@ -647,26 +769,38 @@ class Reconciler:
 
         self.reclaimer.retire_callback(delete_old_generation)
 
-    def _retire(self, plan: list[_Change]) -> None:
+    def _retire(self, plan: list[_Change], fb: _Backends) -> None:
         """Record the new live state; retire what only old records use."""
         pm = self.dp.maps["policy"]
-        for ch in plan:
+        made = None
+        start = fb.start.tolist()
+        ids = gens = states = keys = new = None        # as lists, if some service needs them
+        for i, ch in enumerate(plan):
             live = ch.live
             if live is not None:
                 self._retire_backends(live, ch.removed_backends)
-                if ch.ring_ids is not None and live.ring_size:
+                if ch.ring_new and live.ring_size:
                     self.reclaimer.retire_region(self.pool, live.ring_offset, live.ring_size)
                 if ch.policy_changed:
                     self._retire_policy(pm, live.svc_id, live.policy_gen, live.policy)
                     self.policy_entries -= len(live.policy)
             if ch.policy_changed:
                 self.policy_entries += len(ch.policy)
-            backends = ch.kept
-            for b, bid, gen, state, k in ch.new_backends:
-                backends[k] = LiveBackend(bid, gen, state, b.address, b.port)
+            backends, pending = ch.kept, None
+            b0, b1 = start[i], start[i + 1]
+            if ch.new_count == b1 - b0:          # all new (a full sync): made when first read
+                made = made or _Made(fb.keys, fb.id, fb.gen, fb.state)
+                backends, pending = None, (made, b0, b1)
+            elif ch.new_count:
+                if ids is None:
+                    ids, gens, states = fb.id.tolist(), fb.gen.tolist(), fb.state.tolist()
+                    keys, new = fb.keys.tolist(), fb.new.tolist()
+                for j, b in enumerate(ch.svc.backends, b0):
+                    if new[j]:
+                        backends[keys[j]] = LiveBackend(ids[j], gens[j], states[j], b.address, b.port)
             self.services[ch.svc.key] = LiveService(
                 ch.svc.key, ch.svc_id, ch.ring_offset, ch.ring_size, ch.policy_gen, ch.flags,
-                ch.svc.client_affinity_s or 0, backends, dict(ch.policy), ch.svc.name, ch.svc)
+                ch.svc.client_affinity_s or 0, backends, dict(ch.policy), ch.svc.name, ch.svc, pending)
 
 
 def _zero_counters(m, ids: np.ndarray) -> None:

@@ -8,8 +8,10 @@ address; one that joins a full entry waits, in order, for a free slot. While
 a service waits anywhere it is *uncovered*, and its flows write a reverse-NAT
 entry instead (SVC_F_REV_NAT).
 
-Most addresses serve one service, so those are one int in a dict; a full
-sync of 200k backends adds them as arrays (`add_many`).
+Most addresses serve one service, so those are one int in a dict. A full
+sync adds its 200k backends as arrays (`add_many`), turned into dict entries
+only when something first looks at one address (the next update): making
+them costs 60 ms that the full sync does not wait for.
 
 Pure bookkeeping: the reconciler writes what `take_dirty()` returns.
 """
@@ -50,9 +52,17 @@ class ReplyIndex:
         self._shared: dict[int, _Shared] = {}    # keys with two services or more
         self._uncovered: dict[int, int] = {}     # svc_id -> entries it waits in
         self._dirty: set[int] = set()
-        self._bulk: list[tuple[np.ndarray, np.ndarray]] = []   # add_many's new keys
+        self._bulk: list[tuple[np.ndarray, np.ndarray]] = []   # add_many's, not yet written
+        self._lazy: list[tuple[np.ndarray, np.ndarray]] = []   # add_many's, not yet in _single
+
+    def _materialize(self) -> None:
+        for keys, ids in self._lazy:
+            self._single.update(zip(keys.tolist(), ids.tolist()))
+        self._lazy = []
 
     def add(self, svc_id: int, key: int) -> None:
+        if self._lazy:
+            self._materialize()
         one = self._single.get(key)
         if one is None and key not in self._shared:
             self._single[key] = svc_id
@@ -76,16 +86,19 @@ class ReplyIndex:
     def add_many(self, svc_ids: np.ndarray, keys: np.ndarray) -> None:
         """add() for each pair; in one step when every key is new and
         distinct (a full sync)."""
-        kl, il = keys.tolist(), svc_ids.tolist()
-        single, shared = self._single, self._shared
-        if len(set(kl)) == len(kl) and not any(k in single or k in shared for k in kl):
-            single.update(zip(kl, il))
-            self._bulk.append((np.asarray(keys, np.int64), np.asarray(svc_ids, np.uint32)))
-            return
-        for s, k in zip(il, kl):
+        keys, svc_ids = np.asarray(keys, np.int64), np.asarray(svc_ids, np.uint32)
+        if not (self._single or self._shared or self._lazy):    # an empty index: a first sync
+            ordered = np.sort(keys)
+            if not (ordered[1:] == ordered[:-1]).any():
+                self._lazy.append((keys, svc_ids))
+                self._bulk.append((keys, svc_ids))
+                return
+        for s, k in zip(svc_ids.tolist(), keys.tolist()):
             self.add(s, k)
 
     def remove(self, svc_id: int, key: int) -> None:
+        if self._lazy:
+            self._materialize()
         if self._single.get(key) == svc_id:
             del self._single[key]
             self._dirty.add(key)
@@ -113,6 +126,8 @@ class ReplyIndex:
         return svc_id in self._uncovered
 
     def listed(self, key: int) -> list[int]:
+        if self._lazy:
+            self._materialize()
         one = self._single.get(key)
         if one is not None:
             return [one]

@@ -236,6 +236,28 @@ def test_id_model(ops):
         assert all(ids.in_use(i) == (i in used) for i in range(0, 16))
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["alloc", "release", "reserve"]), st.integers(0, 15)), max_size=40),
+       st.integers(0, 14))
+def test_id_alloc_many_is_n_allocs(ops, n):
+    ids = IdAllocator(2, 14)
+    for op, x in ops:
+        if op == "alloc":
+            ids.alloc()
+        elif op == "release" and ids.in_use(x):
+            ids.release(x)
+        elif op == "reserve" and 2 <= x < 14 and not ids.in_use(x):
+            ids.reserve(x)
+    one_by_one = ids.copy()
+    want = [one_by_one.alloc() for _ in range(n)]
+    got = ids.alloc_many(n)
+    if None in want:
+        assert got is None and ids.count == one_by_one.count - sum(w is not None for w in want)
+    else:
+        assert got == want and ids.count == one_by_one.count
+        assert ids.alloc() == one_by_one.alloc()     # the same state afterwards
+
+
 # ---- Reclaimer ------------------------------------------------------------
 
 

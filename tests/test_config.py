@@ -528,3 +528,74 @@ def test_round_trip_property(d):
     again = config_from_dict(config_to_dict(cfg))
     assert again == cfg
     assert config_to_dict(again) == config_to_dict(cfg)
+
+
+# ---- the backend-list fast path -------------------------------------------
+
+
+def _slow_backend(text: str) -> Backend:
+    """The per-backend validation (the fast path only takes lists)."""
+    return Backend.model_validate(text)
+
+
+@pytest.mark.parametrize("text", ["10.244.1.2:8080", "0.0.0.0:1", "255.255.255.255:65535", "1.2.3.4:80"])
+def test_fast_backend_is_the_validated_model(text):
+    svc = Service.model_validate({"name": "s", "vip": "10.96.0.1", "port": 80, "protocol": "tcp",
+                                  "backends": [text]})
+    fast, slow = svc.backends[0], _slow_backend(text)
+    assert type(fast) is Backend and type(fast.address) is IPv4Address
+    assert fast == slow and hash(fast) == hash(slow) and repr(fast) == repr(slow)
+    assert fast.address == IPv4Address(text.split(":")[0]) and hash(fast.address) == hash(slow.address)
+    assert fast.model_dump() == slow.model_dump() and fast.model_dump(mode="json") == slow.model_dump(mode="json")
+    assert fast.model_fields_set == slow.model_fields_set and fast.key == text
+    drained = fast.model_copy(update={"state": "draining"})
+    assert drained.state == "draining" and fast.state == "active"
+    assert drained.model_fields_set == slow.model_copy(update={"state": "draining"}).model_fields_set
+    assert fast.model_fields_set == {"address", "port"}       # the shared set is untouched
+    with pytest.raises(ValidationError):
+        fast.port = 1                                           # still frozen
+
+
+@pytest.mark.parametrize("odd", ["10.0.0.1:080", "10.0.0.1:0", "10.0.0.1:99999", "010.0.0.1:80",
+                                 {"address": "10.0.0.1", "port": 80, "weight": 2}])
+def test_non_canonical_backends_take_the_full_validation(odd):
+    d = base()
+    d["services"][0]["backends"] = ["10.244.1.2:8080", odd]
+    try:
+        got = config_from_dict(d).services[0].backends
+    except ConfigError as e:
+        got = e.errors
+    ref = copy.deepcopy(d)
+    ref["services"][0]["backends"] = [{"address": "10.244.1.2", "port": 8080}, odd]
+    try:
+        want = config_from_dict(ref).services[0].backends
+    except ConfigError as e:
+        want = e.errors
+    assert got == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 70000)), max_size=8, unique=True))
+def test_fast_and_full_backend_validation_agree(pairs):
+    # Unique: duplicates are a cross-entry rule, checked once entries are valid.
+    texts = [f"{IPv4Address(a)}:{p}" for a, p in pairs]
+    d = base()
+    d["services"][0]["backends"] = texts
+    ref = copy.deepcopy(d)
+    ref["services"][0]["backends"] = [5, *texts]          # not a string: the whole list goes the slow way
+    try:
+        fast = config_from_dict(d).services[0].backends
+    except ConfigError as e:
+        fast = [m.replace("backends[", "backends[+") for m in e.errors]
+    try:
+        slow = config_from_dict(ref).services[0].backends
+        pytest.fail("5 is not a backend")
+    except ConfigError as e:
+        slow = [m for m in e.errors if "backends[0]" not in m]
+    if isinstance(fast, tuple):
+        assert not slow and fast == tuple(_slow_backend(t) for t in texts)
+    else:
+        renumber = {f"backends[{i + 1}]": f"backends[+{i}]" for i in range(len(texts))}
+        for old, new in sorted(renumber.items(), reverse=True):
+            slow = [m.replace(old, new) for m in slow]
+        assert fast == slow

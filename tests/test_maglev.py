@@ -302,3 +302,97 @@ def test_batch_with_explicit_sizes():
     slots, offsets, sizes = build_tables(svcs, sizes=[401, 0, 101])
     assert sizes.tolist() == [401, 0, 101]
     assert np.array_equal(slots[:401], build_table(svcs[0], size=401))
+
+
+# ---- IPv4 backends as arrays (the reconciler's path) ------------------------
+
+
+def _split(key: str) -> tuple[int, int]:
+    from ipaddress import IPv4Address
+
+    a, p = key.rsplit(":", 1)
+    return int(IPv4Address(a)), int(p)
+
+
+def test_ipv4_digests_are_blake2b_of_the_key():
+    from lb.maglev import _digests, ipv4_digests
+
+    rng = random.Random(7)
+    pairs = [(0, 0), (0, 1), (2**32 - 1, 65535), (0x0A000001, 9), (0x64646464, 10000)]
+    pairs += [(rng.randrange(2**32), rng.randrange(65536)) for _ in range(20000)]
+    keys = [f"{a >> 24}.{a >> 16 & 255}.{a >> 8 & 255}.{a & 255}:{p}" for a, p in pairs]
+    want = _digests(keys)
+    addrs, ports = np.array([a for a, _ in pairs]), np.array([p for _, p in pairs])
+    for parallel in (True, False):
+        h0, h1 = ipv4_digests(addrs, ports, parallel=parallel)
+        assert np.array_equal(h0, want[:, 0]) and np.array_equal(h1, want[:, 1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.tuples(_key, st.integers(1, 5)), max_size=12, unique_by=lambda b: b[0]),
+                min_size=1, max_size=40), st.booleans())
+def test_build_tables_ipv4_is_build_tables(services, parallel):
+    from lb.maglev import build_tables_ipv4
+
+    want = build_tables(services)
+    flat = [(_split(k), w) for svc in services for k, w in svc]
+    addrs = np.array([a for (a, _), _ in flat], np.int64)
+    ports = np.array([p for (_, p), _ in flat], np.int64)
+    weights = np.array([w for _, w in flat], np.int64)
+    got = build_tables_ipv4(addrs, ports, weights, [len(s) for s in services], parallel=parallel)
+    for g, w in zip(got, want):
+        assert np.array_equal(g, w)
+
+
+def test_build_tables_ipv4_sizes_and_duplicates():
+    from lb.maglev import build_tables_ipv4
+
+    keys = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
+    a = np.array([_split(k)[0] for k in keys])
+    p = np.array([_split(k)[1] for k in keys])
+    slots, offsets, sizes = build_tables_ipv4(a, p, np.ones(3), [3, 0], sizes=[1009, 0])
+    assert list(sizes) == [1009, 0] and list(offsets) == [0, 1009]
+    assert np.array_equal(slots, build_table([(k, 1) for k in keys], 1009))
+    with pytest.raises(ValueError, match="duplicate backend '10.0.0.1:80'"):
+        build_tables_ipv4(a[[0, 0]], p[[0, 0]], np.ones(2), [2])
+    with pytest.raises(ValueError, match="weight"):
+        build_tables_ipv4(a, p, np.array([1, 0, 1]), [3])
+
+
+@pytest.mark.parametrize("n", [3, 100])        # the Python loop and the native pass
+def test_place_tables(n):
+    from lb.maglev import place_tables
+
+    rng = np.random.default_rng(n)
+    sizes = rng.integers(0, 50, n)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    counts = rng.integers(1, 6, n)
+    id_offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    slots = np.concatenate([rng.integers(0, c, s) for c, s in zip(counts, sizes)]).astype(np.int32)
+    ids = rng.integers(1, 2**31, counts.sum()).astype(np.uint32)
+    order = rng.permutation(n)                   # the tables land in another order, after a gap
+    out_offsets = np.zeros(n, np.int64)
+    out_offsets[order] = np.concatenate([[0], np.cumsum(sizes[order])[:-1]]) + 7
+    out = np.zeros(int(sizes.sum()) + 60, np.uint32)
+    place_tables(out, out_offsets, slots, offsets, sizes, ids, id_offsets)
+    for s in range(n):
+        want = ids[id_offsets[s] + slots[offsets[s]:offsets[s] + sizes[s]]]
+        assert np.array_equal(out[out_offsets[s]:out_offsets[s] + sizes[s]], want)
+
+
+def _pinned_batch() -> list[list[tuple[str, int]]]:
+    rng = random.Random(2016)
+    svcs = []
+    for s in range(600):
+        n = rng.choice([1, 2, 3, 5, 10, 17, 40, 100, 700]) if s % 50 else rng.randrange(0, 4)
+        svcs.append([(f"10.{s % 256}.{j // 256}.{j % 256}:{1 + rng.randrange(65535)}",
+                      1 if s % 3 else rng.randrange(1, 9)) for j in range(n)])
+    return svcs
+
+
+def test_pinned_batch():
+    """600 tables of every size, equal and unequal weights: the fill's
+    output, pinned (an optimisation of it must not move a single slot)."""
+    slots, _, _ = build_tables(_pinned_batch())
+    assert len(slots) == 4951403
+    assert hashlib.sha256(slots.tobytes()).hexdigest()[:16] == "2c33f7c8ccb548e5"

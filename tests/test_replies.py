@@ -73,10 +73,15 @@ def test_bulk_adds_match_one_by_one_adds():
     assert _dirty(bulk) == _dirty(one)
     assert bulk.listed(int(keys[0])) == [int(ids[0]), int(ids[0]) + 100]
     # A bulk-added key removed before the write is written, then deleted.
-    bulk.add_many(np.array([3], np.uint32), np.array([addr_key(99 << 16, 6)], np.int64))
-    bulk.remove(3, addr_key(99 << 16, 6))
-    d = bulk.take_dirty()
-    assert addr_key(99 << 16, 6) in d.keys.tolist() and d.deletes.tolist() == [addr_key(99 << 16, 6)]
+    fresh, key = ReplyIndex(8), addr_key(99 << 16, 6)
+    fresh.add_many(np.array([3, 4], np.uint32), np.array([key, key + 1], np.int64))
+    fresh.remove(3, key)
+    d = fresh.take_dirty()
+    assert d.keys.tolist() == [key, key + 1] and d.deletes.tolist() == [key]
+    # Duplicate keys in one batch take the general path.
+    dup = ReplyIndex(8)
+    dup.add_many(np.array([1, 2], np.uint32), np.array([key, key], np.int64))
+    assert dup.listed(key) == [1, 2]
 
 
 def test_rebuilt_index_rewrites_only_what_differs():

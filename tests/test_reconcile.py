@@ -1,0 +1,130 @@
+"""lb.reconcile on real maps (loaded, not attached): what a full sync
+writes, and counters of reused backend ids."""
+
+from __future__ import annotations
+
+import random
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lb import maglev
+from lb.config import config_from_dict
+from lb.dataplane import Dataplane
+from lb.reconcile import Reconciler, bkey
+from lbtest import pin_dir
+
+
+@pytest.fixture
+def rec(bpf_object):
+    bpffs = pin_dir()
+    dp = Dataplane.open(config_from_dict({"interfaces": ["l0"], "bpffs": bpffs,
+                                          "limits": {"maglev_slots": 2_000_000}}), bpf_object)
+    try:
+        yield Reconciler(dp)
+    finally:
+        dp.close()
+        Dataplane.detach(Path(bpffs), purge=True)
+
+
+def _config(rec: Reconciler, services: list[dict]) -> object:
+    return config_from_dict({"interfaces": ["l0"], "bpffs": str(rec.dp.pin_dir), "services": services})
+
+
+def _services(n: int, rng: random.Random) -> list[dict]:
+    out = []
+    for i in range(n):
+        backends: list = []
+        for j in range(rng.randrange(0, 7)):
+            addr = f"10.{128 + i // 256}.{i % 256}.{j + 1}"
+            if rng.random() < 0.2:        # the mapping form: weights and draining
+                backends.append({"address": addr, "port": 8000 + j, "weight": rng.randrange(1, 4),
+                                 "state": rng.choice(["active", "draining"])})
+            else:
+                backends.append(f"{addr}:{8000 + j}")
+        out.append({"name": f"s{i}", "vip": f"10.96.{i // 200}.{i % 200 + 1}", "port": 80 + i % 3,
+                    "protocol": "tcp", "backends": backends})
+    return out
+
+
+def test_full_sync_writes_what_the_model_says(rec):
+    """Many services (the batched, parallel path) from empty maps: every
+    record, table and count as the per-service string path would make it."""
+    cfg = _config(rec, _services(300, random.Random(3)))
+    res = rec.apply(cfg)
+    assert res.added == 300
+    dp, c = rec.dp, rec.c
+    bview, pool = dp.view("backends"), dp.view("maglev_pool")
+    svc_map = {(int.from_bytes(k.vip[0].to_bytes(4, "little"), "big"), k.port, k.proto): v
+               for k, v in dp.maps["services"].items()}
+    per_vip: dict = {}
+    for svc in cfg.services:
+        per_vip[svc.vip] = per_vip.get(svc.vip, 0) + 1
+        live = rec.services[svc.key]
+        assert len(live.backends) == len(svc.backends)
+        for b in svc.backends:
+            lb = live.backends[bkey(b.address, b.port)]
+            r = bview[lb.id]
+            assert int(r["svc_id"]) == live.svc_id and int(r["gen"]) == lb.gen == 1
+            assert int(r["state"]) == (c.BACKEND_ACTIVE if b.state == "active" else c.BACKEND_DRAINING)
+            assert IPv4Address(bytes(r["addr"][:1].view(np.uint8))) == b.address
+            assert int(r["port"].byteswap()) == b.port
+        active = svc.active_backends
+        assert live.ring_size == maglev.table_size(len(active))
+        if active:
+            want = maglev.build_table([(b.key, b.weight) for b in active])
+            ids = np.array([live.backends[bkey(b.address, b.port)].id for b in active], np.uint32)
+            assert np.array_equal(pool[live.ring_offset:live.ring_offset + live.ring_size], ids[want])
+        v = svc_map[(svc.vip._ip, int.from_bytes(svc.port.to_bytes(2, "big"), "little"), 6)]
+        assert (v.svc_id, v.ring_offset, v.ring_size, v.policy_gen) == \
+            (live.svc_id, live.ring_offset, live.ring_size, live.policy_gen)
+    vips = {int.from_bytes(k.addr[0].to_bytes(4, "little"), "big"): v.services
+            for k, v in dp.maps["vips"].items()}
+    assert vips == {vip._ip: n for vip, n in per_vip.items()}
+    again = rec.apply(cfg)
+    assert again.unchanged == 300 and again.rings_written == 0
+
+
+def _count(rec: Reconciler, map_name: str, ids) -> None:
+    m = rec.dp.maps[map_name]
+    for i in ids:
+        m.update(i, [m.value_type(packets=5, bytes=500)] * m.ncpus)
+
+
+def _counted(rec: Reconciler, map_name: str, i: int) -> int:
+    return sum(v.packets for v in rec.dp.maps[map_name].lookup(i))
+
+
+def test_reused_ids_start_from_zero_counters(rec):
+    one = [{"name": "a", "vip": "10.96.0.1", "port": 80, "protocol": "tcp",
+            "backends": ["10.128.0.1:80", "10.128.0.2:80"]}]
+    rec.apply(_config(rec, one))
+    old = rec.services[next(iter(rec.services))]
+    ids = sorted(b.id for b in old.backends.values())
+    _count(rec, "backend_stats", ids)
+    _count(rec, "svc_stats", [old.svc_id])
+    rec.apply(_config(rec, []))
+    rec.reclaimer.synchronize()                      # the ids are free again
+    other = [{"name": "b", "vip": "10.96.0.2", "port": 80, "protocol": "tcp",
+              "backends": ["10.128.0.7:80", "10.128.0.8:80", "10.128.0.9:80"]}]
+    rec.apply(_config(rec, other))
+    new = rec.services[next(iter(rec.services))]
+    got = sorted(b.id for b in new.backends.values())
+    assert got[:2] == ids and new.svc_id == old.svc_id          # reused
+    assert [b.gen for b in sorted(new.backends.values(), key=lambda b: b.id)] == [2, 2, 1]
+    assert all(_counted(rec, "backend_stats", i) == 0 for i in got)
+    assert _counted(rec, "svc_stats", new.svc_id) == 0
+
+
+def test_generation_wraps_past_zero(rec):
+    """A generation never comes back to 0, which means "never used"."""
+    bview = rec.dp.view("backends")
+    bview["gen"][1] = 0xFFFFFFFF
+    _count(rec, "backend_stats", [1])
+    rec.apply(_config(rec, [{"name": "a", "vip": "10.96.0.1", "port": 80, "protocol": "tcp",
+                             "backends": ["10.128.0.1:80"]}]))
+    (b,) = rec.services[next(iter(rec.services))].backends.values()
+    assert b.id == 1 and b.gen == 1 == int(bview["gen"][1])
+    assert _counted(rec, "backend_stats", 1) == 0
