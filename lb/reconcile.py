@@ -188,7 +188,8 @@ class Reconciler:
         self.backend_ids = IdAllocator(1, m["backends"].max_entries)
         self.pool = RegionAllocator(m["maglev_pool"].max_entries * self.c.MAGLEV_CHUNK_SLOTS)
         # Record layouts for batches built as arrays (made from BTF once).
-        self._dtypes = {name: dp.obj.layouts.dtype(name) for name in ("svc_key", "svc_value", "vip_key")}
+        self._dtypes = {name: dp.obj.layouts.dtype(name) for name in ("svc_key", "svc_value", "vip_key",
+                                                                         "backend_addr")}
         self.replies = ReplyIndex(self.c.REPLY_INDEX_SVCS)
         self._recover()
 
@@ -656,7 +657,7 @@ class Reconciler:
         """Write the reply-index entries that changed (replies.py)."""
         d = self.replies.take_dirty()
         m = self.dp.maps["reply_index"]
-        kdt = self.dp.obj.layouts.dtype("backend_addr")
+        kdt = self._dtypes["backend_addr"]
         if len(d.keys):
             m.update_batch(_backend_addrs(kdt, d.keys, self.c.FAMILY_IPV4), d.values)
         if len(d.deletes):

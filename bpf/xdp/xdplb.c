@@ -229,9 +229,7 @@ static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt,
 	return transmit(ctx, pkt, &fib, rc);
 }
 
-/* Not a service packet: a reply to a translated flow, or not ours. Its own
- * function, so that its locals share stack space with handle_service()'s
- * (the verifier allows 512 bytes, monitor_emit()'s frame included). */
+/* Not a service packet: a reply to a translated flow, or not ours. */
 static __always_inline int handle_other(struct xdp_md *ctx, struct packet *pkt)
 {
 	struct lb_config *cfg = active_config();
