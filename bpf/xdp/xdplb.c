@@ -155,7 +155,6 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 		ct.backend_gen = b->gen;
 		ct.svc_id = svc.svc_id;
 		ct.nat_port = 0;
-		ct.ifindex = 0;
 	}
 
 	rw.saddr = snat ? cfg->snat_addr[0] : pkt->flow.src[0];
@@ -198,12 +197,12 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 	return transmit(ctx, pkt, &fib, rc);
 }
 
+/* `cfg` is the caller's active_config(), possibly NULL. */
 static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt,
-					const struct nat_entry *nat_ptr)
+					const struct nat_entry *nat_ptr, const struct lb_config *cfg)
 {
 	struct nat_entry nat = *nat_ptr;
 	struct bpf_fib_lookup fib = {};
-	struct lb_config *cfg;
 	struct rewrite rw;
 	int rc;
 
@@ -212,7 +211,6 @@ static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt,
 	if (nat.ifindex != ctx->ingress_ifindex)
 		return drop(ctx, pkt, source_identity(&pkt->flow), nat.svc_id, DROP_SPOOFED_REPLY);
 
-	cfg = active_config();
 	if (!cfg)
 		return count_verdict(XDP_ABORTED, pkt->len);
 	rw.saddr = nat.vip[0];
@@ -238,10 +236,10 @@ static __always_inline int handle_other(struct xdp_md *ctx, struct packet *pkt)
 
 	/* SNAT mode has no gateway flows: its replies are all in rev_nat. */
 	if (cfg && cfg->snat_family == FAMILY_NONE && reply_from_index(&pkt->flow, &reply))
-		return handle_reply(ctx, pkt, &reply);
+		return handle_reply(ctx, pkt, &reply, cfg);
 	nat = bpf_map_lookup_elem(&rev_nat, &pkt->flow);
 	if (nat)
-		return handle_reply(ctx, pkt, nat);
+		return handle_reply(ctx, pkt, nat, cfg);
 	if (is_vip(&pkt->flow))
 		return drop(ctx, pkt, source_identity(&pkt->flow), ID_NONE, DROP_NO_SERVICE);
 	return count_verdict(XDP_PASS, pkt->len);
