@@ -609,7 +609,7 @@ class Reconciler:
             _zero_counters(maps["backend_stats"], fb.id[fb.reused].astype(np.int64))
             # Each new backend's address lists its service for replies.
             protos = np.array([PROTOCOLS[ch.svc.protocol] for ch in plan], np.int64)
-            self.replies.add_many(svc_ids[owner], (fb.keys[new] << 8) | protos[owner])
+            self.replies.add_many(svc_ids[owner], addr_key(fb.keys[new], protos[owner]))
         self._write_replies()
         fresh = [ch for ch in plan if ch.live is None]
         if fresh:

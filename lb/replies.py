@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-def addr_key(bkey: int, proto: int) -> int:
+def addr_key(bkey, proto):
     """One int per (address, port, protocol): bkey() (48 bits) and the
-    protocol number."""
+    protocol number. Ints, or int64 arrays of them."""
     return (bkey << 8) | proto
 
 

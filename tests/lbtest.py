@@ -74,6 +74,10 @@ class Harness:
         vals = self.dp.maps[map_name].lookup(key)
         return sum(v.packets for v in vals), sum(v.bytes for v in vals)
 
+    def entries(self, map_name: str) -> int:
+        """How many entries a hashed map holds."""
+        return len(self.dp.maps[map_name].lookup_batch())
+
     def drop_count(self, reason: str) -> int:
         return self.counters("drop_stats", getattr(self.dp.consts, "DROP_" + reason.upper()))[0]
 

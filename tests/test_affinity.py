@@ -60,7 +60,7 @@ def test_one_client_sticks_and_clients_spread(lab, bpf_object):
             assert rc == XDP_REDIRECT
             seen.add(out[IP].dst)
         assert len(seen) >= 2
-        assert len(h.dp.maps["affinity"].lookup_batch()) == 31
+        assert h.entries("affinity") == 31
 
 
 def test_entry_points_where_told_until_it_expires(lab, bpf_object):

@@ -46,7 +46,7 @@ def test_conntrack_full_evicts_least_recently_used(lab, bpf_object):
             assert rc == XDP_REDIRECT
             if sport < 31010:
                 first[sport] = out[IP].dst
-        entries = len(h.dp.maps["conntrack"].lookup_batch())
+        entries = h.entries("conntrack")
         assert entries <= 512 + 2 * 64           # LRU lists are per CPU: a little slack
         assert h.drop_count("ct_full") == 0
         for sport, dst in first.items():          # evicted, same backend again via Maglev

@@ -30,16 +30,12 @@ def _global(h: Harness, name: str) -> int:
     return h.counters("global_stats", getattr(h.dp.consts, name))[0]
 
 
-def _entries(h: Harness, name: str) -> int:
-    return len(h.dp.maps[name].lookup_batch())
-
-
 def test_syns_over_the_burst_are_dropped_and_write_no_state(lab, bpf_object):
     with _harness(lab, rate=1, burst=5) as h:
         verdicts = [h.run(tcp("10.1.0.10", 40000 + i, WEB, 80))[0] for i in range(20)]
         assert verdicts == [XDP_REDIRECT] * 5 + [XDP_DROP] * 15
         assert h.drop_count("new_flow_rate") == 15
-        assert _entries(h, "conntrack") == 5 and _entries(h, "rev_nat") == 0   # gateway mode
+        assert h.entries("conntrack") == 5 and h.entries("rev_nat") == 0   # gateway mode
         assert _global(h, "CNT_CT_NEW") == 5
 
 
@@ -68,12 +64,12 @@ def test_tcp_that_lost_its_state_keeps_its_backend_and_writes_nothing(lab, bpf_o
         backend = (out[IP].dst, out[TCP].dport)
         key, _ = h.dp.maps["conntrack"].lookup_batch()[0]
         h.dp.maps["conntrack"].delete(key)
-        assert _entries(h, "conntrack") == 0 and _entries(h, "rev_nat") == 0
+        assert h.entries("conntrack") == 0 and h.entries("rev_nat") == 0
         for _ in range(10):
             rc, out = h.run(tcp("10.1.0.10", 42000, WEB, 80, flags="A"))
             assert rc == XDP_REDIRECT and (out[IP].dst, out[TCP].dport) == backend
         assert _global(h, "CNT_GUARD_STATELESS") == 10
-        assert _entries(h, "conntrack") == 0 and _entries(h, "rev_nat") == 0
+        assert h.entries("conntrack") == 0 and h.entries("rev_nat") == 0
         assert h.drop_count("new_flow_rate") == 0
 
 
@@ -108,7 +104,7 @@ def test_guard_off_writes_state_for_every_new_flow(lab, bpf_object):
     with _harness(lab, rate=0, burst=1) as h:
         for i in range(300):
             assert h.run(tcp("10.1.0.10", 47000 + i, WEB, 80))[0] == XDP_REDIRECT
-        assert _entries(h, "conntrack") == 300 and h.drop_count("new_flow_rate") == 0
+        assert h.entries("conntrack") == 300 and h.drop_count("new_flow_rate") == 0
 
 
 def test_the_flow_command_explains_without_taking_tokens(lab, bpf_object):

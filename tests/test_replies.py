@@ -105,10 +105,6 @@ def shared(lab, bpf_object):
         yield h
 
 
-def _entries(h, name: str) -> int:
-    return sum(1 for _ in h.dp.maps[name].keys())
-
-
 def _svc(h, name: str):
     return h.rec.services[next(s.key for s in h.cfg.services if s.name == name)]
 
@@ -120,10 +116,10 @@ def _reply(h, fwd, client_port: int):
 
 def test_new_flow_writes_one_entry_and_its_reply_is_translated(shared):
     h = shared
-    ct, nat = _entries(h, "conntrack"), _entries(h, "rev_nat")
+    ct, nat = h.entries("conntrack"), h.entries("rev_nat")
     rc, fwd = h.run(tcp(CLIENT, 46000, WEB_VIP, 80))
     assert rc == XDP_REDIRECT
-    assert _entries(h, "conntrack") == ct + 1 and _entries(h, "rev_nat") == nat
+    assert h.entries("conntrack") == ct + 1 and h.entries("rev_nat") == nat
     rc, out = _reply(h, fwd, 46000)
     assert rc == XDP_REDIRECT
     assert (out[IP].src, out[TCP].sport, out[IP].dst, out[TCP].dport) == (WEB_VIP, 80, CLIENT, 46000)
@@ -158,9 +154,9 @@ def test_a_service_past_the_index_slots_writes_reverse_nat(shared):
         flagged = bool(h.dp.maps["services"].lookup(_key(h, name)).flags & c.SVC_F_REV_NAT)
         assert flagged == (name in waiting), name
         assert h.rec.replies.needs_rev_nat(_svc(h, name).svc_id) == (name in waiting)
-    nat = _entries(h, "rev_nat")
+    nat = h.entries("rev_nat")
     rc, fwd = h.run(tcp(CLIENT, 46300, filler_vip(21), 80))
-    assert rc == XDP_REDIRECT and _entries(h, "rev_nat") == nat + 1
+    assert rc == XDP_REDIRECT and h.entries("rev_nat") == nat + 1
     rc, out = _reply(h, fwd, 46300)
     assert rc == XDP_REDIRECT and (out[IP].src, out[IP].dst) == (filler_vip(21), CLIENT)
     # The index entry itself lists the first 8, as the control plane says.
