@@ -40,7 +40,8 @@ from pathlib import Path
 
 from lb.config import FloodGuard, config_from_dict
 from lb.dataplane import Dataplane
-from lb.lab import Lab, build_lb_lab, warm_neighbours
+from lb.lab import Lab, build_lb_lab
+from lb.neighbours import NeighbourKeeper, backend_addresses, drain_requests
 from lb.reconcile import Reconciler
 
 from . import profile as prof
@@ -123,6 +124,7 @@ class FloodLab:
     def __init__(self, guard: FloodGuard | None = None, stream_cpu: int = 1, gen_cpu: int = 0) -> None:
         self.lab = Lab()
         self.dp = None
+        self.neighbours: NeighbourKeeper | None = None
         self.procs: list[subprocess.Popen] = []
         self.gen: Generator | None = None
         self.stream_cpu, self.gen_cpu = stream_cpu, gen_cpu
@@ -157,8 +159,11 @@ class FloodLab:
         self.rec = Reconciler(self.dp)
         self.rec.apply(cfg)
         with lab.inside(topo.lb_ns):
-            self.dp.attach(cfg.interfaces)
-        warm_neighbours(topo)
+            ifindexes = self.dp.attach(cfg.interfaces)
+            # The product's keeper resolves the backend's next hop, as the daemon does.
+            self.neighbours = NeighbourKeeper(lambda: backend_addresses(self.dp), lambda: ifindexes,
+                                              lambda: drain_requests(self.dp))
+        self.neighbours.sync(wait=2.0)
         b = topo.backends[0]
         server = lab.popen(b.ns, _pinned(self.stream_cpu, [sys.executable, "-c", SERVER,
                                                            str(topo.backend_port)]),
@@ -221,6 +226,8 @@ class FloodLab:
             p.wait()
         if self.gen is not None:
             self.gen.close()
+        if self.neighbours is not None:
+            self.neighbours.close()
         if self.dp is not None:
             self.dp.close()
             Dataplane.detach(Path(self.bpffs), purge=True)

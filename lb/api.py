@@ -8,11 +8,13 @@ SO_PEERCRED: only uid 0 may talk to it, and the socket file is mode 0600.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
 import socketserver
+import stat
 import struct
 import threading
 from pathlib import Path
@@ -43,6 +45,8 @@ class _RequestHandler(socketserver.StreamRequestHandler):
             self._reply({"ok": False, "error": "permission denied: the xdplb API is root-only"})
             return
         line = self.rfile.readline(MAX_REQUEST)
+        if not line:
+            return          # closed without a request: a liveness probe (check_not_served)
         try:
             req = json.loads(line)
             if not isinstance(req, dict):
@@ -75,8 +79,9 @@ class ApiServer:
     def __init__(self, path: str, handlers: dict[str, Handler]):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        if self.path.exists() or self.path.is_symlink():
-            self.path.unlink()
+        check_not_served(self.path)     # a live daemon's socket is never taken over
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()          # stale: its daemon is gone
         old = os.umask(0o177)          # created 0600, no window with wider bits
         try:
             self._server = _Server(str(self.path), _RequestHandler)
@@ -100,6 +105,34 @@ class ApiServer:
             pass
 
 
+def check_not_served(path: str | Path) -> None:
+    """Raise ApiError if a daemon listens on `path`. Nothing there, or a
+    socket nobody listens on (left by a daemon that was killed), is fine;
+    anything else at the path is not removed."""
+    path = Path(path)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISSOCK(mode) or stat.S_ISLNK(mode)):
+        raise ApiError(f"{path} exists and is not a socket: remove it or set another api_socket")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(5)
+        try:
+            s.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return                                  # stale
+        except OSError as e:
+            raise ApiError(f"cannot tell whether a daemon serves {path}: {e.strerror or e}") from None
+        pid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                               struct.calcsize("3i")))[0]
+    finally:
+        s.close()
+    raise ApiError(f"another xdplb daemon (pid {pid}) is serving {path}: stop it first "
+                   f"(SIGTERM keeps XDP attached; `xdplb down` detaches) or set another api_socket")
+
+
 def call(path: str, cmd: str, timeout: float = 120.0, **args: Any) -> Any:
     """Send one request; return its result or raise ApiError."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -107,9 +140,12 @@ def call(path: str, cmd: str, timeout: float = 120.0, **args: Any) -> Any:
     try:
         try:
             s.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
+        except FileNotFoundError:
             raise ApiError(f"xdplb daemon is not running (no API socket at {path}); "
                            f"start it with `xdplb run --config FILE`") from None
+        except ConnectionRefusedError:
+            raise ApiError(f"xdplb daemon is not running (nothing listens on {path}, a socket left "
+                           f"by a daemon that exited); start it with `xdplb run --config FILE`") from None
         except PermissionError:
             raise ApiError(f"permission denied on {path}: the xdplb API is root-only") from None
         s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
@@ -119,11 +155,18 @@ def call(path: str, cmd: str, timeout: float = 120.0, **args: Any) -> Any:
             if not chunk:
                 break
             buf += chunk
+    except TimeoutError:
+        raise ApiError(f"no answer from the daemon on {path} within {timeout:g} s") from None
+    except OSError as e:
+        raise ApiError(f"talking to the daemon on {path} failed: {e.strerror or e}") from None
     finally:
         s.close()
     if not buf:
         raise ApiError(f"no answer from the daemon on {path}")
-    reply = json.loads(buf)
+    try:
+        reply = json.loads(buf)
+    except ValueError:
+        raise ApiError(f"not an xdplb answer from {path}: {buf[:200]!r}") from None
     if not reply.get("ok"):
         raise ApiError(reply.get("error", "unknown error"), reply.get("errors"))
     return reply["result"]

@@ -5,16 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import api
+from .errors import headline, is_operational, problems
 
 console = Console()
+log = logging.getLogger("xdplb")
 DEFAULT_BPFFS = "/sys/fs/bpf/xdplb"
 
 
@@ -23,10 +27,23 @@ def _print_json(obj) -> None:
 
 
 def _fail(message: str, errors: list[str] | None = None) -> int:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    """`error: message` on one line (never wrapped, never read as markup),
+    then one line per problem when there are several."""
+    console.print(Text("error: ", style="bold red") + Text(message), soft_wrap=True, highlight=False)
     for e in errors or []:
-        console.print(f"  - {e}", highlight=False)
+        console.print(Text(f"  - {e}"), soft_wrap=True, highlight=False)
     return 1
+
+
+def _ensure_bpffs(pin_dir: str | Path) -> None:
+    """For commands that read or remove pins: under `ip netns exec`, bind
+    the host's bpffs so that they see the daemon's pins (never mounts a new
+    one: it would hold none)."""
+    from .bpffs import ensure_bpffs
+
+    note = ensure_bpffs(pin_dir, create=False)
+    if note:
+        log.info(note)
 
 
 def cmd_run(args) -> int:
@@ -41,7 +58,7 @@ def cmd_apply(args) -> int:
     try:
         load_config(args.file)           # fail fast, with line numbers, before the daemon
     except ConfigError as e:
-        return _fail(f"{args.file}: config rejected, nothing changed", e.errors)
+        return _fail(f"config rejected, nothing changed: {headline(e)}", problems(e))
     text = Path(args.file).read_text()
     res = api.call(args.socket, "apply", config=text, source=args.file)
     if args.json:
@@ -66,12 +83,18 @@ def cmd_status(args) -> int:
     for k in ("pid", "uptime_s", "config", "generation", "xdp_mode", "snat_address", "services",
               "backends", "identities", "errors", "pending_reclaim"):
         t.add_row(k, str(st[k]))
-    t.add_row("interfaces", ", ".join(f"{k} (prog {v})" for k, v in st["interfaces"].items()))
+    t.add_row("interfaces", ", ".join(f"{k} (prog {v})" if v else f"{k} (detached: interface gone)"
+                                      for k, v in st["interfaces"].items()))
     t.add_row("maglev pool", f"{st['maglev_pool']['free']} of {st['maglev_pool']['slots']} slots free")
     t.add_row("tables", ", ".join(f"{name} {m['entries']:,}/{m['capacity']:,} ({m['fill']:.0%})"
                                   for name, m in st["maps"].items()
                                   if name in FILL_SHOWN and m.get("capacity")))
     t.add_row("last apply", json.dumps(st["last_apply"]))
+    n = st.get("neighbours")
+    if n:
+        t.add_row("next hops", f"{n['managed']} kept resolved (managed neighbour entries)"
+                  + (f"; unresolved: {', '.join(n['unresolved'])}" if n["unresolved"] else "")
+                  + (f"; {n['no_route']} backend addresses without a route" if n["no_route"] else ""))
     h = st.get("health")
     if h:
         t.add_row("health checks", f"{h['checked']} checked: {h['up']} up, {h['down']} down; "
@@ -185,7 +208,12 @@ def cmd_service(args) -> int:
     import yaml
 
     if args.action == "put":
-        svc = yaml.safe_load(Path(args.file).read_text())
+        try:
+            svc = yaml.safe_load(Path(args.file).read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            return _fail(f"{args.file}: YAML syntax error{at}: {getattr(e, 'problem', None) or e}")
         res = api.call(args.socket, "upsert_service", service=svc)
     else:
         res = api.call(args.socket, "delete_service", name=args.name)
@@ -224,6 +252,7 @@ def cmd_monitor(args) -> int:
 def cmd_down(args) -> int:
     from .dataplane import Dataplane
 
+    _ensure_bpffs(args.bpffs)
     try:
         api.call(args.socket, "shutdown", timeout=5)
     except api.ApiError:
@@ -343,17 +372,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return args.fn(args)
-    except api.ApiError as e:
-        return _fail(str(e), e.errors)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:              # e.g. piped into `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as e:
-        from loader import BpfError
-        from .config import ConfigError
-
-        if isinstance(e, (BpfError, ConfigError)):
-            return _fail(str(e), getattr(e, "errors", None) if isinstance(e, ConfigError) else None)
-        raise
+        if is_operational(e):            # the operator's to fix: one line, no traceback
+            return _fail(headline(e), problems(e))
+        raise                            # a bug: keep the traceback
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ them without touching established flows. `xdplb down` detaches on purpose.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -15,16 +16,21 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from . import api, flow, monitor, stats
 from .config import Config, ConfigError, config_from_dict, load_config, parse_config
+from .bpffs import ensure_bpffs
 from .dataplane import UNPINNED_MAPS, Dataplane, default_object_path
+from .errors import describe, is_operational
 from .health import HealthChecker, Transition
 from .metrics import Metrics, map_fill
+from .neighbours import NeighbourKeeper, backend_addresses, drain_requests
 from .reconcile import PROTOCOLS, Reconciler, bkey
 from loader import XdpLink
+from loader.netlink import ifindex as lookup_ifindex
 
 log = logging.getLogger("xdplb")
 
@@ -114,7 +120,10 @@ def enter_netns(name: str) -> None:
     Unlike `ip netns exec`, this keeps /sys, so bpffs pins stay visible."""
     from pyroute2 import netns
 
-    netns.setns(name)
+    if not (Path("/var/run/netns") / name).exists():     # setns() would create it
+        raise ConfigError([f"network namespace {name!r} does not exist: create it "
+                           f"(`ip netns add {name}`) or fix `netns:`/--netns"])
+    netns.setns(name, flags=0)
 
 
 class Daemon:
@@ -143,6 +152,8 @@ class Daemon:
         self._health_mu = threading.Lock()
         self._health_wake = threading.Event()
         self.k8s = None            # lb.sources.kubernetes.KubernetesWatcher in Kubernetes mode
+        self.ifindexes: list[int] = []
+        self.neighbours: NeighbourKeeper | None = None
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -200,6 +211,7 @@ class Daemon:
             self._start_kubernetes()
         self.health.update(self.cfg)          # every backend starts up...
         self._resume_health()                 # ...but one a previous run took out stays out
+        _check_interfaces(self.cfg)
         with self._timed("full"):
             res = self.rec.apply(self.health.effective_config(self.cfg))
         self.last_apply = res.as_dict()
@@ -209,6 +221,7 @@ class Daemon:
         gone = self.dp.detach_others(self.cfg.interfaces)   # left pinned by an older config
         log.info(kv("attached", interfaces=self.cfg.interfaces, mode=self.cfg.xdp_mode,
                     prog_id=self.dp.prog.id, pins=self.dp.pin_dir, detached=gone))
+        self._start_neighbours()
         self._start_metrics(self.cfg)
         self.api = api.ApiServer(self.cfg.api_socket, self.handlers()).start()
         log.info(kv("api listening", socket=self.cfg.api_socket))
@@ -220,6 +233,21 @@ class Daemon:
         # Only now do the maps hold the config and the links run it.
         sd_notify(f"READY=1\nSTATUS={self._status_line()}")
         log.info(kv("ready", pid=os.getpid(), generation=self.rec.generation))
+        if self.k8s is None:            # Kubernetes mode freezes in its own thread
+            threading.Thread(target=freeze_state, name="xdplb-gc-freeze", daemon=True).start()
+
+    def _start_neighbours(self) -> None:
+        """Managed neighbour entries for every backend's next hop, resolved
+        (up to a second) before READY, so that the first flows find them."""
+        self.neighbours = NeighbourKeeper(lambda: self._locked(lambda: backend_addresses(self.dp)),
+                                          lambda: self.ifindexes,
+                                          lambda: self._locked(lambda: drain_requests(self.dp)))
+        st = self.neighbours.sync(wait=1.0)
+        log.info(kv("neighbours kept", managed=st.managed, unresolved=len(st.unresolved),
+                    no_route=st.no_route))
+        for u in st.unresolved:
+            log.warning(kv("next hop not resolved yet", neighbour=u))
+        self.neighbours.start()
 
     def serve_forever(self) -> None:
         while not self.stop.is_set():
@@ -275,6 +303,8 @@ class Daemon:
             problems.append("metrics thread is not running")
         if not self.health.alive():
             problems.append("backend health-check thread is not running")
+        if self.neighbours is not None and not self.neighbours.alive():
+            problems.append("neighbour keeper thread is not running")
         if self.k8s is not None and not (self.k8s._thread and self.k8s._thread.is_alive()):
             problems.append("kubernetes sync thread is not running")
         return problems
@@ -330,6 +360,8 @@ class Daemon:
             pass
         self.metrics.stop()
         self.health.stop()
+        if self.neighbours is not None:
+            self.neighbours.close()      # the managed entries stay: the kernel keeps them fresh
         if self.k8s is not None:
             self.k8s.close()
         with self.lock:
@@ -351,10 +383,15 @@ class Daemon:
             res = self.apply(cfg)
             log.info(kv("reload ok", config=self.config_path, generation=self.rec.generation,
                         services=len(cfg.services), **_changes(res)))
-        except ConfigError as e:
+            freeze_state()
+        except Exception as e:
+            if not is_operational(e):
+                raise
+            # A bad file, or one naming an interface that is not there:
+            # nothing was written (interfaces are checked before any map).
             self.errors += 1
             log.error(kv("reload rejected, keeping the running state", config=self.config_path,
-                         reason=e))
+                         reason=describe(e)))
         finally:
             # READY=1 ends the reload for systemd, whether it took or not.
             sd_notify(f"READY=1\nSTATUS={self._status_line()}")
@@ -376,11 +413,12 @@ class Daemon:
                                              "identities": self.cfg.identities})
         with self.lock:
             # Down backends stay out (draining) across reloads until they rise.
+            _check_interfaces(cfg)
             res = self.rec.apply(self.health.effective_config(cfg))
             self.health.update(cfg)
             hl = cfg.health_check_limits
             self.health.set_limits(hl.max_in_flight, hl.max_probes_per_s)
-            self.dp.attach(cfg.interfaces, cfg.xdp_mode)
+            self.ifindexes = self.dp.attach(cfg.interfaces, cfg.xdp_mode)
             self.dp.detach_others(cfg.interfaces)
             self._set_config(cfg)
             self.last_apply = res.as_dict()
@@ -433,6 +471,7 @@ class Daemon:
                 "maglev_pool": {"slots": self.rec.pool.total,
                                 "free": self.rec.pool.free_total},
                 "health": self._health_status(health_backends),
+                "neighbours": asdict(self.neighbours.status) if self.neighbours else None,
             }
 
     def _map_fill(self) -> dict:
@@ -576,6 +615,8 @@ class Daemon:
             self.errors += 1
             log.exception("health: applying service=%s failed", name)
             return
+        if self.neighbours is not None:
+            self.neighbours.kick()
         log.info(kv("health: service re-applied", service=name,
                     draining=[b.key for b in eff.backends if b.state == "draining"],
                     seconds=res.seconds))
@@ -614,8 +655,12 @@ class Daemon:
         return self._idx
 
     def _set_config(self, cfg: Config) -> None:
+        """After every apply: the new config, and the neighbour keeper told
+        (backends may have new next hops)."""
         self.cfg = cfg
         self._idx = None
+        if self.neighbours is not None:
+            self.neighbours.kick()
 
     def _api_flow(self, req: dict) -> dict:
         proto = req["proto"].lower()
@@ -657,6 +702,24 @@ class Daemon:
         return {"stopping": True}
 
 
+def freeze_state() -> None:
+    """Move the objects a full apply left (the config's models, the
+    reconciler's records: ~1M at 20k services) out of the cyclic collector's
+    sight. Otherwise a full pass walks them all (300 ms at 20k services,
+    measured by bench.loaded_update) and lands on whatever update runs then.
+    The state is acyclic: refcounting still frees it when it is replaced."""
+    gc.collect()
+    gc.freeze()
+
+
+def _check_interfaces(cfg: Config) -> None:
+    """Every interface must exist before a map is written: a typo in
+    `interfaces:` must not leave the pinned maps holding a config that the
+    start or reload then refuses."""
+    for name in cfg.interfaces:
+        lookup_ifindex(name)             # InterfaceNotFound names it
+
+
 def _changes(res) -> dict:
     """The log fields of an ApplyResult (or its as_dict())."""
     d = res if isinstance(res, dict) else res.as_dict()
@@ -664,11 +727,20 @@ def _changes(res) -> dict:
 
 
 def run(config_path: str, netns: str | None = None, object_path: Path | None = None) -> int:
+    """The daemon's life; returns the exit status. An operational error (a
+    bad config, a missing interface, a refused syscall, ...) ends it with
+    one log line saying why; only a bug logs a traceback."""
     configure_logging()
     log.info(kv("starting", pid=os.getpid(), config=config_path,
                 object=object_path or default_object_path()))
     try:
         cfg = load_config(config_path)
+        # Before the maps or links are touched: a second daemon would
+        # reconcile the live one's maps and swap its program into the links.
+        api.check_not_served(cfg.api_socket)
+        note = ensure_bpffs(cfg.bpffs)
+        if note:
+            log.info(note)
         netns = netns or cfg.netns
         if netns:
             enter_netns(netns)
@@ -682,6 +754,10 @@ def run(config_path: str, netns: str | None = None, object_path: Path | None = N
         finally:
             d.shutdown()
     except Exception as e:
-        log.error(kv("exiting on error", error=f"{type(e).__name__}: {e}"))
-        raise
+        if not is_operational(e):
+            log.exception(kv("exiting on an unexpected error (a bug in xdplb)",
+                             error=f"{type(e).__name__}: {e}"))
+            return 1
+        log.error(kv("exiting on error", error=describe(e)))
+        return 1
     return 0

@@ -13,18 +13,22 @@ pinned links atomically (bpf_link_update).
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
 
-from loader import BpfError, BpfObject, Map, XdpLink
+from loader import BpfError, BpfObject, InterfaceNotFound, LinkInfo, Map, XdpLink, xdp_query
 from loader.netlink import ifindex as lookup_ifindex
+from loader.xdp import MODES
 
 from .config import Config
 
 PROGRAM = "xdplb_main"
 UNPINNED_MAPS = frozenset({"probe"})
+log = logging.getLogger("xdplb.dataplane")
 
 
 def default_object_path() -> Path:
@@ -140,31 +144,56 @@ class Dataplane:
         return self.pin_dir / "links" / ifname
 
     def attach(self, ifnames: list[str], mode: str = "native") -> list[int]:
-        """Attach to (or swap the program on) every interface; returns ifindexes."""
-        indexes = []
+        """Attach to (or swap the program on) every interface; returns ifindexes.
+
+        A pinned link whose interface is gone (deleted, or moved to another
+        network namespace; re-created since under the same name) is dead:
+        it is replaced, and the maps, flows included, are kept. A pinned
+        link still running on another interface here is refused, and so is
+        a missing interface, before any link is touched."""
+        plan = []
         for ifname in ifnames:
-            idx = lookup_ifindex(ifname)
+            idx, info = lookup_ifindex(ifname), self._pinned(ifname)
+            holder = _holder(info.ifindex, info.prog_id) if info else None
+            if holder is not None and info.ifindex != idx:
+                path = self.link_path(ifname)
+                raise BpfError(
+                    f"pinned link {path} runs on {holder} (ifindex {info.ifindex}), not on {ifname} "
+                    f"(ifindex {idx}): {ifname} was renamed or re-created while {holder} kept the "
+                    f"program; `rm {path}` detaches it from {holder} (`xdplb down` detaches every "
+                    f"interface), or give {holder} its name back")
+            plan.append((ifname, idx, info, holder))
+        for ifname, idx, info, holder in plan:
             path = self.link_path(ifname)
-            if path.exists():
-                link = XdpLink.from_pin(str(path))
-                try:
-                    if link.info().ifindex != idx:
-                        raise BpfError(
-                            f"pinned link {path} belongs to another ifindex than {ifname} "
-                            f"({idx}); run `xdplb down` first")
+            if info is None:
+                self._attach_new(ifname, idx, mode)
+            elif holder is not None:    # live, on this very interface
+                with XdpLink.from_pin(str(path)) as link:
                     link.update(self.prog.fd)
-                finally:
-                    link.close()
             else:
-                link = XdpLink.attach(self.prog.fd, idx, mode=mode, ifname=ifname)
-                try:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    link.pin(str(path))
-                finally:
-                    link.close()
+                path.unlink()           # its last reference: the dead link goes with it
+                self._attach_new(ifname, idx, mode)
+                log.warning(f"replaced a dead pinned XDP link (its interface was deleted or moved "
+                            f"away; the maps and flows are kept) interface={ifname} ifindex={idx} "
+                            f"old_ifindex={info.ifindex} old_link_id={info.id} pin={path}")
             self.maps["tx_ports"].update(idx, ctypes.c_uint32(idx))
-            indexes.append(idx)
-        return indexes
+        return [idx for _, idx, _, _ in plan]
+
+    def _pinned(self, ifname: str) -> LinkInfo | None:
+        path = self.link_path(ifname)
+        if not path.exists():
+            return None
+        with XdpLink.from_pin(str(path)) as link:
+            return link.info()
+
+    def _attach_new(self, ifname: str, idx: int, mode: str) -> None:
+        path = self.link_path(ifname)
+        link = XdpLink.attach(self.prog.fd, idx, mode=mode, ifname=ifname)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            link.pin(str(path))
+        finally:
+            link.close()
 
     def detach_others(self, keep: list[str] | tuple[str, ...]) -> list[str]:
         """Detach pinned links of interfaces that are no longer configured."""
@@ -181,10 +210,11 @@ class Dataplane:
             return False
         link = XdpLink.from_pin(str(path))
         try:
-            link.detach()
+            if link.info().ifindex:     # a dead link (interface gone) has nothing to detach
+                link.detach()
         finally:
             link.close()
-        path.unlink()
+        path.unlink()                   # the last reference: the link is freed
         return True
 
     @staticmethod
@@ -208,13 +238,16 @@ class Dataplane:
         return done
 
     def attached(self) -> dict[str, int]:
+        """The program each pinned link runs, by interface; 0 for a link
+        whose interface is gone (detached)."""
         out = {}
         links = self.pin_dir / "links"
         if links.is_dir():
             for path in sorted(links.iterdir()):
                 link = XdpLink.from_pin(str(path))
                 try:
-                    out[path.name] = link.info().prog_id
+                    info = link.info()
+                    out[path.name] = info.prog_id if info.ifindex else 0
                 finally:
                     link.close()
         return out
@@ -238,6 +271,22 @@ class Dataplane:
 
     def struct(self, name: str):
         return self.obj.layouts.struct(name)
+
+
+def _holder(ifindex: int, prog_id: int) -> str | None:
+    """Where a pinned link with this link info runs in this network
+    namespace: the name of interface `ifindex` if its XDP program is
+    `prog_id`. None if the link is dead: ifindex 0 (its interface was
+    deleted), or no such interface running it here (moved to another
+    namespace; the number may have been given to a new interface since)."""
+    if ifindex == 0:
+        return None
+    try:
+        if not any(xdp_query(ifindex, mode) == prog_id for mode in MODES):
+            return None
+        return socket.if_indextoname(ifindex)
+    except (InterfaceNotFound, OSError):
+        return None
 
 
 def _struct_of(obj: BpfObject, map_name: str) -> str:

@@ -26,7 +26,7 @@ from rich.table import Table
 
 from . import api
 from .dataplane import Dataplane
-from .lab import REPO_ROOT, Lab, LbTopology, build_lb_lab, start_backends, warm_neighbours
+from .lab import REPO_ROOT, Lab, LbTopology, build_lb_lab, start_backends
 
 console = Console()
 WEB_VIP = "10.96.0.10"
@@ -131,7 +131,6 @@ def run_demo(requests: int = 300, fillers: int = 10000, denied_attempts: int = 5
             out.print("[bold]building the lab[/]: client, lb and 3 backends in network namespaces")
             topo = build_lb_lab(lab, 3)
             start_backends(lab, topo)
-            warm_neighbours(topo)
             cfg = lab_config(topo, fillers=fillers, bpffs=bpffs, socket=f"/run/xdplb/demo-{pid}.sock")
             out.print(f"starting [bold]xdplb run[/] with {len(cfg['services'])} services "
                       f"({fillers} fillers) on {', '.join(cfg['interfaces'])}")

@@ -580,15 +580,6 @@ def _build_backend(lab: Lab, lb_ns: str, i: int) -> Backend:
     )
 
 
-def warm_neighbours(topo: LbTopology) -> dict[str, bool]:
-    """Ping every backend and both client addresses once from the lb ns, so
-    the LB's bpf_fib_lookup() finds neighbours (and the peers learn the LB's
-    MAC) before the first measured packet. Returns {ip: answered}."""
-    assert topo.lab is not None, "topology not built by build_lb_lab()"
-    targets = [topo.client_ip, topo.denied_client_ip] + [b.ip for b in topo.backends]
-    return {ip: topo.lab.ping(topo.lb_ns, ip) for ip in targets}
-
-
 # --------------------------------------------------------------------------
 # backend servers
 
@@ -658,5 +649,4 @@ __all__ = [
     "build_lb_lab",
     "cleanup_stale",
     "start_backends",
-    "warm_neighbours",
 ]

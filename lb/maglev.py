@@ -21,11 +21,20 @@ size in use while it is still big enough and not wastefully big (a
 backend that flaps does not reshuffle the whole service).
 
 The fill loop is compiled with numba (cache=True: compiled once, then loaded
-from __pycache__). `build_tables` does many services in one parallel call
+from __pycache__). `build_tables` does many services in one native call
 over flat arrays: Python only hashes the keys. `build_tables_ipv4` takes
 the backends as arrays of addresses and ports and hashes their keys in
 native code too (the same bytes, so the same tables): the reconciler's path,
 with no Python object per backend.
+
+Parallel regions (numba prange) are for big batches only: a full sync. A
+parallel region needs a thread on every core, and when another core is busy
+(softirq work from XDP on a gateway, another job on a CI machine) it waits
+for the scheduler: one service's build took 0.015 ms serially and 14-30 ms
+in a parallel region with the other core busy. So every entry point picks
+serial by default unless the input is big (`use_parallel`), and the small
+updates never enter a parallel region (tests/test_maglev.py and
+tests/test_reconcile.py replace the parallel functions by ones that raise).
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import ipaddress
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,6 +56,9 @@ __all__ = [
     "build_tables",
     "build_tables_ipv4",
     "ipv4_digests",
+    "PARALLEL_FUNCTIONS",
+    "SERIAL_MAX_SERVICES",
+    "SERIAL_MAX_SLOTS",
     "permutation",
     "place_tables",
     "table_size",
@@ -71,6 +84,18 @@ MAX_BACKENDS_PER_SERVICE = PRIMES[-1] // 100  # 655
 KEEP_STEPS = 2
 
 _DIGEST = 16  # blake2b bytes: two 64-bit halves, for offset and skip
+
+# Serial up to this many services, or this many table slots in all (a
+# serial build costs ~15 ns a slot here: 131k slots ~ 2 ms, less than one
+# stall of a parallel region on a busy machine).
+SERIAL_MAX_SERVICES = 32
+SERIAL_MAX_SLOTS = 1 << 17
+
+
+def use_parallel(services: int, slots: int) -> bool:
+    """Whether a batch of `services` tables, `slots` slots in all, is big
+    enough for a parallel region (see the module's docstring)."""
+    return services > SERIAL_MAX_SERVICES and slots > SERIAL_MAX_SLOTS
 
 
 def table_size(n_backends: int, current: int = 0) -> int:
@@ -215,13 +240,16 @@ def _ipv4_digests_parallel(addrs, ports, iv, sigma, h0, h1):  # pragma: no cover
         _ipv4_digest_range(addrs, ports, iv, sigma, h0, h1, c * _DIGEST_CHUNK, min(n, (c + 1) * _DIGEST_CHUNK))
 
 
-def ipv4_digests(addrs: np.ndarray, ports: np.ndarray, parallel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def ipv4_digests(addrs: np.ndarray, ports: np.ndarray,
+                 parallel: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(h0, h1) of each IPv4 backend, as _digests() gives for its key
-    "a.b.c.d:port" (addrs: host-order ints, ports: ints)."""
+    "a.b.c.d:port" (addrs: host-order ints, ports: ints). parallel=None
+    or True: in parallel if there is more than one task's worth of keys
+    (one task is never worth a region); False: never."""
     addrs = np.ascontiguousarray(addrs, np.int64)
     ports = np.ascontiguousarray(ports, np.int64)
     h0, h1 = np.empty(len(addrs), np.uint64), np.empty(len(addrs), np.uint64)
-    if parallel:
+    if parallel is not False and len(addrs) > _DIGEST_CHUNK:
         _ipv4_digests_parallel(addrs, ports, _B2_IV, _B2_SIGMA, h0, h1)
     else:
         _ipv4_digest_range(addrs, ports, _B2_IV, _B2_SIGMA, h0, h1, 0, len(addrs))
@@ -355,6 +383,30 @@ def _build_serial(h0, h1, weights, bstart, tstart):  # pragma: no cover - numba
 Backends = Sequence[tuple[str, int]]  # (key, weight) of the active backends
 
 
+_PRIME_SET = frozenset(PRIMES)
+
+
+def _bad_size(s: int, m: int, n: int) -> ValueError:
+    return ValueError(f"service #{s}: size {m} for {n} backends (want one of PRIMES, 0 iff none)")
+
+
+def _small_starts(counts: list[int], sizes: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """(_starts(counts), _starts(_table_sizes(counts, sizes))) for a few
+    services, in Python ints: a dozen numpy calls on one-element arrays
+    cost more than the table they size (the one-service update's path)."""
+    if sizes is None:
+        m = [table_size(n) for n in counts]
+    else:
+        m = [int(x) for x in sizes]
+        if len(m) != len(counts):
+            raise ValueError(f"{len(m)} sizes for {len(counts)} services")
+        for s, (n, x) in enumerate(zip(counts, m)):
+            if (n == 0) != (x == 0) or (x and x not in _PRIME_SET):
+                raise _bad_size(s, x, n)
+    return (np.array([0, *itertools.accumulate(counts)], np.int64),
+            np.array([0, *itertools.accumulate(m)], np.int64))
+
+
 def _table_sizes(counts: np.ndarray, sizes: Sequence[int] | None) -> np.ndarray:
     """Each service's table size: `sizes` checked, or table_size() of its count."""
     if sizes is None:  # table_size(), vectorised
@@ -367,7 +419,7 @@ def _table_sizes(counts: np.ndarray, sizes: Sequence[int] | None) -> np.ndarray:
     wrong = np.nonzero(((counts == 0) != (m == 0)) | ((m != 0) & ~known))[0].tolist()
     if wrong:
         s = min(wrong)
-        raise ValueError(f"service #{s}: size {m[s]} for {counts[s]} backends (want one of PRIMES, 0 iff none)")
+        raise _bad_size(s, m[s], counts[s])
     return m
 
 
@@ -396,17 +448,20 @@ def _duplicates(services: Sequence[Backends], s: int, number: int | None = None)
 
 
 def build_tables(
-    services: Sequence[Backends], sizes: Sequence[int] | None = None
+    services: Sequence[Backends], sizes: Sequence[int] | None = None, parallel: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Tables for many services in one native, parallel call.
+    """Tables for many services in one native call.
 
     `services[s]` lists (key, weight) of service s's active backends;
     `sizes[s]` (default: table_size of its count) its table size.
     Returns (slots, offsets, sizes), all flat arrays: service s's table is
     ``slots[offsets[s]:offsets[s] + sizes[s]]``, int32 indices into
-    services[s] (size 0 for a service without backends)."""
+    services[s] (size 0 for a service without backends). parallel=None:
+    a parallel region only for a big batch (use_parallel)."""
     h0, h1, weights, bstart, tstart = _flatten(services, sizes)
-    slots, ok = _build_many(h0, h1, weights, bstart, tstart)
+    if parallel is None:
+        parallel = use_parallel(len(services), int(tstart[-1]))
+    slots, ok = (_build_many if parallel else _build_serial)(h0, h1, weights, bstart, tstart)
     if not ok.all():
         raise _duplicates(services, int(np.argmin(ok)))
     return slots, tstart[:-1].copy(), np.diff(tstart)
@@ -414,13 +469,14 @@ def build_tables(
 
 def build_tables_ipv4(
     addrs: np.ndarray, ports: np.ndarray, weights: np.ndarray, counts: np.ndarray,
-    sizes: Sequence[int] | None = None, parallel: bool = True,
+    sizes: Sequence[int] | None = None, parallel: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """build_tables() for IPv4 backends given as flat arrays, without a
     Python object per backend: service s has the next counts[s] entries of
     addrs (host-order ints), ports and weights. Its key is "a.b.c.d:port",
     so the tables are the ones build_tables() makes from those keys.
-    parallel=False keeps out of numba's parallel region (a few services)."""
+    parallel=None: a parallel region only for a big batch (use_parallel);
+    False never enters one."""
     counts = np.asarray(counts, np.int64)
     weights = np.ascontiguousarray(weights, np.int64)
     if len(weights) != counts.sum():
@@ -428,7 +484,12 @@ def build_tables_ipv4(
     if len(weights) and weights.min() < 1:
         i = int(np.argmin(weights))
         raise ValueError(f"backend #{i}: weight must be >= 1, not {weights[i]}")
-    bstart, tstart = _starts(counts), _starts(_table_sizes(counts, sizes))
+    if len(counts) <= SERIAL_MAX_SERVICES:
+        bstart, tstart = _small_starts(counts.tolist(), sizes)
+    else:
+        bstart, tstart = _starts(counts), _starts(_table_sizes(counts, sizes))
+    if parallel is None:
+        parallel = use_parallel(len(counts), int(tstart[-1]))
     h0, h1 = ipv4_digests(addrs, ports, parallel)
     slots, ok = (_build_many if parallel else _build_serial)(h0, h1, weights, bstart, tstart)
     if not ok.all():
@@ -447,18 +508,35 @@ def _place(out, out_offsets, slots, offsets, sizes, ids, id_offsets):  # pragma:
             out[o + k] = ids[base + slots[t + k]]
 
 
+@njit(cache=True, nogil=True)
+def _place_serial(out, out_offsets, slots, offsets, sizes, ids, id_offsets):  # pragma: no cover - numba
+    """_place without a parallel region."""
+    for s in range(sizes.shape[0]):
+        o, t, base = out_offsets[s], offsets[s], id_offsets[s]
+        for k in range(sizes[s]):
+            out[o + k] = ids[base + slots[t + k]]
+
+
 def place_tables(out: np.ndarray, out_offsets: Sequence[int], slots: np.ndarray, offsets: Sequence[int],
                  sizes: Sequence[int], ids: np.ndarray, id_offsets: Sequence[int]) -> None:
     """Write tables as ids: table s (slots[offsets[s]:+sizes[s]], indices
     into its service's backends) goes to out[out_offsets[s]:], each index i
-    written as ids[id_offsets[s] + i]. Many tables: one native parallel pass."""
+    written as ids[id_offsets[s] + i]. Many tables: one native pass,
+    parallel only for a big batch (use_parallel)."""
     ids = np.ascontiguousarray(ids, out.dtype)
-    if len(sizes) <= 32:      # a few: no parallel region (see build_tables_ipv4)
+    if len(sizes) <= SERIAL_MAX_SERVICES:      # a few: numpy, no native call at all
         for o, t, n, base in zip(out_offsets, offsets, sizes, id_offsets):
             out[o:o + n] = ids[base + slots[t:t + n]]
         return
-    _place(out, np.asarray(out_offsets, np.int64), slots, np.asarray(offsets, np.int64),
-           np.asarray(sizes, np.int64), ids, np.asarray(id_offsets, np.int64))
+    sizes = np.asarray(sizes, np.int64)
+    place = _place if use_parallel(len(sizes), int(sizes.sum())) else _place_serial
+    place(out, np.asarray(out_offsets, np.int64), slots, np.asarray(offsets, np.int64),
+          sizes, ids, np.asarray(id_offsets, np.int64))
+
+
+# Every function above that opens a parallel region (numba parallel=True);
+# tests check this list against the module and that small inputs call none.
+PARALLEL_FUNCTIONS = ("_ipv4_digests_parallel", "_build_many", "_place")
 
 
 def build_table(backends: Backends, size: int | None = None) -> np.ndarray:

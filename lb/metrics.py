@@ -157,6 +157,7 @@ class Snapshot:
     prog_ns: int = 0
     generation: int = 0
     reclaim_pending: int = 0
+    neighbours: tuple[int, int] | None = None     # (managed, unresolved) next hops
     up: bool = False
 
 
@@ -259,6 +260,9 @@ class DaemonCollector:
         with d.lock:
             s = snapshot(d)
         s.up = not d.health_problems()
+        keeper = getattr(d, "neighbours", None)
+        if keeper is not None:
+            s.neighbours = (keeper.status.managed, len(keeper.status.unresolved))
         # Outside the daemon's lock: the health checker has its own locking.
         health = getattr(d, "health", None)
         states = health.states() if health is not None and hasattr(health, "states") else None
@@ -343,6 +347,13 @@ def families(s: Snapshot, health: dict | None) -> Iterator[Metric]:
                             "an RCU grace period.", value=s.reclaim_pending)
     yield GaugeMetricFamily("xdplb_up", "1 if the daemon's health check passes (maps pinned, "
                             "links attached, API serving).", value=1 if s.up else 0)
+
+    if s.neighbours is not None:
+        yield GaugeMetricFamily("xdplb_neighbours_managed", "Next hops of backends and gateways "
+                                "kept resolved as managed neighbour entries.", value=s.neighbours[0])
+        yield GaugeMetricFamily("xdplb_neighbours_unresolved", "Of those, next hops that do not "
+                                "resolve (new flows through them wait or, with SNAT, drop as no_neigh).",
+                                value=s.neighbours[1])
 
     if health is not None:
         f = GaugeMetricFamily("xdplb_backend_health", "Active health check: 1 up, 0 down.",

@@ -35,13 +35,13 @@ def one_cpu():
 
 @pytest.fixture(scope="module")
 def lab():
-    """A client, the LB and 3 backends running real servers."""
-    from lb.lab import Lab, build_lb_lab, start_backends, warm_neighbours
+    """A client, the LB and 3 backends running real servers. Nothing is
+    warmed: the LB's neighbour table starts as a real gateway's does."""
+    from lb.lab import Lab, build_lb_lab, start_backends
 
     with Lab() as lab:
         topo = build_lb_lab(lab, 3)
         start_backends(lab, topo)
-        warm_neighbours(topo)
         yield lab, topo
 
 

@@ -17,6 +17,7 @@ from scapy.layers.l2 import Ether
 
 from lb.config import config_from_dict
 from lb.dataplane import Dataplane
+from lb.neighbours import NeighbourKeeper, backend_addresses, drain_requests
 from lb.demo import DaemonProcess, lab_config
 from lb.reconcile import Reconciler
 from loader.testrun import test_run
@@ -41,6 +42,7 @@ class Harness:
         self.cfg_dict["bpffs"] = self.bpffs
         self.cfg = config_from_dict(self.cfg_dict)
         self.dp = Dataplane.open(self.cfg)
+        self.neighbours = None
         try:
             self.rec = Reconciler(self.dp)
             self.rec.apply(self.cfg)
@@ -51,6 +53,16 @@ class Harness:
                     self.ifindexes = [lab.ifindex(topo.lb_ns, i) for i in self.cfg.interfaces]
                     for idx in self.ifindexes:
                         self.dp.maps["tx_ports"].update(idx, idx)
+                # As the daemon does: the product keeps the backends' next
+                # hops resolved (its sockets stay in the lb namespace).
+                self.neighbours = NeighbourKeeper(lambda: backend_addresses(self.dp),
+                                                  lambda: self.ifindexes,
+                                                  lambda: drain_requests(self.dp))
+            self.neighbours.sync(wait=2.0)
+            # A real client reaches the VIP through its gateway, the LB, so it
+            # has resolved it (and the LB learnt the client from the ARP
+            # request). Crafted packets skip that step: the client takes it.
+            lab.ping(topo.client_ns, topo.lb_client_ip)
         except BaseException:
             self.close()
             raise
@@ -58,7 +70,9 @@ class Harness:
     def apply(self, cfg_dict: dict):
         self.cfg_dict = cfg_dict
         self.cfg = config_from_dict(cfg_dict)
-        return self.rec.apply(self.cfg)
+        res = self.rec.apply(self.cfg)
+        self.neighbours.sync(wait=2.0)
+        return res
 
     def edit(self):
         return copy.deepcopy(self.cfg_dict)
@@ -83,6 +97,8 @@ class Harness:
 
     def close(self) -> None:
         try:
+            if self.neighbours is not None:
+                self.neighbours.close()
             self.dp.close()
         finally:
             Dataplane.detach(Path(self.bpffs), purge=True)

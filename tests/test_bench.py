@@ -311,6 +311,39 @@ def test_gate_fails_on_a_regressed_ratio():
     assert any(line.startswith("ok") and "vs_iptables" in line for line in v.lines)
 
 
+def _micro_doc(times: dict[str, tuple[float, str, float | None]]) -> dict:
+    """A pytest-benchmark document: name -> (median s, reference, reference median s)."""
+    out = []
+    for name, (median, ref, ref_s) in times.items():
+        info = {"reference": ref} | ({"reference_median_s": ref_s} if ref_s is not None else {})
+        out.append({"name": name, "stats": {"median": median, "rounds": 100}, "extra_info": info})
+    return {"benchmarks": out}
+
+
+def test_micro_gate_judges_ratios_not_times():
+    """bench/microgate.py: a machine 3x slower (or busier) in every absolute
+    time passes; the same benchmark 3x slower against its reference in one
+    run fails; a ratio against another benchmark and a ceiling work too."""
+    from bench import microgate
+
+    here = {"build": (30e-6, "python", 100e-6), "sync": (20e-3, "native", 4e-3),
+            "sync_parallel": (12e-3, "sync", None)}
+    base = {"benchmarks": {k: {"reference": v["reference"], "ratio": v["ratio"], "tolerance": 1.0}
+                           for k, v in microgate.ratios(_micro_doc(here)).items()}}
+    base["benchmarks"]["sync_parallel"]["tolerance"] = 4.0 / 0.6 - 1          # the ceiling: 4 x serial
+    slow_machine = {k: (m * 3, r, s * 3 if s else None) for k, (m, r, s) in here.items()}
+    assert microgate.judge(microgate.ratios(_micro_doc(slow_machine)), base)[0] == []
+    regressed = dict(here, build=(90e-6, "python", 100e-6))
+    failed, lines = microgate.judge(microgate.ratios(_micro_doc(regressed)), base)
+    assert failed == ["build"] and any(line.startswith("FAIL build: 0.9") for line in lines)
+    stalled = dict(here, sync_parallel=(100e-3, "sync", None))                  # 5 x serial
+    assert microgate.judge(microgate.ratios(_micro_doc(stalled)), base)[0] == ["sync_parallel"]
+    busy = dict(here, sync_parallel=(40e-3, "sync", None))                      # 2 x serial: the other core busy
+    assert microgate.judge(microgate.ratios(_micro_doc(busy)), base)[0] == []
+    missing = {k: v for k, v in here.items() if k != "sync"}                    # its reference gone too
+    assert microgate.judge(microgate.ratios(_micro_doc(missing)), base)[0] == ["sync", "sync_parallel"]
+
+
 def _fake_point(engine: str, n: int, new_mpps: float) -> dict:
     run = {"delivered_mpps": new_mpps, "delivered": 1, "misrouted": 0}
     return {"engine": engine, "services": n, "operations": {"update": {}},

@@ -25,7 +25,6 @@ from lb.lab import (
     cleanup_stale,
     inside_ns,
     start_backends,
-    warm_neighbours,
 )
 
 pytestmark = [
@@ -205,15 +204,6 @@ def test_client_cannot_reach_backends_directly(lab: Lab, topo: LbTopology) -> No
     # Only service VIPs are routed via the LB; backends are not on the client's map.
     r = curl(lab, topo.client_ns, f"http://10.244.1.2:{BACKEND_PORT}/", timeout=2)
     assert r.returncode != 0
-
-
-def test_warm_neighbours_fills_lb_neighbour_table(lab: Lab, topo: LbTopology) -> None:
-    answered = warm_neighbours(topo)
-    assert all(answered.values()), answered
-    neigh = lab.neighbours(topo.lb_ns)
-    assert neigh[topo.client_ip] == topo.client.mac
-    for b in topo.backends:
-        assert neigh[b.ip] == b.iface.mac
 
 
 def test_permanent_neighbour(lab: Lab, topo: LbTopology) -> None:

@@ -84,9 +84,9 @@ EXPECTED_MAPS = {
     "policy": (MapType.HASH, 12, 4, 262144, 1),
     "svc_stats": (MapType.PERCPU_ARRAY, 4, 16, 65536, 0),
     "backend_stats": (MapType.PERCPU_ARRAY, 4, 16, 262144, 0),
-    "drop_stats": (MapType.PERCPU_ARRAY, 4, 16, 15, 0),
+    "drop_stats": (MapType.PERCPU_ARRAY, 4, 16, 32, 0),
     "drop_detail": (MapType.LRU_PERCPU_HASH, 12, 16, 65536, 0),
-    "global_stats": (MapType.PERCPU_ARRAY, 4, 16, 14, 0),
+    "global_stats": (MapType.PERCPU_ARRAY, 4, 16, 32, 0),
     "config": (MapType.ARRAY, 4, 60, 2, 0),
     "meta": (MapType.ARRAY, 4, 8, 1, 0),
     "tx_ports": (MapType.DEVMAP_HASH, 4, 4, 256, 0),
@@ -96,6 +96,7 @@ EXPECTED_MAPS = {
     "flood_bucket": (MapType.PERCPU_ARRAY, 4, 16, 1, 0),
     "reject_bucket": (MapType.PERCPU_ARRAY, 4, 16, 1, 0),
     "nexthops": (MapType.LRU_PERCPU_HASH, 20, 32, 65536, 0),
+    "neigh_requests": (MapType.LRU_HASH, 20, 4, 1024, 0),
     "affinity": (MapType.LRU_HASH, 24, 16, 262144, 0),
 }
 

@@ -357,6 +357,16 @@ def test_build_tables_ipv4_sizes_and_duplicates():
         build_tables_ipv4(a[[0, 0]], p[[0, 0]], np.ones(2), [2])
     with pytest.raises(ValueError, match="weight"):
         build_tables_ipv4(a, p, np.array([1, 0, 1]), [3])
+    # The same checks on the few-services path (Python ints) and the batch one.
+    for n in (2, 40):
+        counts = [3] + [0] * (n - 1)
+        for bad, msg in (([1000] + [0] * (n - 1), r"service #0: size 1000 for 3 backends"),
+                         ([307, 101] + [0] * (n - 2), r"service #1: size 101 for 0 backends"),
+                         ([307], f"1 sizes for {n} services")):
+            with pytest.raises(ValueError, match=msg):
+                build_tables_ipv4(a, p, np.ones(3), counts, sizes=bad)
+        got = build_tables_ipv4(a, p, np.ones(3), counts, sizes=[307] + [0] * (n - 1))
+        assert list(got[1]) == [0] + [307] * (n - 1) and list(got[2]) == [307] + [0] * (n - 1)
 
 
 @pytest.mark.parametrize("n", [3, 100])        # the Python loop and the native pass
@@ -396,3 +406,58 @@ def test_pinned_batch():
     slots, _, _ = build_tables(_pinned_batch())
     assert len(slots) == 4951403
     assert hashlib.sha256(slots.tobytes()).hexdigest()[:16] == "2c33f7c8ccb548e5"
+
+
+# ---- no parallel region on small inputs ----------------------------------
+
+
+def test_parallel_functions_listed():
+    """maglev.PARALLEL_FUNCTIONS names every parallel=True function (the
+    guard below finds them by introspection, this keeps the list honest)."""
+    from lb import maglev
+    from noparallel import parallel_functions
+
+    assert sorted(maglev.PARALLEL_FUNCTIONS) == sorted(n for (m, n) in parallel_functions() if m == "lb.maglev")
+
+
+def test_small_inputs_enter_no_parallel_region():
+    """By default a few services (or a few keys) never open a numba parallel
+    region: one stalls for milliseconds when the other core is busy (a CI
+    machine's micro-benchmark of one service took 13 ms instead of 27 us).
+    The parallel functions are replaced by ones that raise."""
+    from lb.maglev import build_tables_ipv4, ipv4_digests, place_tables
+    from noparallel import forbid_parallel_regions
+
+    rng = random.Random(11)
+    one = [[(k, 1) for k in random_keys(rng, 3)]]
+    few = [[(k, rng.randrange(1, 4)) for k in random_keys(rng, n)] for n in (1, 0, 10, 655, 7)]
+    many_small = [[(k, 1)] for k in random_keys(rng, 40)]     # more than 32 services, few slots
+    want = {id(s): build_tables(s) for s in (one, few, many_small)}
+    with forbid_parallel_regions() as called:
+        for svcs in (one, few, many_small):
+            got = build_tables(svcs)
+            assert all(np.array_equal(g, w) for g, w in zip(got, want[id(svcs)]))
+            flat = [(_split(k), w) for svc in svcs for k, w in svc]
+            got = build_tables_ipv4(np.array([a for (a, _), _ in flat]), np.array([p for (_, p), _ in flat]),
+                                    np.array([w for _, w in flat]), [len(s) for s in svcs])
+            assert all(np.array_equal(g, w) for g, w in zip(got, want[id(svcs)]))
+        ipv4_digests(np.arange(4096), np.arange(4096))
+        slots, offsets, sizes = want[id(many_small)]
+        out = np.zeros(int(sizes.sum()), np.uint32)
+        place_tables(out, offsets, slots, offsets, sizes, np.arange(1, len(many_small) + 1),
+                     np.arange(len(many_small)))
+        assert out.tolist() == np.repeat(np.arange(1, len(many_small) + 1), sizes).tolist()
+    assert called == []
+
+
+def test_big_batches_still_run_in_parallel():
+    """The other side of the rule: a full sync's batch does open the region."""
+    from lb import maglev
+    from noparallel import forbid_parallel_regions
+
+    rng = random.Random(12)
+    svcs = [[(k, 1) for k in random_keys(rng, 10)] for _ in range(200)]     # 200 x 1009 slots
+    assert maglev.use_parallel(len(svcs), 200 * table_size(10))
+    with forbid_parallel_regions() as called, pytest.raises(AssertionError, match="parallel region"):
+        build_tables(svcs)
+    assert called == ["lb.maglev._build_many"]

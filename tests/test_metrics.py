@@ -32,6 +32,7 @@ FAMILIES = {
     # control plane
     "xdplb_apply_duration_seconds": "histogram", "xdplb_apply_errors": "counter",
     "xdplb_config_generation": "gauge", "xdplb_reclaim_pending": "gauge", "xdplb_up": "gauge",
+    "xdplb_neighbours_managed": "gauge", "xdplb_neighbours_unresolved": "gauge",
     # health checks
     "xdplb_backend_health": "gauge",
 }
@@ -162,6 +163,8 @@ def test_every_family_with_the_values_the_traffic_produced(lab, metrics_daemon):
     assert m.get("xdplb_config_generation") >= 1
     assert m.get("xdplb_up") == 1
     assert m.get("xdplb_reclaim_pending") >= 0
+    assert m.get("xdplb_neighbours_managed") == 3          # one per backend, all resolved
+    assert m.get("xdplb_neighbours_unresolved") == 0
     assert m.get("xdplb_apply_duration_seconds_count", kind="full") == 1
     assert m.get("xdplb_apply_errors_total", kind="full") == 0
     health = m.where("xdplb_backend_health", service="web")

@@ -128,3 +128,57 @@ def test_generation_wraps_past_zero(rec):
     (b,) = rec.services[next(iter(rec.services))].backends.values()
     assert b.id == 1 and b.gen == 1 == int(bview["gen"][1])
     assert _counted(rec, "backend_stats", 1) == 0
+
+
+def test_small_updates_enter_no_parallel_region(rec):
+    """Every path a small update takes (the API's upsert and delete, a
+    Kubernetes batch of a few services, a full apply that changes one
+    service) stays out of numba's parallel regions: on a gateway every core
+    is busy with softirq work, and a region then waits milliseconds for a
+    thread (lb/maglev.py). The parallel functions are replaced by ones that
+    raise."""
+    from noparallel import forbid_parallel_regions
+
+    services = _services(300, random.Random(5))
+    services[7]["backends"] = [f"10.200.{j // 256}.{j % 256}:80" for j in range(600)]    # 65521 slots
+    rec.apply(_config(rec, services))
+    key = lambda d: (IPv4Address(d["vip"]), d["port"], d["protocol"])          # noqa: E731
+    with forbid_parallel_regions() as called:
+        for i in (3, 7):                                       # upsert: a backend replaced
+            services[i]["backends"] = services[i]["backends"][1:] + [f"10.250.0.{i}:9000"]
+            cfg = _config(rec, services)
+            rec.upsert_service(cfg, cfg.services[i])
+        services.append({"name": "new", "vip": "10.99.0.1", "port": 80, "protocol": "udp",
+                         "backends": ["10.250.1.1:80", "10.250.1.2:80"]})
+        cfg = _config(rec, services)
+        rec.upsert_service(cfg, cfg.services[-1])              # upsert: a new service
+        for i in range(10, 15):
+            services[i]["backends"] = [f"10.251.{i}.1:80"]
+        gone = services.pop(20)
+        cfg = _config(rec, services)
+        rec.apply_services(cfg, [cfg.services[i] for i in range(10, 15)], [key(gone)])   # a batch
+        gone = services.pop(30)
+        cfg = _config(rec, services)
+        rec.delete_service(cfg, key(gone))                     # delete
+        services[40]["backends"] = ["10.252.0.1:80", "10.252.0.2:80"]
+        res = rec.apply(_config(rec, services))                # full apply, one change
+        assert res.updated == 1 and res.added == res.removed == 0
+    assert called == []
+    live = rec.services[key(services[7])]
+    assert live.ring_size == maglev.table_size(600) and len(live.backends) == 600
+
+
+def test_reply_keys_small_and_batch_paths_agree(rec):
+    """_backend_addrs: the struct path (a few keys, an update's) and the
+    numpy path (a batch) write the same bytes."""
+    from lb.reconcile import _backend_addrs
+    from lb.replies import addr_key
+
+    dt = rec._dtypes["backend_addr"]
+    rng = random.Random(9)
+    keys = np.array([addr_key((rng.randrange(2**32) << 16) | rng.randrange(65536), rng.choice([6, 17]))
+                     for _ in range(9)], np.int64)
+    batch = _backend_addrs(dt, keys, rec.c.FAMILY_IPV4)
+    for i in range(0, 9, 3):
+        assert _backend_addrs(dt, keys[i:i + 3], rec.c.FAMILY_IPV4).tobytes() == batch[i:i + 3].tobytes()
+    assert _backend_addrs(dt, keys[:0], rec.c.FAMILY_IPV4).size == 0

@@ -16,8 +16,11 @@
 enum xdplb_layout {
 	/* 3: flood guard, no-backend rejects, svc_value.affinity_timeout_s
 	 * 4: gateway-mode replies found through reply_index + conntrack
-	 *    (ct_entry.ifindex, svc_keys, SVC_F_REV_NAT) */
-	XDPLB_LAYOUT_VERSION = 4,
+	 *    (ct_entry.ifindex, svc_keys, SVC_F_REV_NAT)
+	 * 5: drop_stats and global_stats sized by DROP_REASON_SLOTS and
+	 *    COUNTER_SLOTS (room for new reasons and counters without a
+	 *    layout change); DROP_NO_NEIGH, DROP_MTU, neigh_requests */
+	XDPLB_LAYOUT_VERSION = 5,
 };
 
 /* Default map capacities. The control plane may resize the ones marked
@@ -42,6 +45,7 @@ enum xdplb_limits {
 	REPLY_INDEX_SVCS = 8,
 	DEVMAP_ENTRIES = 256,          /* egress interfaces for XDP_REDIRECT */
 	NEXTHOP_ENTRIES = 65536,       /* cached next hops (backends and clients), LRU */
+	NEIGH_REQUEST_ENTRIES = 1024,  /* unresolved next hops for the control plane, LRU */
 	/* Client-IP affinity: (service, client address) -> backend, LRU. An
 	 * evicted entry only loses stickiness: Maglev picks again. */
 	AFFINITY_ENTRIES = 262144,
@@ -52,6 +56,11 @@ enum xdplb_limits {
 	/* SNAT source-port allocation probes this many ports before giving up
 	 * with DROP_NAT_EXHAUSTED; bounded so that the verifier can unroll it. */
 	NAT_PORT_PROBES = 8,
+	/* Entries of drop_stats and global_stats. Larger than DROP_REASON_MAX
+	 * and CNT_MAX so that a new reason or counter fits in the pinned maps
+	 * of a running node: an upgrade adding one keeps every flow. */
+	DROP_REASON_SLOTS = 32,
+	COUNTER_SLOTS = 32,
 	/* svc_id and backend_id 0 are never allocated: 0 means "none". */
 	ID_NONE = 0,
 };
@@ -113,7 +122,16 @@ enum drop_reason {
 	DROP_CT_FULL = 12,          /* conntrack/NAT insert failed */
 	DROP_REDIRECT = 13,         /* egress interface not in the devmap */
 	DROP_NEW_FLOW_RATE = 14,    /* flood guard: a new flow over the per-CPU rate (guard.h) */
-	DROP_REASON_MAX = 15,
+	/* The next hop's neighbour is unresolved and the packet's source was
+	 * rewritten (SNAT, or a reply now from the VIP): the kernel may drop
+	 * such a packet (a martian when the source is its own, rp_filter) and
+	 * then resolves nothing. The control plane keeps backends' next hops
+	 * resolved and resolves the ones the program asks for
+	 * (neigh_requests, lb/neighbours.py): this is the moment before. */
+	DROP_NO_NEIGH = 15,
+	/* Bigger than the egress MTU, with a rewritten source (as above). */
+	DROP_MTU = 16,
+	DROP_REASON_MAX = 17,
 };
 
 /* flow_event.verdict (monitor.h). Only drops and the first packet of new

@@ -60,13 +60,38 @@ static __always_inline int next_hop(struct xdp_md *ctx, const struct packet *pkt
 	return rc;
 }
 
-/* Routes that XDP cannot use but the kernel can finish: a missing neighbour
- * (the kernel forwards this packet and resolves ARP, so the next packet of
- * the flow takes the fast path) or a packet bigger than the egress MTU (the
- * kernel fragments it or sends ICMP). Everything else is a drop. */
-static __always_inline int fib_kernel_can_finish(int rc)
+/* What a FIB answer means for a packet: DROP_NONE to go on (by XDP, or
+ * by the kernel), or why it cannot.
+ *
+ * Two answers XDP cannot use the kernel can finish: a missing neighbour
+ * (the kernel forwards the packet and resolves it, so the next packet
+ * takes the fast path) and a packet bigger than the egress MTU (the kernel
+ * fragments it or sends ICMP). But only a packet whose source address is
+ * still the sender's: one from the SNAT address is a martian to the kernel
+ * (its own address), one from a VIP may be one too, or fail rp_filter, and
+ * the kernel drops either without resolving anything, for every packet of
+ * the flow. Those are dropped and counted here, and the next hop is handed
+ * to the control plane (neigh_requests), which has it resolved; the
+ * sender's retransmission then finds it. */
+static __always_inline enum drop_reason fib_verdict(int rc, const struct bpf_fib_lookup *fib,
+						    int source_rewritten)
 {
-	return rc == BPF_FIB_LKUP_RET_NO_NEIGH || rc == BPF_FIB_LKUP_RET_FRAG_NEEDED;
+	struct nexthop_key key = { .family = FAMILY_IPV4 };
+	__u32 ifindex = fib->ifindex;
+
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
+		return DROP_NONE;
+	if (rc != BPF_FIB_LKUP_RET_NO_NEIGH && rc != BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return DROP_FIB;
+	if (!source_rewritten)
+		return DROP_NONE;
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return DROP_MTU;
+	/* On NO_NEIGH the FIB left the next hop's address and interface. */
+	key.addr[0] = fib->ipv4_dst;
+	if (!dry_run)
+		bpf_map_update_elem(&neigh_requests, &key, &ifindex, BPF_ANY);
+	return DROP_NO_NEIGH;
 }
 
 /* Send a rewritten packet to its next hop. */
@@ -75,7 +100,7 @@ static __always_inline int transmit(struct xdp_md *ctx, struct packet *pkt,
 {
 	int action;
 
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {   /* fib_verdict() said the kernel can finish it */
 		count_global(CNT_NEIGH_PASS, pkt->len);
 		return count_verdict(XDP_PASS, pkt->len);
 	}

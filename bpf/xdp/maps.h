@@ -323,7 +323,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, DROP_REASON_MAX);
+	__uint(max_entries, DROP_REASON_SLOTS);
 	__type(key, __u32);                     /* enum drop_reason */
 	__type(value, struct counter);
 } drop_stats SEC(".maps");
@@ -337,7 +337,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, CNT_MAX);
+	__uint(max_entries, COUNTER_SLOTS);
 	__type(key, __u32);                     /* enum xdplb_counter */
 	__type(value, struct counter);
 } global_stats SEC(".maps");
@@ -378,6 +378,17 @@ struct {
 	__type(key, struct nexthop_key);
 	__type(value, struct nexthop);
 } nexthops SEC(".maps");
+
+/* Next hops the program found unresolved and could not hand to the kernel
+ * (forward.h): key = the next hop's address, value = its interface. The
+ * control plane drains it and asks the kernel to resolve each one
+ * (lb/neighbours.py). Written only on that rare path. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, NEIGH_REQUEST_ENTRIES);
+	__type(key, struct nexthop_key);
+	__type(value, __u32);
+} neigh_requests SEC(".maps");
 
 /* Client-IP affinity (affinity.h): a client's last backend per service. */
 struct affinity_key {

@@ -99,6 +99,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 	struct rewrite rw;
 	__u32 identity = IDENTITY_UNKNOWN;
 	__u32 hash = 0, backend_id;
+	enum drop_reason why;
 	__u64 now = 0;
 	int snat, ct_hit = 0, stateless = 0, rc;
 
@@ -163,8 +164,9 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 	rw.dport = b->port;
 
 	rc = next_hop(ctx, pkt, rw.saddr, rw.daddr, cfg, &fib);
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS && !fib_kernel_can_finish(rc))
-		return drop(ctx, pkt, identity, svc.svc_id, DROP_FIB);
+	why = fib_verdict(rc, &fib, snat);
+	if (why != DROP_NONE)
+		return drop(ctx, pkt, identity, svc.svc_id, why);
 
 	if (stateless) {
 		count_global(CNT_GUARD_STATELESS, pkt->len);
@@ -174,9 +176,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 		 * conntrack entry (reply.h). SNAT replies, and those of a
 		 * service missing from reply_index, need a reverse-NAT entry. */
 		if (snat || (svc.flags & SVC_F_REV_NAT)) {
-			enum drop_reason why = reverse_nat_store(&pkt->flow, &rw, &ct, cfg,
-								 mix32(hash ^ 0x9e3779b9));
-
+			why = reverse_nat_store(&pkt->flow, &rw, &ct, cfg, mix32(hash ^ 0x9e3779b9));
 			if (why != DROP_NONE)
 				return drop(ctx, pkt, identity, svc.svc_id, why);
 		}
@@ -204,6 +204,7 @@ static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt,
 	struct nat_entry nat = *nat_ptr;
 	struct bpf_fib_lookup fib = {};
 	struct rewrite rw;
+	enum drop_reason why;
 	int rc;
 
 	/* Only the backend-facing interface may carry replies: a forged
@@ -218,8 +219,9 @@ static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt,
 	rw.daddr = nat.client[0];
 	rw.dport = nat.client_port;
 	rc = next_hop(ctx, pkt, rw.saddr, rw.daddr, cfg, &fib);
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS && !fib_kernel_can_finish(rc))
-		return drop(ctx, pkt, IDENTITY_UNKNOWN, nat.svc_id, DROP_FIB);
+	why = fib_verdict(rc, &fib, 1);      /* a reply leaves from the VIP */
+	if (why != DROP_NONE)
+		return drop(ctx, pkt, IDENTITY_UNKNOWN, nat.svc_id, why);
 
 	probe_record(DROP_NONE, IDENTITY_UNKNOWN, nat.svc_id, nat.backend_id, 0, 1);
 	rewrite_packet(pkt, &rw);

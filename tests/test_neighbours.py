@@ -1,0 +1,172 @@
+"""Cold neighbours: nothing warms the LB's neighbour table, as on a real
+gateway. The daemon keeps every backend's next hop resolved with managed
+entries (lb/neighbours.py), also after `ip neigh flush all`, and the data
+plane never hands the kernel a packet it would drop as a martian."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+from scapy.layers.inet import IP
+
+from lb.demo import WEB_VIP, curl_many, lab_config
+from lb.lab import Lab, build_lb_lab, start_backends
+from lb.neighbours import (NEIGH_PROTOCOL, NTF_EXT_MANAGED, NextHop, RouteTable, backend_addresses,
+                          drain_requests)
+from lbtest import XDP_DROP, XDP_REDIRECT, Harness, pin_dir, stats, tcp, wait_for
+
+CLIENT = "10.1.0.10"
+
+
+def lb_neighbours(lab: Lab, ns: str) -> dict[str, tuple[int, bool, int]]:
+    """address -> (state, managed, protocol) in the LB's neighbour table."""
+    out = {}
+    for n in lab.ipr(ns).get_neighbours(family=2):
+        dst = n.get_attr("NDA_DST")
+        if dst:
+            out[dst] = (n["state"], bool((n.get_attr("NDA_FLAGS_EXT") or 0) & NTF_EXT_MANAGED),
+                        n.get_attr("NDA_PROTOCOL") or 0)
+    return out
+
+
+def resolved_and_managed(lab: Lab, topo) -> bool:
+    table = lb_neighbours(lab, topo.lb_ns)
+    return all(b.ip in table and table[b.ip][1] and table[b.ip][0] & 0x1E for b in topo.backends)
+
+
+@pytest.fixture
+def cold_lab():
+    """A lab of its own: no earlier test has resolved anything in it."""
+    with Lab() as lab:
+        topo = build_lb_lab(lab, 3)
+        start_backends(lab, topo)
+        yield lab, topo
+
+
+@pytest.mark.parametrize("snat", [False, True], ids=["gateway", "snat"])
+def test_cold_backends_answered_then_after_a_flush(cold_lab, bpf_object, tmp_path, snat):
+    """300 curls, each a new flow, through a LB whose neighbour table nobody
+    warmed: all answered. Then `ip neigh flush all` on the LB: 300 more, all
+    answered. (On the old data plane SNAT answered none: the rewritten packet,
+    sourced from the LB's own address, was handed to the kernel, which drops
+    it as a martian and never resolves the neighbour.)"""
+    import signal
+
+    from lb.dataplane import Dataplane
+    from lb.demo import DaemonProcess
+
+    lab, topo = cold_lab
+    assert not any(b.ip in lb_neighbours(lab, topo.lb_ns) for b in topo.backends)
+    cfg = lab_config(topo, fillers=0, bpffs=pin_dir(), socket=f"/run/xdplb/neigh-{snat}.sock", snat=snat)
+    d = DaemonProcess(cfg, tmp_path, topo.lb_ns)
+    try:
+        d.start()
+        # The daemon resolved them before READY, as managed entries of its own.
+        table = lb_neighbours(lab, topo.lb_ns)
+        for b in topo.backends:
+            state, managed, proto = table[b.ip]
+            assert managed and proto == NEIGH_PROTOCOL and state & 0x1E, (b.ip, table[b.ip])
+        answers = curl_many(lab, topo, f"http://{WEB_VIP}/", 300, CLIENT)
+        assert len(answers) == 300
+        assert set(answers) == {b.name for b in topo.backends}
+
+        lab.run(topo.lb_ns, ["ip", "neigh", "flush", "all"])
+        # Re-created at once (a netlink event), not at the next periodic pass.
+        wait_for(lambda: resolved_and_managed(lab, topo), timeout=1.0, what="managed entries back")
+        answers = curl_many(lab, topo, f"http://{WEB_VIP}/", 300, CLIENT)
+        assert len(answers) == 300
+
+        st = stats(d)
+        # Toward the backends nothing waited: their entries were kept. The
+        # flush also took the client's entry (the client, with the LB's MAC
+        # cached, does not ARP again): a reply or two waited for it.
+        toward_backends = [r for r in st["drop_detail"]
+                           if r["reason"] == "no_neigh" and r["identity"] == "frontend"]
+        assert toward_backends == []
+        status = d.call("status")
+        assert status["neighbours"]["readded"] >= 3 and status["neighbours"]["unresolved"] == []
+        assert st["drops"]["no_neigh"]["packets"] <= status["neighbours"]["requested"] * 4
+    finally:
+        d.kill(signal.SIGKILL)
+        Dataplane.detach(__import__("pathlib").Path(cfg["bpffs"]), purge=True)
+
+
+def test_snat_never_hands_the_kernel_a_martian(lab, bpf_object):
+    """A SNAT packet whose next hop is unresolved is dropped and counted
+    (`no_neigh`), not passed to the kernel, which would drop it as a martian
+    (its source is the LB's own address) and resolve nothing. A gateway-mode
+    packet (the client's source) still goes to the kernel, which resolves."""
+    lab_, topo = lab
+    cfg = lab_config(topo, fillers=0, bpffs=pin_dir(), socket="/run/xdplb/unused.sock", snat=True)
+    cfg["nexthop_cache_ms"] = 0
+    with Harness(lab_, topo, cfg, attach=False) as h:
+        _, out = h.run(tcp(CLIENT, 50100, WEB_VIP, 80))
+        b = next(b for b in topo.backends if b.ip == out[IP].dst)
+        lab_.ipr(topo.lb_ns).neigh("del", dst=b.ip, ifindex=b.lb_iface.ifindex)
+        before = h.drop_count("no_neigh")
+        rc, _ = h.run(tcp(CLIENT, 50100, WEB_VIP, 80, flags="A"))
+        assert rc == XDP_DROP
+        assert h.drop_count("no_neigh") == before + 1
+        # The program asked the control plane for that next hop.
+        assert drain_requests(h.dp) == [NextHop(b.lb_iface.ifindex, b.ip)]
+        h.neighbours.sync(wait=2.0)                     # the keeper puts it back
+        rc, _ = h.run(tcp(CLIENT, 50100, WEB_VIP, 80, flags="A"))
+        assert rc == XDP_REDIRECT
+
+
+def test_reply_to_an_unresolved_client_is_resolved_on_demand(lab, bpf_object):
+    """Nobody can list the clients in advance. A reply whose client next hop
+    is unresolved (here: deleted; a client with the LB's MAC cached does
+    not ARP again) leaves from the VIP, which the kernel may refuse: it is
+    dropped, the program asks for the next hop, the keeper has the kernel
+    resolve it, and the retransmitted reply goes out by XDP."""
+    lab_, topo = lab
+    cfg = lab_config(topo, fillers=0, bpffs=pin_dir(), socket="/run/xdplb/unused.sock")
+    cfg["nexthop_cache_ms"] = 0
+    with Harness(lab_, topo, cfg, attach=False) as h:
+        _, out = h.run(tcp(CLIENT, 50300, WEB_VIP, 80))
+        b = next(b for b in topo.backends if b.ip == out[IP].dst)
+        reply = tcp(b.ip, topo.backend_port, CLIENT, 50300, flags="SA")
+        assert h.run(reply, ifname=b.lb_iface.name)[0] == XDP_REDIRECT
+        lab_.ipr(topo.lb_ns).neigh("del", dst=CLIENT, ifindex=topo.lb_client.ifindex)
+        rc, _ = h.run(reply, ifname=b.lb_iface.name)
+        assert rc == XDP_DROP and h.drop_count("no_neigh") == 1
+        assert h.neighbours.resolve_requested() == 1
+        wait_for(lambda: h.run(reply, ifname=b.lb_iface.name)[0] == XDP_REDIRECT, timeout=2.0,
+                 what="the client's next hop resolved")
+        assert lb_neighbours(lab_, topo.lb_ns)[CLIENT][1] is False   # a plain entry, not kept
+
+
+def test_keeper_follows_backends_and_routes(lab, bpf_object):
+    """Next hops of backends behind a gateway are the gateway; an entry the
+    keeper made is removed once no backend needs it."""
+    lab_, topo = lab
+    b1 = topo.backends[0]
+    ipr = lab_.ipr(topo.lb_ns)
+    # 10.250.0.0/24 lives behind b1 (its address is the gateway).
+    ipr.route("add", dst="10.250.0.0/24", gateway=b1.ip)
+    try:
+        cfg = lab_config(topo, fillers=0, bpffs=pin_dir(), socket="/run/xdplb/unused.sock",
+                         web_backends=["10.250.0.7:8080", "10.250.0.8:8080"])
+        with Harness(lab_, topo, cfg, attach=False) as h:
+            routes = RouteTable.dump(h.neighbours.ipr)
+            hops = routes.lookup(np.array([0x0AFA0007, 0x0AF40102], dtype=np.uint32))
+            assert hops[0] == (NextHop(b1.lb_iface.ifindex, b1.ip),)
+            assert hops[1] == (NextHop(b1.lb_iface.ifindex, "10.244.1.2"),)   # on-link: itself
+            addrs = backend_addresses(h.dp)
+            assert 0x0AFA0007 in addrs.tolist() and 0x0AFA0008 in addrs.tolist()
+            table = lb_neighbours(lab_, topo.lb_ns)
+            assert table[b1.ip][1]                       # the gateway is managed
+            assert "10.250.0.7" not in table             # not on-link: never an entry of its own
+            # Without the echo service's backends b2, b3 lose their entries.
+            edited = h.edit()
+            edited["services"] = [s for s in edited["services"] if s["name"] == "web"]
+            h.apply(edited)
+            table = lb_neighbours(lab_, topo.lb_ns)
+            assert table[b1.ip][1]
+            for b in topo.backends[1:]:
+                assert not (b.ip in table and table[b.ip][2] == NEIGH_PROTOCOL), table.get(b.ip)
+    finally:
+        ipr.route("del", dst="10.250.0.0/24", gateway=b1.ip)
