@@ -80,6 +80,7 @@ install: bpf
 	$(PREFIX)/venv/bin/pip install -q .
 	rm -rf build
 	install -m 0644 $(BPF_OBJ) $(PREFIX)/xdplb.o
+	install -m 0644 $(DECAP_OBJ) $(PREFIX)/decap.o
 	sed -e 's|/opt/xdplb|$(PREFIX)|g' -e 's|/etc/xdplb|$(CONFDIR)|g' systemd/xdplb.service \
 	  > $(UNITDIR)/xdplb.service
 	chmod 0644 $(UNITDIR)/xdplb.service

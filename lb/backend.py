@@ -183,10 +183,11 @@ class Decap:
     def _check_layout(self) -> None:
         cfg = self.maps["config"].lookup(0)
         want = self.consts.DECAP_LAYOUT_VERSION
-        if cfg.layout_version == 0 and self.loaded:      # fresh maps
-            cfg.layout_version = want
-            cfg.gue_port = htons(self.consts.DECAP_GUE_PORT_DEFAULT)
-            self.maps["config"].update(0, cfg)
+        if cfg.layout_version == 0:          # fresh maps: the first load sets them up
+            if self.loaded:
+                cfg.layout_version = want
+                cfg.gue_port = htons(self.consts.DECAP_GUE_PORT_DEFAULT)
+                self.maps["config"].update(0, cfg)
         elif cfg.layout_version != want:
             raise BackendError(
                 f"pinned maps in {self.pin_dir / 'maps'} have layout version "
@@ -297,6 +298,11 @@ class Decap:
         if mode not in MODES:
             raise BackendError(f"invalid XDP mode {mode!r}: one of {', '.join(MODES)}")
         path = self.link_path(ifname)
+        if not path.exists():
+            other = xdp_query(ifindex)
+            if other:
+                raise BackendError(f"another XDP program (id {other}) is attached to {ifname}, "
+                                   f"not through {self.pin_dir}; detach it first")
         if path.exists():
             link = XdpLink.from_pin(str(path))
             try:
@@ -341,7 +347,8 @@ class Decap:
         link = XdpLink.from_pin(str(path))
         try:
             ifindex = link.info().ifindex
-            link.detach()
+            if ifindex:               # 0: the interface is gone, and the link with it
+                link.detach()
         finally:
             link.close()
         path.unlink()

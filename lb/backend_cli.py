@@ -21,9 +21,11 @@ from pyroute2.netlink.exceptions import NetlinkError
 from rich.console import Console
 from rich.table import Table
 
+from loader import xdp_query
+
 from . import backend_host as host
-from .backend import (DEFAULT_PIN_DIR, MODES, BackendError, Decap, IPAddress, parse_address,
-                      parse_vip)
+from .backend import (DEFAULT_PIN_DIR, MODES, BackendError, Decap, IPAddress, check_bpffs,
+                      parse_address, parse_vip)
 
 console = Console()
 
@@ -42,27 +44,33 @@ def attach(ifname: str, *, vips: list[str] | None = None, gue_port: int | None =
         raise BackendError(f"invalid XDP mode {mode!r}: one of {', '.join(MODES)}")
     with IPRoute() as ipr:
         ifindex = host.ifindex(ipr, ifname)
+    check_bpffs(pin_dir)
+    other = xdp_query(ifindex)
+    if other and not (pin_dir / "links" / ifname).exists():   # before any pin is made
+        raise BackendError(f"another XDP program (id {other}) is attached to {ifname}, not "
+                           f"through {pin_dir}; detach it first")
     dsts = dsts or set(host.interface_addresses(ifname))
     if not dsts:
         raise BackendError(f"{ifname} has no address to accept tunnels on; name one with "
                            "--tunnel-dst ADDR")
-    notes = []
     with Decap.load(pin_dir, object_path) as d:
         if vip_set is None:
             vip_set = set(d.vips())
-        if not vip_set:
-            notes.append("no VIPs: nothing will be decapsulated (give them with --vip ADDR)")
-        # ARP first, then the addresses, then the map: the program never
-        # passes up a packet for a VIP the stack would not accept, and the
-        # VIP is never answered for in ARP.
+        # The link first: if it cannot be made (another XDP program, no
+        # native mode) the host is left as it was. A new link decapsulates
+        # nothing until the tunnel addresses are in.
+        prog_id = d.attach(ifname, ifindex, mode)
+        if gue_port is not None:
+            d.set_gue_port(gue_port)
+        d.set_tunnel_dsts(ifindex, dsts)
+        # Then ARP, the addresses, the map: the program never passes up a
+        # packet for a VIP the stack would not take, and no VIP is ever
+        # answered for in ARP.
         sysctls = host.quiet_arp(ifname) if any(ip.version == 4 for ip in vip_set) else {}
         added = host.add_vip_addresses(vip_set)
         d.set_vips(vip_set)
         removed = host.remove_vip_addresses(vip_set)
-        if gue_port is not None:
-            d.set_gue_port(gue_port)
-        d.set_tunnel_dsts(ifindex, dsts)
-        prog_id = d.attach(ifname, ifindex, mode)
+        notes = [] if vip_set else ["no VIPs: nothing is decapsulated (give them with --vip ADDR)"]
         note = host.rp_filter_note(ifname)
         if note:
             notes.append(note)

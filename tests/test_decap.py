@@ -166,6 +166,14 @@ def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before[k] for k in after if after[k] != before[k]}
 
 
+def _fragment() -> IP:
+    return IP(src=CLIENT4, dst=VIP4, ttl=64, id=9, flags="MF", frag=0, proto=17) / (b"\x00" * 64)
+
+
+def _udp_with_options() -> IP:
+    return IP(src=CLIENT4, dst=VIP4, ttl=64, options=[IPOption_RR()]) / UDP(sport=5353, dport=53) / b"q"
+
+
 DECAP_CASES = [
     ("IPv4 in IPv4", lambda: ipip(inner4(), 4), inner4, "ipip4"),
     ("IPv6 in IPv4", lambda: ipip(inner6(), 4), inner6, "ipip4"),
@@ -175,6 +183,10 @@ DECAP_CASES = [
     ("GUE IPv6 over IPv4", lambda: gue(inner6(), 4), inner6, "gue4"),
     ("GUE IPv4 over IPv6", lambda: gue(inner4(), 6), inner4, "gue6"),
     ("GUE IPv6 over IPv6", lambda: gue(inner6(), 6), inner6, "gue6"),
+    # The inner packet is the client's business: a fragment or a UDP datagram
+    # goes up as it is (the stack reassembles, checks, delivers).
+    ("inner IPv4 fragment", lambda: ipip(_fragment(), 4), _fragment, "ipip4"),
+    ("inner UDP with options", lambda: gue(_udp_with_options(), 4), _udp_with_options, "gue4"),
 ]
 
 
@@ -562,6 +574,7 @@ def test_attach_is_idempotent_and_updates_the_vip_set(dsr):
 
 def test_cli_errors_are_one_line(dsr, tmp_path):
     net, _wire, pins, _ = dsr
+    other = pin_dir()
     cases = [
         (("attach", "nosuch0", "--vip", VIP4), "interface 'nosuch0' not found"),
         (("attach", "eth0", "--vip", "10.0.0.300"), "invalid VIP '10.0.0.300'"),
@@ -570,6 +583,7 @@ def test_cli_errors_are_one_line(dsr, tmp_path):
         (("attach", "eth0", "--vip", VIP4, "--bpffs", str(tmp_path / "pins")),
          "is not on a BPF filesystem"),
         (("attach", "eth0", "--vip", VIP4, "--xdp-mode", "generic"), "runs the decap program in native mode"),
+        (("attach", "eth0", "--vip", VIP4, "--bpffs", str(other)), "another XDP program (id "),
     ]
     for args, message in cases:
         if "--bpffs" not in args:
@@ -579,6 +593,7 @@ def test_cli_errors_are_one_line(dsr, tmp_path):
         assert p.returncode == 1, (args, out)
         assert out.count("\n") == 0 and message in out and "Traceback" not in out, (args, out)
     assert backend_status(net, pins)["attached"]                 # nothing was broken
+    assert not other.exists()                                     # and nothing pinned elsewhere
 
 
 def test_detach_purge_removes_everything(bpf_object):
