@@ -44,6 +44,10 @@ def attach(ifname: str, *, vips: list[str] | None = None, gue_port: int | None =
         raise BackendError(f"invalid XDP mode {mode!r}: one of {', '.join(MODES)}")
     with IPRoute() as ipr:
         ifindex = host.ifindex(ipr, ifname)
+    v6 = sorted(str(ip) for ip in vip_set or () if ip.version == 6)
+    if v6 and not host.ipv6_enabled():
+        raise BackendError(f"IPv6 is disabled on {host.VIP_DEVICE}: the VIP {v6[0]} cannot be a "
+                           "local address (net.ipv6.conf.lo.disable_ipv6)")
     check_bpffs(pin_dir)
     other = xdp_query(ifindex)
     if other and not (pin_dir / "links" / ifname).exists():   # before any pin is made

@@ -124,6 +124,12 @@ def _order(ip: IPAddress) -> tuple[int, int]:
     return ip.version, int(ip)
 
 
+def ipv6_enabled(ifname: str = VIP_DEVICE) -> bool:
+    """Whether `ifname` can hold IPv6 addresses (not disable_ipv6)."""
+    conf = Path("/proc/sys/net/ipv6/conf") / ifname / "disable_ipv6"
+    return conf.exists() and conf.read_text().strip() == "0"
+
+
 def _conf(ifname: str, key: str) -> Path:
     return Path("/proc/sys/net/ipv4/conf") / ifname / key
 

@@ -561,8 +561,11 @@ def test_attach_is_idempotent_and_updates_the_vip_set(dsr):
         frame = Ether(src=net.lb_mac, dst=net.be_mac) / IPv6(src=LB6, dst=BE6) / inner6()
         before = st["counters"]["not_vip"]["packets"]
         wire.send(frame)
-        time.sleep(0.2)
-        assert backend_status(net, pins)["counters"]["not_vip"]["packets"] == before + 1
+        deadline = time.monotonic() + 5
+        while (n := backend_status(net, pins)["counters"]["not_vip"]["packets"]) == before and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert n == before + 1                                      # VIP6 is not served now
         back = json.loads(xdplb(net, net.be_ns, *args, "--vip", VIP4, "--vip", VIP6).stdout)
         assert back["addresses_added"] == [VIP6] and back["addresses_removed"] == []
         lo = {a.get_attr("IFA_ADDRESS") for a in net.lab.ipr(net.be_ns).get_addr(index=1)}
@@ -603,6 +606,16 @@ def test_detach_purge_removes_everything(bpf_object):
         net = build_pair(lab, "p")
         pins = pin_dir()
         try:
+            # An IPv6 VIP where IPv6 is off: refused before anything is made.
+            lab.sysctl(net.be_ns, "net.ipv6.conf.lo.disable_ipv6", 1)
+            p = xdplb(net, net.be_ns, "backend", "attach", "eth0", "--vip", VIP4, "--vip", VIP6,
+                      "--bpffs", str(pins), check=False)
+            assert p.returncode == 1 and "IPv6 is disabled on lo" in p.stdout, p.stdout + p.stderr
+            assert not pins.exists()
+            with lab.inside(net.be_ns):
+                assert xdp_query(net.be_ifindex) is None
+            lab.sysctl(net.be_ns, "net.ipv6.conf.lo.disable_ipv6", 0)
+
             xdplb(net, net.be_ns, "backend", "attach", "eth0", "--vip", VIP4, "--vip", VIP6,
                   "--bpffs", str(pins))
             assert (pins / "links" / "eth0").exists() and (pins / "maps" / "vips").exists()
