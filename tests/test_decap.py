@@ -133,8 +133,13 @@ class Harness:
         self.net = net
         self.pins = pin_dir()
         self.d = Decap.load(self.pins)
-        self.d.set_vips({ipaddress.ip_address(VIP4), ipaddress.ip_address(VIP6)})
-        self.d.set_tunnel_dsts(net.be_ifindex, {ipaddress.ip_address(BE4), ipaddress.ip_address(BE6)})
+        try:
+            self.d.set_vips({ipaddress.ip_address(VIP4), ipaddress.ip_address(VIP6)})
+            self.d.set_tunnel_dsts(net.be_ifindex, {ipaddress.ip_address(BE4),
+                                                    ipaddress.ip_address(BE6)})
+        except BaseException:
+            self.close()
+            raise
 
     def run(self, frame, ifindex: int | None = None) -> tuple[int, bytes]:
         with self.net.lab.inside(self.net.be_ns):
