@@ -6,6 +6,9 @@ PY ?= python3
 VENV := .venv
 BPF_OBJ := bpf/xdp/xdplb.o
 BPF_SRC := $(wildcard bpf/xdp/*.c bpf/xdp/*.h)
+# The backend side of DSR (xdplb backend attach): its own object.
+DECAP_OBJ := bpf/decap/decap.o
+DECAP_SRC := $(wildcard bpf/decap/*.c bpf/decap/*.h) bpf/xdp/csum.h
 CLANG ?= clang
 BPF_CFLAGS := -O2 -g -target bpf -Wall -Werror -I/usr/include/$(shell uname -m)-linux-gnu
 APT_PKGS := clang llvm libbpf-dev bpftool iptables nftables iproute2 ethtool curl python3-venv
@@ -14,10 +17,13 @@ APT_PKGS := clang llvm libbpf-dev bpftool iptables nftables iproute2 ethtool cur
 
 all: bpf
 
-bpf: $(BPF_OBJ)
+bpf: $(BPF_OBJ) $(DECAP_OBJ)
 
 $(BPF_OBJ): $(BPF_SRC)
 	$(CLANG) $(BPF_CFLAGS) -c bpf/xdp/xdplb.c -o $@
+
+$(DECAP_OBJ): $(DECAP_SRC)
+	$(CLANG) $(BPF_CFLAGS) -c bpf/decap/decap.c -o $@
 
 # The benchmark's own programs: generator, sink, bare forwarder.
 BENCH_BPF_OBJS := $(patsubst %.c,%.o,$(wildcard bench/bpf/*.c))
@@ -81,6 +87,7 @@ install: bpf
 	$(PREFIX)/venv/bin/pip install -q .
 	rm -rf build
 	install -m 0644 $(BPF_OBJ) $(PREFIX)/xdplb.o
+	install -m 0644 $(DECAP_OBJ) $(PREFIX)/decap.o
 	sed -e 's|/opt/xdplb|$(PREFIX)|g' -e 's|/etc/xdplb|$(CONFDIR)|g' systemd/xdplb.service \
 	  > $(UNITDIR)/xdplb.service
 	chmod 0644 $(UNITDIR)/xdplb.service
@@ -92,4 +99,4 @@ install: bpf
 	@echo "then: systemctl enable --now xdplb"
 
 clean:
-	rm -f $(BPF_OBJ) $(BENCH_BPF_OBJS)
+	rm -f $(BPF_OBJ) $(DECAP_OBJ) $(BENCH_BPF_OBJS)

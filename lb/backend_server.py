@@ -120,9 +120,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     handler = type("BoundHandler", (Handler,), {"backend_name": cfg.name})
-    httpd = Server((cfg.host, cfg.port), handler)
+    # An IPv6 host ("::" also takes IPv4, as ::ffff:a.b.c.d) needs an IPv6 socket.
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+    httpd = type("BoundServer", (Server,), {"address_family": family})((cfg.host, cfg.port), handler)
     if cfg.udp_port:
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp = socket.socket(family, socket.SOCK_DGRAM)
         udp.bind((cfg.host, cfg.udp_port))
         threading.Thread(target=serve_udp, args=(udp, cfg.name), daemon=True).start()
     print("ready", flush=True)

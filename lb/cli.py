@@ -357,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_demo)
 
+    from .backend_cli import add_arguments as backend_arguments
+
+    s = sub.add_parser("backend", help="DSR backend: decapsulate the balancer's tunnels for "
+                       "local VIPs (attach, detach, status)")
+    backend_arguments(s)
+
     from bench.cli import add_arguments as bench_arguments
 
     s = sub.add_parser("bench", help="benchmark xdplb against kube-proxy's iptables and nftables "
