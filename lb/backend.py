@@ -19,6 +19,7 @@ decapsulation needs no daemon.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -27,7 +28,10 @@ from typing import Any
 
 from loader import BpfError, BpfObject, Map, XdpLink, xdp_query
 
+from .bpffs import ensure_bpffs
 from .dataplane import Constants
+
+log = logging.getLogger("xdplb.backend")
 
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/xdplb-backend")
 PROGRAM = "xdplb_decap"
@@ -92,29 +96,13 @@ def htons(port: int) -> int:
 ntohs = htons
 
 
-def _mounts() -> list[tuple[str, str]]:
-    """(mount point, fs type) of this mount namespace, in mount order."""
-    out = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        left, _, right = line.partition(" - ")
-        point = left.split()[4].replace("\\040", " ")
-        out.append((point, right.split()[0]))
-    return out
-
-
 def check_bpffs(pin_dir: Path) -> None:
-    """The pins must go on a BPF filesystem: say so in one line if not."""
-    path = pin_dir.resolve()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    best, fstype = "/", "?"
-    for point, fs in _mounts():      # the last mount on the longest prefix wins
-        if (str(path) == point or str(path).startswith(point.rstrip("/") + "/")) and \
-                len(point) >= len(best):
-            best, fstype = point, fs
-    if fstype != "bpf":
-        raise BackendError(f"{pin_dir} is not on a BPF filesystem ({best} is {fstype}); "
-                           "mount one with `mount -t bpf bpf /sys/fs/bpf`")
+    """The pins must outlive this command on a BPF filesystem: mounted if
+    missing, the host's bound in under `ip netns exec` (lb/bpffs.py, as
+    for the balancer); a BpffsError says what to run if neither can be."""
+    note = ensure_bpffs(pin_dir)
+    if note:
+        log.info(note)
 
 
 @dataclass(frozen=True)
