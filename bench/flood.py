@@ -41,7 +41,7 @@ from pathlib import Path
 from lb.config import FloodGuard, config_from_dict
 from lb.dataplane import Dataplane
 from lb.lab import Lab, build_lb_lab
-from lb.neighbours import NeighbourKeeper, backend_addresses, drain_requests
+from lb.neighbours import NeighbourKeeper, backend_addresses, drain_requests, recent_destinations
 from lb.reconcile import Reconciler
 
 from . import profile as prof
@@ -162,7 +162,8 @@ class FloodLab:
             ifindexes = self.dp.attach(cfg.interfaces)
             # The product's keeper resolves the backend's next hop, as the daemon does.
             self.neighbours = NeighbourKeeper(lambda: backend_addresses(self.dp), lambda: ifindexes,
-                                              lambda: drain_requests(self.dp))
+                                              lambda: drain_requests(self.dp),
+                                              lambda: recent_destinations(self.dp))
         self.neighbours.sync(wait=2.0)
         b = topo.backends[0]
         server = lab.popen(b.ns, _pinned(self.stream_cpu, [sys.executable, "-c", SERVER,

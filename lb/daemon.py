@@ -27,7 +27,7 @@ from .dataplane import UNPINNED_MAPS, Dataplane, default_object_path
 from .errors import describe, is_operational
 from .health import HealthChecker, Transition
 from .metrics import Metrics, map_fill
-from .neighbours import NeighbourKeeper, backend_addresses, drain_requests
+from .neighbours import NeighbourKeeper, backend_addresses, drain_requests, recent_destinations
 from .reconcile import PROTOCOLS, Reconciler, bkey
 from loader import XdpLink
 from loader.netlink import ifindex as lookup_ifindex
@@ -241,7 +241,8 @@ class Daemon:
         (up to a second) before READY, so that the first flows find them."""
         self.neighbours = NeighbourKeeper(lambda: self._locked(lambda: backend_addresses(self.dp)),
                                           lambda: self.ifindexes,
-                                          lambda: self._locked(lambda: drain_requests(self.dp)))
+                                          lambda: self._locked(lambda: drain_requests(self.dp)),
+                                          lambda: self._locked(lambda: recent_destinations(self.dp)))
         st = self.neighbours.sync(wait=1.0)
         log.info(kv("neighbours kept", managed=st.managed, unresolved=len(st.unresolved),
                     no_route=st.no_route))

@@ -22,7 +22,10 @@ the program meets an unresolved one that it cannot hand to the kernel (a
 rewritten source, bpf/xdp/forward.h), it drops the packet and writes the
 next hop to the `neigh_requests` map; the keeper drains that map every
 `poll` seconds and asks the kernel to resolve each one once (NTF_USE), so
-the sender's retransmission finds it. Entries it creates carry NDA_PROTOCOL
+the sender's retransmission finds it. To spare most flows that wait, when
+an entry is deleted (a flush, the kernel's garbage collection) the keeper
+also re-resolves at once every on-link destination that a CPU's next-hop
+cache (`nexthops`) still holds: the clients XDP is talking to now. Entries it creates carry NDA_PROTOCOL
 `NEIGH_PROTOCOL`: a restarted daemon adopts them, and only those are ever
 deleted by it. Entries that are left when the daemon stops stay (the data
 plane keeps forwarding, and the kernel keeps them fresh).
@@ -177,6 +180,27 @@ def drain_requests(dp) -> list[NextHop]:
     return out
 
 
+def recent_destinations(dp) -> np.ndarray:
+    """IPv4 destinations (host order) whose next hop some CPU has cached and
+    not yet expired (the `nexthops` map): the clients and backends XDP is
+    forwarding to now. The caller keeps `dp` open meanwhile."""
+    from .metrics import read_batch        # the batch reader of per-CPU maps
+
+    m = dp.maps["nexthops"]
+    got = read_batch(m)
+    if got is None or not len(got[0]):
+        return np.empty(0, np.uint32)
+    keys, values = got
+    words = np.ascontiguousarray(keys).view("<u4").reshape(len(keys), -1)  # addr[4], family
+    stride = -(-m.value_size // 8) * 8
+    per_cpu = np.ascontiguousarray(values).reshape(len(values), -1, stride)
+    expires = np.ascontiguousarray(per_cpu[:, :, :8]).view("<u8").reshape(len(values), -1).max(axis=1)
+    # bpf_ktime_get_coarse_ns() is CLOCK_MONOTONIC_COARSE.
+    now = time.clock_gettime_ns(getattr(time, "CLOCK_MONOTONIC_COARSE", 6))
+    live = (words[:, 4] == dp.consts.FAMILY_IPV4) & (expires > now)
+    return np.unique(words[live, 0].byteswap())
+
+
 @dataclass
 class KeeperStatus:
     managed: int = 0                     # entries xdplb keeps
@@ -185,6 +209,7 @@ class KeeperStatus:
     passes: int = 0
     readded: int = 0                     # entries re-created after someone deleted them
     requested: int = 0                   # next hops the data plane asked to resolve
+    refreshed: int = 0                   # on-link destinations re-resolved after a deletion
     last_error: str | None = None
 
 
@@ -195,19 +220,25 @@ class NeighbourKeeper:
     backend_addresses(); the daemon reads them under its lock, since an
     upgrade may swap the maps); `ifindexes` the interfaces XDP is attached
     to; `requests` drains the next hops the program asked for
-    (drain_requests()). Create it in the network namespace it should manage: its netlink
+    (drain_requests()); `recent` gives the destinations XDP forwards to now
+    (recent_destinations()). Create it in the network namespace it should manage: its netlink
     sockets stay there whichever thread uses them. Passes are at least
     `spacing` seconds apart, however often it is kicked."""
 
     def __init__(self, addresses: Callable[[], np.ndarray], ifindexes: Callable[[], Iterable[int]],
-                 requests: Callable[[], list[NextHop]] = list, *, interval: float = 1.0,
-                 spacing: float = 0.1, poll: float = 0.05):
+                 requests: Callable[[], list[NextHop]] = list,
+                 recent: Callable[[], np.ndarray] = lambda: np.empty(0, np.uint32), *,
+                 interval: float = 1.0, spacing: float = 0.1, poll: float = 0.05):
         self._addresses = addresses
         self._ifindexes = ifindexes
         self._requests = requests
+        self._recent = recent
         self.interval = interval
         self.spacing = spacing
         self.poll = poll
+        # The thread joins this network namespace: pyroute2 gives each
+        # thread a socket of its own, made where that thread is.
+        self._netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self.ipr = IPRoute()
         self._events = _subscribe()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -246,7 +277,7 @@ class NeighbourKeeper:
         self.kick()
         if self._thread is not None:
             self._thread.join(5)
-        for fd in (self._wake_r, self._wake_w):
+        for fd in (self._wake_r, self._wake_w, self._netns):
             os.close(fd)
         self._events.close()
         self.ipr.close()
@@ -391,10 +422,38 @@ class NeighbourKeeper:
             self.status.requested += len(hops)
         return len(hops)
 
+    def refresh_recent(self) -> int:
+        """Re-resolve, once, every on-link destination XDP forwards to now
+        whose kernel entry is gone (after a flush or the kernel's garbage
+        collection), before the next-hop cache's copy expires."""
+        addrs = self._recent()
+        if not len(addrs):
+            return 0
+        n = 0
+        with self._lock:
+            valid = {hop.address for hop, (state, _, _) in self._table().items()
+                     if state & NUD_VALID_STATES}
+            todo = [a for a in addrs.tolist() if str(IPv4Address(a)) not in valid]
+            if self._routes is None or self._policy_routing:
+                self._routes = None
+                self._reconcile()
+            for a, hops in zip(todo, self._routes.lookup(np.asarray(todo, np.uint32))):
+                for hop in hops:
+                    if hop.address == str(IPv4Address(a)):     # on-link; gateways are kept
+                        with _quiet(NetlinkError):
+                            self.ipr.neigh("replace", dst=hop.address, ifindex=hop.ifindex, state=0,
+                                           flags=NTF_USE)
+                        n += 1
+            self.status.refreshed += n
+        return n
+
     def _loop(self) -> None:
+        from pyroute2 import netns
+
+        netns.setns(self._netns, flags=0)   # this thread only (setns is per thread)
         next_pass, last, next_poll = 0.0, 0.0, 0.0
         while not self._stop.is_set():
-            now = time.monotonic()
+            now, neigh_deleted = time.monotonic(), False
             if now >= next_poll:
                 try:
                     self.resolve_requested()
@@ -421,6 +480,8 @@ class NeighbourKeeper:
             last = time.monotonic()
             try:
                 status = self.sync()
+                if neigh_deleted:
+                    self.refresh_recent()
                 self.status.last_error = None
                 self._log_unresolved(status.unresolved)
             except Exception as e:          # keep keeping; the watchdog sees the thread alive

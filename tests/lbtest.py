@@ -17,7 +17,7 @@ from scapy.layers.l2 import Ether
 
 from lb.config import config_from_dict
 from lb.dataplane import Dataplane
-from lb.neighbours import NeighbourKeeper, backend_addresses, drain_requests
+from lb.neighbours import NeighbourKeeper, backend_addresses, drain_requests, recent_destinations
 from lb.demo import DaemonProcess, lab_config
 from lb.reconcile import Reconciler
 from loader.testrun import test_run
@@ -57,7 +57,8 @@ class Harness:
                 # hops resolved (its sockets stay in the lb namespace).
                 self.neighbours = NeighbourKeeper(lambda: backend_addresses(self.dp),
                                                   lambda: self.ifindexes,
-                                                  lambda: drain_requests(self.dp))
+                                                  lambda: drain_requests(self.dp),
+                                                  lambda: recent_destinations(self.dp))
             self.neighbours.sync(wait=2.0)
             # A real client reaches the VIP through its gateway, the LB, so it
             # has resolved it (and the LB learnt the client from the ARP

@@ -14,10 +14,11 @@ from scapy.layers.inet import IP
 from lb.demo import WEB_VIP, curl_many, lab_config
 from lb.lab import Lab, build_lb_lab, start_backends
 from lb.neighbours import (NEIGH_PROTOCOL, NTF_EXT_MANAGED, NextHop, RouteTable, backend_addresses,
-                          drain_requests)
+                          drain_requests, recent_destinations)
 from lbtest import XDP_DROP, XDP_REDIRECT, Harness, pin_dir, stats, tcp, wait_for
 
 CLIENT = "10.1.0.10"
+CLIENT_AS_INT = 0x0A01000A
 
 
 def lb_neighbours(lab: Lab, ns: str) -> dict[str, tuple[int, bool, int]]:
@@ -170,3 +171,30 @@ def test_keeper_follows_backends_and_routes(lab, bpf_object):
                 assert not (b.ip in table and table[b.ip][2] == NEIGH_PROTOCOL), table.get(b.ip)
     finally:
         ipr.route("del", dst="10.250.0.0/24", gateway=b1.ip)
+
+
+def test_a_flushed_client_is_resolved_again_before_its_cached_next_hop_expires(lab, bpf_object):
+    """After a deletion (a flush, the kernel's garbage collection), the
+    keeper re-resolves at once the on-link destinations that XDP's next-hop
+    cache still holds, so the replies after the cache expires find the
+    client without a drop."""
+    lab_, topo = lab
+    cfg = lab_config(topo, fillers=0, bpffs=pin_dir(), socket="/run/xdplb/unused.sock")
+    cfg["nexthop_cache_ms"] = 1500
+    with Harness(lab_, topo, cfg, attach=False) as h:
+        h.neighbours.start()
+        _, out = h.run(tcp(CLIENT, 50400, WEB_VIP, 80))
+        b = next(b for b in topo.backends if b.ip == out[IP].dst)
+        reply = tcp(b.ip, topo.backend_port, CLIENT, 50400, flags="SA")
+        assert h.run(reply, ifname=b.lb_iface.name)[0] == XDP_REDIRECT     # the client is cached now
+        assert CLIENT_AS_INT in recent_destinations(h.dp).tolist()
+        lab_.ipr(topo.lb_ns).neigh("del", dst=CLIENT, ifindex=topo.lb_client.ifindex)
+        wait_for(lambda: CLIENT in lb_neighbours(lab_, topo.lb_ns)
+                 and lb_neighbours(lab_, topo.lb_ns)[CLIENT][0] & 0x1E,
+                 timeout=1.0, what="the client re-resolved by the keeper")
+        import time
+        time.sleep(1.6)                                  # every CPU's cached copy has expired
+        assert h.run(reply, ifname=b.lb_iface.name)[0] == XDP_REDIRECT
+        assert h.drop_count("no_neigh") == 0
+        assert h.neighbours.status.refreshed >= 1
+
