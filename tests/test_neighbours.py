@@ -198,3 +198,35 @@ def test_a_flushed_client_is_resolved_again_before_its_cached_next_hop_expires(l
         assert h.drop_count("no_neigh") == 0
         assert h.neighbours.status.refreshed >= 1
 
+
+
+def test_multipath_routes_keep_every_path_resolved():
+    """An ECMP route to the backends: every path's gateway is a next hop the
+    FIB may pick, so every one is kept; the default route's gateway on an
+    attached interface too."""
+    from lb.neighbours import NeighbourKeeper
+
+    with Lab(prefix="xnm") as lab:
+        ns = lab.netns("m")
+        lab.veth(ns, "a0", ns, "a1")
+        lab.veth(ns, "b0", ns, "b1")
+        lab.addr(ns, "a0", "10.50.1.1/24")
+        lab.addr(ns, "b0", "10.50.2.1/24")
+        ipr = lab.ipr(ns)
+        a0, b0 = lab.ifindex(ns, "a0"), lab.ifindex(ns, "b0")
+        ipr.route("add", dst="10.60.0.0/16", multipath=[{"gateway": "10.50.1.2", "oif": a0},
+                                                         {"gateway": "10.50.2.2", "oif": b0}])
+        ipr.route("add", dst="0.0.0.0/0", gateway="10.50.1.9")
+        with lab.inside(ns):
+            keeper = NeighbourKeeper(lambda: np.array([0x0A3C0101], dtype=np.uint32), lambda: [a0])
+        try:
+            routes = RouteTable.dump(keeper.ipr)
+            assert routes.lookup(np.array([0x0A3C0101], dtype=np.uint32)) == \
+                [(NextHop(a0, "10.50.1.2"), NextHop(b0, "10.50.2.2"))]
+            st = keeper.sync()
+            assert st.managed == 3
+        finally:
+            keeper.close()
+        table = lb_neighbours(lab, ns)
+        for gw in ("10.50.1.2", "10.50.2.2", "10.50.1.9"):
+            assert table[gw][1] and table[gw][2] == NEIGH_PROTOCOL, (gw, table.get(gw))
