@@ -29,7 +29,7 @@ from typing import Any
 from loader import BpfError, BpfObject, Map, XdpLink, xdp_query
 
 from .bpffs import ensure_bpffs
-from .dataplane import Constants
+from .dataplane import Constants, htons, ntohs
 
 log = logging.getLogger("xdplb.backend")
 
@@ -87,13 +87,6 @@ def words_addr(family: int, words: Any, consts: Constants) -> IPAddress:
     if family == consts.DECAP_FAMILY_IPV4:
         return ipaddress.IPv4Address(raw[:4])
     return ipaddress.IPv6Address(raw)
-
-
-def htons(port: int) -> int:
-    return int.from_bytes(int(port).to_bytes(2, "big"), "little")
-
-
-ntohs = htons
 
 
 def check_bpffs(pin_dir: Path) -> None:
@@ -231,8 +224,8 @@ class Decap:
         if len(vips) > self.maps["vips"].max_entries:
             raise BackendError(f"{len(vips)} VIPs: at most {self.maps['vips'].max_entries}")
         have = set(self.vips())
-        added = sorted(vips - have, key=_order)
-        removed = sorted(have - vips, key=_order)
+        added = sorted(vips - have, key=address_order)
+        removed = sorted(have - vips, key=address_order)
         zero = self.maps["vips"].value_type()
         for ip in added:
             self.maps["vips"].update(self._addr_key("vips", ip), zero)
@@ -245,7 +238,7 @@ class Decap:
         out: dict[int, list[IPAddress]] = {}
         for k in self.maps["tunnel_dsts"].keys():
             out.setdefault(k.ifindex, []).append(words_addr(k.family, k.addr, self.consts))
-        return {i: sorted(a, key=_order) for i, a in out.items()}
+        return {i: sorted(a, key=address_order) for i, a in out.items()}
 
     def set_tunnel_dsts(self, ifindex: int, addrs: set[IPAddress]) -> None:
         m = self.maps["tunnel_dsts"]
@@ -369,10 +362,11 @@ def _mode(ifindex: int, prog_id: int) -> str | None:
     return None
 
 
-def _order(ip: IPAddress) -> tuple[int, int]:
+def address_order(ip: IPAddress) -> tuple[int, int]:
+    """Sort key: IPv4 before IPv6, then by value."""
     return ip.version, int(ip)
 
 
-__all__ = ["BackendError", "DEFAULT_PIN_DIR", "Decap", "LinkState", "check_bpffs",
+__all__ = ["BackendError", "DEFAULT_PIN_DIR", "Decap", "LinkState", "address_order", "check_bpffs",
            "default_object_path", "parse_address", "parse_vip"]
 

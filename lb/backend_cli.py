@@ -24,7 +24,7 @@ from rich.table import Table
 from loader import xdp_query
 
 from . import backend_host as host
-from .backend import (DEFAULT_PIN_DIR, MODES, BackendError, Decap, IPAddress, check_bpffs,
+from .backend import (DEFAULT_PIN_DIR, MODES, BackendError, Decap, IPAddress, address_order, check_bpffs,
                       parse_address, parse_vip)
 
 console = Console()
@@ -79,7 +79,7 @@ def attach(ifname: str, *, vips: list[str] | None = None, gue_port: int | None =
         if note:
             notes.append(note)
         return {"interface": ifname, "ifindex": ifindex, "prog_id": prog_id, "mode": mode,
-                "vips": _strs(sorted(vip_set, key=_order)), "tunnel_dsts": _strs(sorted(dsts, key=_order)),
+                "vips": _strs(sorted(vip_set, key=address_order)), "tunnel_dsts": _strs(sorted(dsts, key=address_order)),
                 "gue_port": d.gue_port, "addresses_added": _strs(added),
                 "addresses_removed": _strs(removed), "sysctls": sysctls, "notes": notes}
 
@@ -120,14 +120,10 @@ def status(*, pin_dir: Path = DEFAULT_PIN_DIR, object_path: Path | None = None) 
                        "mode": s.mode, "tunnel_dsts": _strs(dsts.get(s.ifindex, []))}
                       for s in d.links()]
         vips = [{"address": str(ip), "packets": p, "bytes": b, "local_address": local.get(ip)}
-                for ip, (p, b) in sorted(d.vips().items(), key=lambda i: _order(i[0]))]
+                for ip, (p, b) in sorted(d.vips().items(), key=lambda i: address_order(i[0]))]
         return {"pin_dir": str(pin_dir), "attached": bool(interfaces), "gue_port": d.gue_port,
                 "interfaces": interfaces, "vips": vips, "counters": d.counters(),
                 "drops": d.drops()}
-
-
-def _order(ip: IPAddress) -> tuple[int, int]:
-    return ip.version, int(ip)
 
 
 def _strs(ips: list[IPAddress]) -> list[str]:

@@ -33,7 +33,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from loader import InterfaceNotFound
 
-from .backend import BackendError, IPAddress
+from .backend import BackendError, IPAddress, address_order
 
 # IFA_PROTO value that marks a VIP address this module added (0..3 are the
 # kernel's own: unspec, kernel_lo, kernel_ra, kernel_ll). 0x78 is "x".
@@ -61,7 +61,7 @@ def interface_addresses(ifname: str) -> list[IPAddress]:
             ip = ipaddress.ip_address(a.get_attr("IFA_ADDRESS"))
             if not (ip.version == 6 and ip.is_link_local):
                 out.append(ip)
-    return sorted(set(out), key=_order)
+    return sorted(set(out), key=address_order)
 
 
 def _local_addresses(ipr: IPRoute, lo: int) -> dict[IPAddress, tuple[int, int | None]]:
@@ -95,7 +95,7 @@ def add_vip_addresses(vips: set[IPAddress]) -> list[IPAddress]:
     added = []
     with IPRoute() as ipr:
         lo = ifindex(ipr, VIP_DEVICE)
-        for ip in sorted(vips - set(_local_addresses(ipr, lo)), key=_order):
+        for ip in sorted(vips - set(_local_addresses(ipr, lo)), key=address_order):
             try:
                 ipr.addr("add", index=lo, address=str(ip), prefixlen=ip.max_prefixlen,
                          family=_family(ip), proto=VIP_ADDR_PROTO, flags=IFA_F_NODAD)
@@ -112,16 +112,12 @@ def remove_vip_addresses(keep: set[IPAddress]) -> list[IPAddress]:
     removed = []
     with IPRoute() as ipr:
         lo = ifindex(ipr, VIP_DEVICE)
-        for ip, (idx, proto) in sorted(_local_addresses(ipr, lo).items(), key=lambda i: _order(i[0])):
+        for ip, (idx, proto) in sorted(_local_addresses(ipr, lo).items(), key=lambda i: address_order(i[0])):
             if idx == lo and proto == VIP_ADDR_PROTO and ip not in keep:
                 ipr.addr("del", index=lo, address=str(ip), prefixlen=ip.max_prefixlen,
                          family=_family(ip))
                 removed.append(ip)
     return removed
-
-
-def _order(ip: IPAddress) -> tuple[int, int]:
-    return ip.version, int(ip)
 
 
 def ipv6_enabled(ifname: str = VIP_DEVICE) -> bool:

@@ -349,18 +349,24 @@ def _build_into(table, h0, h1, weights):  # pragma: no cover - numba
     return True
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _build_service(out, ok, h0, h1, weights, bstart, tstart, s):  # pragma: no cover - numba
+    """Service s of a batch: backends bstart[s]:bstart[s+1], slots
+    tstart[s]:tstart[s+1]; ok[s] is False on a duplicate backend."""
+    b0, b1 = bstart[s], bstart[s + 1]
+    t0, t1 = tstart[s], tstart[s + 1]
+    if t1 > t0:
+        ok[s] = _build_into(out[t0:t1], h0[b0:b1], h1[b0:b1], weights[b0:b1])
+
+
 @njit(cache=True, parallel=True)
 def _build_many(h0, h1, weights, bstart, tstart):  # pragma: no cover - numba
-    """All services, in parallel. Service s owns backends bstart[s]:bstart[s+1]
-    and slots tstart[s]:tstart[s+1]; ok[s] is False on a duplicate backend."""
+    """All services, in parallel (_build_service each)."""
     n_svc = bstart.shape[0] - 1
     out = np.empty(tstart[n_svc], np.int32)
     ok = np.ones(n_svc, np.bool_)
     for s in prange(n_svc):
-        b0, b1 = bstart[s], bstart[s + 1]
-        t0, t1 = tstart[s], tstart[s + 1]
-        if t1 > t0:
-            ok[s] = _build_into(out[t0:t1], h0[b0:b1], h1[b0:b1], weights[b0:b1])
+        _build_service(out, ok, h0, h1, weights, bstart, tstart, s)
     return out, ok
 
 
@@ -371,10 +377,7 @@ def _build_serial(h0, h1, weights, bstart, tstart):  # pragma: no cover - numba
     out = np.empty(tstart[n_svc], np.int32)
     ok = np.ones(n_svc, np.bool_)
     for s in range(n_svc):
-        b0, b1 = bstart[s], bstart[s + 1]
-        t0, t1 = tstart[s], tstart[s + 1]
-        if t1 > t0:
-            ok[s] = _build_into(out[t0:t1], h0[b0:b1], h1[b0:b1], weights[b0:b1])
+        _build_service(out, ok, h0, h1, weights, bstart, tstart, s)
     return out, ok
 
 
@@ -500,21 +503,24 @@ def build_tables_ipv4(
     return slots, tstart[:-1].copy(), np.diff(tstart)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _place_table(out, out_offsets, slots, offsets, sizes, ids, id_offsets, s):  # pragma: no cover - numba
+    o, t, base = out_offsets[s], offsets[s], id_offsets[s]
+    for k in range(sizes[s]):
+        out[o + k] = ids[base + slots[t + k]]
+
+
 @njit(cache=True, parallel=True)
 def _place(out, out_offsets, slots, offsets, sizes, ids, id_offsets):  # pragma: no cover - numba
     for s in prange(sizes.shape[0]):
-        o, t, base = out_offsets[s], offsets[s], id_offsets[s]
-        for k in range(sizes[s]):
-            out[o + k] = ids[base + slots[t + k]]
+        _place_table(out, out_offsets, slots, offsets, sizes, ids, id_offsets, s)
 
 
 @njit(cache=True, nogil=True)
 def _place_serial(out, out_offsets, slots, offsets, sizes, ids, id_offsets):  # pragma: no cover - numba
     """_place without a parallel region."""
     for s in range(sizes.shape[0]):
-        o, t, base = out_offsets[s], offsets[s], id_offsets[s]
-        for k in range(sizes[s]):
-            out[o + k] = ids[base + slots[t + k]]
+        _place_table(out, out_offsets, slots, offsets, sizes, ids, id_offsets, s)
 
 
 def place_tables(out: np.ndarray, out_offsets: Sequence[int], slots: np.ndarray, offsets: Sequence[int],

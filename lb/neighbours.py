@@ -416,11 +416,14 @@ class NeighbourKeeper:
         hops = self._requests()
         with self._lock:
             for hop in hops:
-                with _quiet(NetlinkError):
-                    self.ipr.neigh("replace", dst=hop.address, ifindex=hop.ifindex, state=0,
-                                   flags=NTF_USE)
+                self._resolve_once(hop)
             self.status.requested += len(hops)
         return len(hops)
+
+    def _resolve_once(self, hop: NextHop) -> None:
+        """NTF_USE: a plain entry, resolved now, aged as usual (not kept)."""
+        with _quiet(NetlinkError):
+            self.ipr.neigh("replace", dst=hop.address, ifindex=hop.ifindex, state=0, flags=NTF_USE)
 
     def refresh_recent(self) -> int:
         """Re-resolve, once, every on-link destination XDP forwards to now
@@ -434,15 +437,12 @@ class NeighbourKeeper:
             valid = {hop.address for hop, (state, _, _) in self._table().items()
                      if state & NUD_VALID_STATES}
             todo = [a for a in addrs.tolist() if str(IPv4Address(a)) not in valid]
-            if self._routes is None or self._policy_routing:
-                self._routes = None
+            if self._routes is None:
                 self._reconcile()
             for a, hops in zip(todo, self._routes.lookup(np.asarray(todo, np.uint32))):
                 for hop in hops:
                     if hop.address == str(IPv4Address(a)):     # on-link; gateways are kept
-                        with _quiet(NetlinkError):
-                            self.ipr.neigh("replace", dst=hop.address, ifindex=hop.ifindex, state=0,
-                                           flags=NTF_USE)
+                        self._resolve_once(hop)
                         n += 1
             self.status.refreshed += n
         return n

@@ -144,6 +144,28 @@ static __always_inline int gue_inner_version(void *payload, __u32 len, void *dat
 	return 0;
 }
 
+/* The tunnel behind an outer IP header of `ip_len` bytes that carries
+ * `payload` bytes of protocol `proto` (GUE if `gue`, `udp` then its UDP
+ * header), for either outer family: `ipip` and `gue_cnt` are its counters. */
+static __always_inline int tunnel_behind(struct tunnel *t, struct udphdr *udp, void *data_end,
+					 __u32 ip_len, __u32 payload, __u8 proto, int gue,
+					 enum decap_counter ipip, enum decap_counter gue_cnt)
+{
+	if (gue) {
+		if (bpf_ntohs(udp->len) != payload || payload < sizeof(*udp))
+			return DECAP_DROP_BAD_UDP;
+		t->outer_len = ip_len + sizeof(*udp);
+		t->inner_len = payload - sizeof(*udp);
+		t->counter = gue_cnt;
+		return gue_inner_version(udp + 1, t->inner_len, data_end, t);
+	}
+	t->outer_len = ip_len;
+	t->inner_len = payload;
+	t->inner_version = proto == IPPROTO_IPIP ? 4 : 6;
+	t->counter = ipip;
+	return 0;
+}
+
 static __always_inline int outer_ipv4(struct xdp_md *ctx, struct iphdr *ip, void *data_end,
 				      struct tunnel *t)
 {
@@ -173,19 +195,8 @@ static __always_inline int outer_ipv4(struct xdp_md *ctx, struct iphdr *ip, void
 		return DECAP_DROP_OUTER_BAD_IP;
 	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
 		return DECAP_DROP_OUTER_FRAGMENT;
-	if (gue) {
-		if (bpf_ntohs(udp->len) != tot_len - sizeof(*ip) || tot_len < sizeof(*ip) + sizeof(*udp))
-			return DECAP_DROP_BAD_UDP;
-		t->outer_len = sizeof(*ip) + sizeof(*udp);
-		t->inner_len = tot_len - t->outer_len;
-		t->counter = DECAP_CNT_GUE4;
-		return gue_inner_version(udp + 1, t->inner_len, data_end, t);
-	}
-	t->outer_len = sizeof(*ip);
-	t->inner_len = tot_len - sizeof(*ip);
-	t->inner_version = ip->protocol == IPPROTO_IPIP ? 4 : 6;
-	t->counter = DECAP_CNT_IPIP4;
-	return 0;
+	return tunnel_behind(t, udp, data_end, sizeof(*ip), tot_len - sizeof(*ip), ip->protocol, gue,
+			     DECAP_CNT_IPIP4, DECAP_CNT_GUE4);
 }
 
 static __always_inline int outer_ipv6(struct xdp_md *ctx, struct ipv6hdr *ip6, void *data_end,
@@ -212,19 +223,8 @@ static __always_inline int outer_ipv6(struct xdp_md *ctx, struct ipv6hdr *ip6, v
 	/* 0 would be a jumbogram (RFC 2675): never one of ours. */
 	if (plen == 0 || (void *)(ip6 + 1) + plen > data_end)
 		return DECAP_DROP_OUTER_BAD_IP;
-	if (gue) {
-		if (bpf_ntohs(udp->len) != plen || plen < sizeof(*udp))
-			return DECAP_DROP_BAD_UDP;
-		t->outer_len = sizeof(*ip6) + sizeof(*udp);
-		t->inner_len = plen - sizeof(*udp);
-		t->counter = DECAP_CNT_GUE6;
-		return gue_inner_version(udp + 1, t->inner_len, data_end, t);
-	}
-	t->outer_len = sizeof(*ip6);
-	t->inner_len = plen;
-	t->inner_version = ip6->nexthdr == IPPROTO_IPIP ? 4 : 6;
-	t->counter = DECAP_CNT_IPIP6;
-	return 0;
+	return tunnel_behind(t, udp, data_end, sizeof(*ip6), plen, ip6->nexthdr, gue,
+			     DECAP_CNT_IPIP6, DECAP_CNT_GUE6);
 }
 
 /* Check the inner header and find its VIP. `inner` is where it starts. */
