@@ -86,6 +86,7 @@ class Route:
     plen: int
     metric: int
     hops: tuple[NextHop, ...]
+    table: int = MAIN_TABLE
 
 
 def _ip_int(text: str) -> int:
@@ -96,12 +97,12 @@ class RouteTable:
     """Longest-prefix match over the main and default tables of one dump."""
 
     def __init__(self, routes: Iterable[Route]):
-        # plen -> prefix -> best route (lowest metric; main before default,
-        # which the caller ensures by listing main's routes first).
+        # plen -> prefix -> best route: the main table's before the default
+        # table's (the rules' order), then the lowest metric.
         self.by_plen: dict[int, dict[int, Route]] = {}
         for r in routes:
             best = self.by_plen.setdefault(r.plen, {}).get(r.prefix)
-            if best is None or r.metric < best.metric:
+            if best is None or (r.table != DEFAULT_TABLE, -r.metric) > (best.table != DEFAULT_TABLE, -best.metric):
                 self.by_plen[r.plen][r.prefix] = r
         self.plens = sorted(self.by_plen, reverse=True)
 
@@ -115,7 +116,7 @@ class RouteTable:
                 plen = msg["dst_len"]
                 dst = msg.get_attr("RTA_DST")
                 prefix = _ip_int(dst) if dst else 0
-                routes.append(Route(prefix, plen, msg.get_attr("RTA_PRIORITY") or 0, _hops(msg)))
+                routes.append(Route(prefix, plen, msg.get_attr("RTA_PRIORITY") or 0, _hops(msg), table))
         return cls(routes)
 
     def lookup(self, addrs: np.ndarray) -> list[tuple[NextHop, ...]]:

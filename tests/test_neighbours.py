@@ -230,3 +230,21 @@ def test_multipath_routes_keep_every_path_resolved():
         table = lb_neighbours(lab, ns)
         for gw in ("10.50.1.2", "10.50.2.2", "10.50.1.9"):
             assert table[gw][1] and table[gw][2] == NEIGH_PROTOCOL, (gw, table.get(gw))
+
+
+def test_route_table_prefers_main_then_metric_then_longest_prefix():
+    """As the FIB with the default rules: the longest prefix; for one prefix
+    the main table before the default table, whatever the metrics; within
+    a table the lowest metric."""
+    from lb.neighbours import DEFAULT_TABLE, Route
+
+    net = 0x0A000000                                   # 10.0.0.0
+    routes = RouteTable([
+        Route(net, 8, 100, (NextHop(2, "192.0.2.1"),)),
+        Route(net, 8, 10, (NextHop(3, "192.0.2.9"),), DEFAULT_TABLE),   # lower metric, later table
+        Route(net, 8, 50, (NextHop(4, "192.0.2.5"),)),                  # main, lower metric: wins
+        Route(0x0A010000, 16, 500, (NextHop(5, ""),)),                   # longer prefix, on-link
+    ])
+    assert routes.lookup(np.array([0x0A020304, 0x0A010203, 0x0B000001], dtype=np.uint32)) == \
+        [(NextHop(4, "192.0.2.5"),), (NextHop(5, "10.1.2.3"),), ()]
+
