@@ -24,21 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pyroute2 import netns  # noqa: E402
 
 from bench import memcg  # noqa: E402
-from lb.lab import cleanup_stale  # noqa: E402
+from lb.lab import cleanup_stale, pid_alive  # noqa: E402
 
 BPFFS = Path("/sys/fs/bpf")
 LAB = re.compile(r"^(x[a-z]*?)(\d+)-\d+-")
 PIN = re.compile(r"^xdplb-[a-z]+-(\d+)(-\d+)?$")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def main() -> int:
@@ -50,7 +40,7 @@ def main() -> int:
     if BPFFS.is_dir():
         for d in sorted(BPFFS.iterdir()):
             m = PIN.match(d.name)
-            if m and d.is_dir() and int(m.group(1)) <= pid_max and not _alive(int(m.group(1))):
+            if m and d.is_dir() and int(m.group(1)) <= pid_max and not pid_alive(int(m.group(1))):
                 shutil.rmtree(d)        # unpinning the links detaches their programs
                 removed.append(str(d))
     memcg.cleanup_stale()

@@ -19,7 +19,6 @@ decapsulation needs no daemon.
 from __future__ import annotations
 
 import ipaddress
-import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -30,8 +29,6 @@ from loader import BpfError, BpfObject, Map, XdpLink, xdp_query
 
 from .bpffs import ensure_bpffs
 from .dataplane import Constants, htons, ntohs
-
-log = logging.getLogger("xdplb.backend")
 
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/xdplb-backend")
 PROGRAM = "xdplb_decap"
@@ -89,15 +86,6 @@ def words_addr(family: int, words: Any, consts: Constants) -> IPAddress:
     return ipaddress.IPv6Address(raw)
 
 
-def check_bpffs(pin_dir: Path) -> None:
-    """The pins must outlive this command on a BPF filesystem: mounted if
-    missing, the host's bound in under `ip netns exec` (lb/bpffs.py, as
-    for the balancer); a BpffsError says what to run if neither can be."""
-    note = ensure_bpffs(pin_dir)
-    if note:
-        log.info(note)
-
-
 @dataclass(frozen=True)
 class LinkState:
     ifname: str
@@ -121,7 +109,7 @@ class Decap:
     @classmethod
     def load(cls, pin_dir: Path = DEFAULT_PIN_DIR, object_path: Path | None = None) -> Decap:
         """Load the program, reusing the pinned maps (or pinning new ones)."""
-        check_bpffs(pin_dir)
+        ensure_bpffs(pin_dir)        # mounted, or the host's bound in; else says what to run
         obj = BpfObject(object_path or default_object_path())
         try:
             obj.reuse_pinned(pin_dir / "maps")
@@ -367,6 +355,6 @@ def address_order(ip: IPAddress) -> tuple[int, int]:
     return ip.version, int(ip)
 
 
-__all__ = ["BackendError", "DEFAULT_PIN_DIR", "Decap", "LinkState", "address_order", "check_bpffs",
+__all__ = ["BackendError", "DEFAULT_PIN_DIR", "Decap", "LinkState", "address_order",
            "default_object_path", "parse_address", "parse_vip"]
 

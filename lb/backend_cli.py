@@ -24,7 +24,8 @@ from rich.table import Table
 from loader import xdp_query
 
 from . import backend_host as host
-from .backend import (DEFAULT_PIN_DIR, MODES, BackendError, Decap, IPAddress, address_order, check_bpffs,
+from .bpffs import ensure_bpffs
+from .backend import (DEFAULT_PIN_DIR, MODES, BackendError, Decap, IPAddress, address_order,
                       parse_address, parse_vip)
 
 console = Console()
@@ -48,7 +49,7 @@ def attach(ifname: str, *, vips: list[str] | None = None, gue_port: int | None =
     if v6 and not host.ipv6_enabled():
         raise BackendError(f"IPv6 is disabled on {host.VIP_DEVICE}: the VIP {v6[0]} cannot be a "
                            "local address (net.ipv6.conf.lo.disable_ipv6)")
-    check_bpffs(pin_dir)
+    ensure_bpffs(pin_dir)
     other = xdp_query(ifindex)
     if other and not (pin_dir / "links" / ifname).exists():   # before any pin is made
         raise BackendError(f"another XDP program (id {other}) is attached to {ifname}, not "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import threading
 from pathlib import Path
@@ -40,6 +41,7 @@ _CLONE_FS, _CLONE_NEWNS = 0x200, 0x20000
 _AT_FDCWD = -100
 
 _libc = ctypes.CDLL(None, use_errno=True)
+log = logging.getLogger("xdplb")
 
 
 class BpffsError(BpfError):
@@ -176,7 +178,8 @@ def _reason(e: OSError) -> str:
 def ensure_bpffs(pin_dir: str | Path, *, create: bool = True) -> str | None:
     """Make sure the pins under `pin_dir` go to a bpffs that outlives us.
 
-    Returns None if nothing had to be done, else what was done (to log).
+    Returns None if nothing had to be done, else what was done (also
+    logged, at INFO, for every caller: daemon, CLI, backend).
     Binds the host's bpffs at /sys/fs/bpf in a mount namespace of our own
     (`ip netns exec`); mounts a new one in the host's namespace, unless
     `create` is false (for commands that only read or remove pins: a new
@@ -228,4 +231,5 @@ def ensure_bpffs(pin_dir: str | Path, *, create: bool = True) -> str | None:
     if not is_bpffs(nearest_existing(pin_dir)):
         raise BpffsError(f"the pin directory {pin_dir} is still not on a BPF filesystem after "
                          f"mounting one at {BPFFS_ROOT}")
+    log.info(done)
     return done

@@ -18,7 +18,6 @@ from . import api
 from .errors import headline, is_operational, problems
 
 console = Console()
-log = logging.getLogger("xdplb")
 DEFAULT_BPFFS = "/sys/fs/bpf/xdplb"
 
 
@@ -33,17 +32,6 @@ def _fail(message: str, errors: list[str] | None = None) -> int:
     for e in errors or []:
         console.print(Text(f"  - {e}"), soft_wrap=True, highlight=False)
     return 1
-
-
-def _ensure_bpffs(pin_dir: str | Path) -> None:
-    """For commands that read or remove pins: under `ip netns exec`, bind
-    the host's bpffs so that they see the daemon's pins (never mounts a new
-    one: it would hold none)."""
-    from .bpffs import ensure_bpffs
-
-    note = ensure_bpffs(pin_dir, create=False)
-    if note:
-        log.info(note)
 
 
 def cmd_run(args) -> int:
@@ -252,7 +240,11 @@ def cmd_monitor(args) -> int:
 def cmd_down(args) -> int:
     from .dataplane import Dataplane
 
-    _ensure_bpffs(args.bpffs)
+    from .bpffs import ensure_bpffs
+
+    # Under `ip netns exec`: the host's bpffs, to see the daemon's pins
+    # (never a new one: it would hold none).
+    ensure_bpffs(args.bpffs, create=False)
     try:
         api.call(args.socket, "shutdown", timeout=5)
     except api.ApiError:

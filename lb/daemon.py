@@ -739,9 +739,7 @@ def run(config_path: str, netns: str | None = None, object_path: Path | None = N
         # Before the maps or links are touched: a second daemon would
         # reconcile the live one's maps and swap its program into the links.
         api.check_not_served(cfg.api_socket)
-        note = ensure_bpffs(cfg.bpffs)
-        if note:
-            log.info(note)
+        ensure_bpffs(cfg.bpffs)
         netns = netns or cfg.netns
         if netns:
             enter_netns(netns)

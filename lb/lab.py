@@ -48,7 +48,7 @@ def _ns_path(name: str) -> str:
     return str(NETNS_DIR / name)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -116,7 +116,7 @@ def cleanup_stale(prefix: str = DEFAULT_PREFIX) -> list[str]:
     removed: list[str] = []
     for name in sorted(netns.listnetns()):
         m = pattern.match(name)
-        if not m or _pid_alive(int(m.group(1))):
+        if not m or pid_alive(int(m.group(1))):
             continue
         _kill_ns_processes(name)
         _remove_ns(name)

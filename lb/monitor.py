@@ -288,9 +288,7 @@ def run(socket: str, *, bpffs: str | None = None, object_path: str | None = None
     _check_filter("identity", filters.identity,
                   (set(first.identities.values()) | {"world"}) if have else set(), have)
     pin = bpffs or first.bpffs
-    note = ensure_bpffs(pin, create=False)      # under `ip netns exec`: the host's pins
-    if note:
-        print(note, file=err)
+    ensure_bpffs(pin, create=False)             # under `ip netns exec`: the host's pins
     stream = EventStream(pin, Path(object_path) if object_path else None,
                          fetch if have else None)
     shown, lost0 = 0, stream.lost()
