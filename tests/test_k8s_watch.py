@@ -198,6 +198,9 @@ def test_malformed_object_keeps_last_good_version(api, harness, caplog):
     api.apply(bad)
     api.apply(svc("other", "10.96.0.12"))             # a later event still flows
     wait_for(lambda: any("default.other" in n for n in h.w.syncer.entries), what="later event")
+    # The Service and the EndpointSlice come over two watch streams: the
+    # later Service event says nothing of when the slice's arrived.
+    wait_for(lambda: h.refl("EndpointSlice").stats.bad_objects >= 1, what="the malformed slice")
     assert h.backends("default.web") == {"10.244.0.1:8080"}
     assert h.refl("EndpointSlice").stats.bad_objects == 1
     assert "EndpointSlice default/web-1: endpoints[0].addresses must not be empty" in caplog.text
