@@ -10,31 +10,53 @@
 #define AF_INET 2
 #endif
 
-/* Fill `fib` for a packet that will leave with (saddr, daddr). Returns the
- * bpf_fib_lookup() result. */
+/* Fill `fib` for a packet of `tot_len` bytes and L4 protocol `proto` that
+ * will leave with (saddr, daddr). Returns the bpf_fib_lookup() result;
+ * BPF_FIB_LKUP_RET_FRAG_NEEDED (with fib->mtu_result) when `tot_len`
+ * exceeds the route's MTU. */
 static __always_inline int fib_route(struct xdp_md *ctx, const struct packet *pkt,
-				     __u32 saddr, __u32 daddr, struct bpf_fib_lookup *fib)
+				     __u32 saddr, __u32 daddr, __u16 tot_len, __u8 proto,
+				     struct bpf_fib_lookup *fib)
 {
 	fib->family = AF_INET;
 	fib->tos = pkt->ip->tos;
-	fib->l4_protocol = pkt->ip->protocol;
-	fib->tot_len = bpf_ntohs(pkt->ip->tot_len);
+	fib->l4_protocol = proto;
+	fib->tot_len = tot_len;
 	fib->ipv4_src = saddr;
 	fib->ipv4_dst = daddr;
 	fib->ifindex = ctx->ingress_ifindex;
 	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
 }
 
-/* The next hop for (saddr, daddr): from the per-CPU cache while fresh,
- * else from the FIB (then cached for cfg->nexthop_ttl_ms). The cache is
- * keyed by destination only, so source-based policy routing is honoured at
- * most one TTL late; a TTL of 0 turns the cache off. */
-static __always_inline int next_hop(struct xdp_md *ctx, const struct packet *pkt,
-				    __u32 saddr, __u32 daddr, const struct lb_config *cfg,
-				    struct bpf_fib_lookup *fib)
+/* The next hop for a packet of `tot_len` bytes and protocol `proto` from
+ * saddr to daddr: from the per-CPU cache while fresh, else from the FIB
+ * (then cached for cfg->nexthop_ttl_ms). The cache is keyed by destination
+ * only, so source-based policy routing is honoured at most one TTL late; a
+ * TTL of 0 turns the cache off. A cached answer checks no MTU: callers
+ * whose packet grows (encap.h) check it themselves. */
+/* Cache a successful FIB answer for `daddr` until `now` + cfg->nexthop_ttl_ms.
+ * A subprogram: it runs once per destination and TTL, and its record in
+ * the entry program's frame left too little of the verifier's 512 bytes. */
+static __noinline void nexthop_remember(__u32 daddr, const struct bpf_fib_lookup *fib,
+					const struct lb_config *cfg, __u64 now)
 {
 	struct nexthop_key key = { .family = FAMILY_IPV4 };
-	struct nexthop *nh, fresh = {};
+	struct nexthop fresh = {};
+
+	key.addr[0] = daddr;
+	fresh.expires_ns = now + (__u64)cfg->nexthop_ttl_ms * 1000000;
+	fresh.ifindex = fib->ifindex;
+	__builtin_memcpy(fresh.smac, fib->smac, ETH_ALEN);
+	__builtin_memcpy(fresh.dmac, fib->dmac, ETH_ALEN);
+	bpf_map_update_elem(&nexthops, &key, &fresh, BPF_ANY);
+}
+
+static __always_inline int next_hop_sized(struct xdp_md *ctx, const struct packet *pkt,
+					  __u32 saddr, __u32 daddr, __u16 tot_len, __u8 proto,
+					  const struct lb_config *cfg, struct bpf_fib_lookup *fib)
+{
+	struct nexthop_key key = { .family = FAMILY_IPV4 };
+	struct nexthop *nh;
 	__u64 now = 0;
 	int rc;
 
@@ -49,15 +71,19 @@ static __always_inline int next_hop(struct xdp_md *ctx, const struct packet *pkt
 			return BPF_FIB_LKUP_RET_SUCCESS;
 		}
 	}
-	rc = fib_route(ctx, pkt, saddr, daddr, fib);
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS && cfg->nexthop_ttl_ms && !dry_run) {
-		fresh.expires_ns = now + (__u64)cfg->nexthop_ttl_ms * 1000000;
-		fresh.ifindex = fib->ifindex;
-		__builtin_memcpy(fresh.smac, fib->smac, ETH_ALEN);
-		__builtin_memcpy(fresh.dmac, fib->dmac, ETH_ALEN);
-		bpf_map_update_elem(&nexthops, &key, &fresh, BPF_ANY);
-	}
+	rc = fib_route(ctx, pkt, saddr, daddr, tot_len, proto, fib);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS && cfg->nexthop_ttl_ms && !dry_run)
+		nexthop_remember(daddr, fib, cfg, now);
 	return rc;
+}
+
+/* The next hop of the packet itself, rewritten to (saddr, daddr). */
+static __always_inline int next_hop(struct xdp_md *ctx, const struct packet *pkt,
+				    __u32 saddr, __u32 daddr, const struct lb_config *cfg,
+				    struct bpf_fib_lookup *fib)
+{
+	return next_hop_sized(ctx, pkt, saddr, daddr, bpf_ntohs(pkt->ip->tot_len),
+			      pkt->ip->protocol, cfg, fib);
 }
 
 /* What a FIB answer means for a packet: DROP_NONE to go on (by XDP, or
