@@ -194,6 +194,10 @@ class Reconciler:
         self._dtypes = {name: dp.obj.layouts.dtype(name) for name in ("svc_key", "svc_value", "vip_key",
                                                                          "backend_addr")}
         self.replies = ReplyIndex(self.c.REPLY_INDEX_SVCS)
+        # Service flags of each `forwarding:`; a DSR service's replies never
+        # cross the LB, so its backends are not in the reply index.
+        self._forwarding_flags = {"nat": 0, "ipip": self.c.SVC_F_IPIP, "gue": self.c.SVC_F_GUE}
+        self._dsr_flags = self.c.SVC_F_IPIP | self.c.SVC_F_GUE
         # The active config record as last read or written (this reconciler
         # is its only writer): an update with the same settings skips the
         # two map lookups.
@@ -249,7 +253,7 @@ class Reconciler:
         every member (the ones that did not fit are in no map). Only entries
         that differ from the map are rewritten."""
         members = {(s.svc_id, addr_key(k, PROTOCOLS[s.key[2]])) for s in self.services.values()
-                   for k in s.backends}
+                   if not s.flags & self._dsr_flags for k in s.backends}
         on_map: dict = {}
         for key, val in self.dp.maps["reply_index"].items():
             ak = addr_key(bkey(word_addr(key.addr[0]), ntohs(key.port)), key.proto)
@@ -367,6 +371,7 @@ class Reconciler:
             ch.flags |= c.SVC_F_HAS_POLICY | c.SVC_F_DEFAULT_DENY
         if ch.policy:
             ch.flags |= c.SVC_F_HAS_POLICY
+        ch.flags |= self._forwarding_flags[svc.forwarding]
         if live:
             ch.policy_changed = ch.policy != live.policy or (ch.flags != live.flags)
             ch.policy_gen = live.policy_gen + 1 if ch.policy_changed else live.policy_gen
@@ -395,8 +400,12 @@ class Reconciler:
         for ch, count in zip(plan, counts):
             live = ch.live
             b0, b1 = b1, b1 + count
-            if live is None:
+            if live is None or (live.flags ^ ch.flags) & self._dsr_flags:
+                # New, or its forwarding changed: its flows cannot go on
+                # (a NAT flow's backend socket is not the VIP's), so every
+                # backend is a new one and the old ones are retired.
                 ch.new_count = count
+                ch.removed_backends = list(live.backends.values()) if live else []
                 continue
             live_backends = dict(live.backends)
             for j in range(b0, b1):
@@ -580,6 +589,12 @@ class Reconciler:
         want.new_flow_burst = cfg.flood_guard.burst
         want.reject_rate = cfg.no_backend_reject.icmp_per_second
         want.reject_burst = cfg.no_backend_reject.burst
+        if cfg.encap_source is not None:
+            src = cfg.encap_source
+            want.encap_v4.addr[0] = addr_word(src.network_address)
+            want.encap_v4.spread_mask = int(src.hostmask)
+            want.encap_v4.family = c.FAMILY_IPV4
+        want.gue_port = htons(cfg.gue_port)
         if bytes(want) == self._config_written:      # what this reconciler last saw active
             return
         meta = maps["meta"].lookup(0)
@@ -618,9 +633,11 @@ class Reconciler:
             # Only ids used before can hold counts (a full sync from empty
             # maps: none, and 200k per-CPU zeroes not written).
             _zero_counters(maps["backend_stats"], fb.id[fb.reused].astype(np.int64))
-            # Each new backend's address lists its service for replies.
+            # Each new backend's address lists its service for replies
+            # (NAT services: DSR replies go straight to the client).
             protos = np.array([PROTOCOLS[ch.svc.protocol] for ch in plan], np.int64)
-            self.replies.add_many(svc_ids[owner], addr_key(fb.keys[new], protos[owner]))
+            nat = np.array([not ch.svc.dsr for ch in plan], np.bool_)[owner]
+            self.replies.add_many(svc_ids[owner][nat], addr_key(fb.keys[new][nat], protos[owner][nat]))
         self._write_replies()
         fresh = [ch for ch in plan if ch.live is None]
         if fresh:
