@@ -514,6 +514,8 @@ class Daemon:
             cfg = self.cfg
             mini = {"interfaces": list(cfg.interfaces), "services": [req["service"]],
                     "identities": {k: [str(n) for n in v] for k, v in cfg.identities.items()}}
+            if cfg.encap_source is not None:        # what a DSR service needs
+                mini["encap_source"] = str(cfg.encap_source)
             try:
                 svc = config_from_dict(mini, source="<api>").services[0]
             except ConfigError as e:

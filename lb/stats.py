@@ -48,8 +48,9 @@ def collect(dp: Dataplane, rec) -> dict[str, Any]:
             backends.append({"address": str(b.address), "port": b.port, "id": b.id,
                              "state": c.names("backend_state")[b.state].removeprefix("BACKEND_").lower(),
                              "packets": bp, "bytes": bb})
+        forwarding = "gue" if live.flags & c.SVC_F_GUE else "ipip" if live.flags & c.SVC_F_IPIP else "nat"
         services.append({"name": live.name, "vip": str(vip), "port": port, "protocol": proto,
-                         "svc_id": svc_id, "packets": pk, "bytes": by, "backends": backends})
+                         "forwarding": forwarding, "svc_id": svc_id, "packets": pk, "bytes": by, "backends": backends})
 
     drops = {}
     for r, name in reasons.items():

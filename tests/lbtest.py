@@ -111,6 +111,31 @@ class Harness:
         self.close()
 
 
+# DSR services of the lab (with_dsr_services): the backends serve the
+# service's own port, since the packet reaches them unchanged.
+IPIP_VIP, GUE_VIP, DSR_UDP_VIP = "10.96.0.20", "10.96.0.21", "10.96.0.22"
+ENCAP_SOURCE = "10.255.0.1"        # the lab LB's address on lo
+
+
+def with_dsr_services(cfg: dict, topo, *, encap_source: str = ENCAP_SOURCE,
+                      health_check: dict | None = None) -> dict:
+    """`cfg` (lab_config()'s) plus DSR services: ipip and gue over TCP for
+    the frontend identity, ipip over UDP for everyone."""
+    backends = [f"{b.ip}:{topo.backend_port}" for b in topo.backends]
+    port = topo.backend_port
+    extra = {"health_check": health_check} if health_check else {}
+    cfg["encap_source"] = encap_source
+    cfg["services"] += [
+        {"name": "dsr-ipip", "vip": IPIP_VIP, "port": port, "protocol": "tcp",
+         "backends": backends, "forwarding": "ipip", "allow": ["frontend"], **extra},
+        {"name": "dsr-gue", "vip": GUE_VIP, "port": port, "protocol": "tcp",
+         "backends": backends, "forwarding": "gue", "allow": ["frontend"], **extra},
+        {"name": "dsr-udp", "vip": DSR_UDP_VIP, "port": port, "protocol": "udp",
+         "backends": backends, "forwarding": "ipip"},
+    ]
+    return cfg
+
+
 def tcp(src: str, sport: int, dst: str, dport: int, flags: str = "S", payload: bytes = b"",
         dmac: str = "02:00:00:00:00:02"):
     return Ether(src="02:00:00:00:00:01", dst=dmac) / IP(src=src, dst=dst, ttl=64, id=1) / \

@@ -13,29 +13,18 @@ from scapy.layers.l2 import Dot1Q, Ether
 
 from lb.dataplane import ntohs, word_addr
 from lb.demo import lab_config
-from lbtest import XDP_DROP, XDP_PASS, XDP_REDIRECT, Harness, assert_checksums_valid, tcp, udp
+from lbtest import (DSR_UDP_VIP, ENCAP_SOURCE, GUE_VIP, IPIP_VIP, XDP_DROP, XDP_PASS, XDP_REDIRECT,
+                    Harness, assert_checksums_valid, tcp, udp, with_dsr_services)
 
 CLIENT, DENIED = "10.1.0.10", "192.0.2.10"
-IPIP_VIP, GUE_VIP, UDP_VIP = "10.96.0.20", "10.96.0.21", "10.96.0.22"
-PORT = 8080                        # DSR: the backends serve the service's own port
-ENCAP_SOURCE = "10.255.0.1"        # the lab LB's address on lo
+UDP_VIP = DSR_UDP_VIP
+PORT = 8080                        # the lab's backend port, served by the DSR services too
 GUE_PORT = 6080
 
 
 def dsr_config(topo, *, encap_source: str = ENCAP_SOURCE, **kw) -> dict:
-    """The lab's config plus three DSR services on the backends' port."""
     cfg = lab_config(topo, fillers=0, bpffs="/unused", socket="/unused", **kw)
-    backends = [f"{b.ip}:{topo.backend_port}" for b in topo.backends]
-    cfg["encap_source"] = encap_source
-    cfg["services"] += [
-        {"name": "dsr-ipip", "vip": IPIP_VIP, "port": PORT, "protocol": "tcp",
-         "backends": backends, "forwarding": "ipip", "allow": ["frontend"]},
-        {"name": "dsr-gue", "vip": GUE_VIP, "port": PORT, "protocol": "tcp",
-         "backends": backends, "forwarding": "gue", "allow": ["frontend"]},
-        {"name": "dsr-udp", "vip": UDP_VIP, "port": PORT, "protocol": "udp",
-         "backends": backends, "forwarding": "ipip"},
-    ]
-    return cfg
+    return with_dsr_services(cfg, topo, encap_source=encap_source)
 
 
 @pytest.fixture(scope="module")
