@@ -780,10 +780,12 @@ class Reconciler:
         a grace period."""
         state = self.dp.view("backends")["state"]
         proto = PROTOCOLS[live.key[2]]
+        listed = not live.flags & self._dsr_flags        # a DSR service's never are
         for b in backends:
             state[b.id] = self.c.BACKEND_FREE
             self.reclaimer.retire_id(self.backend_ids, b.id)
-            self.replies.remove(live.svc_id, addr_key(bkey(b.address, b.port), proto))
+            if listed:
+                self.replies.remove(live.svc_id, addr_key(bkey(b.address, b.port), proto))
 
     def _retire_policy(self, pm, svc_id: int, gen: int, entries: dict[int, int]) -> None:
         if not entries:

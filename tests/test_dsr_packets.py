@@ -210,3 +210,19 @@ def test_snat_does_not_apply_to_dsr_services(lab, bpf_object):
         assert h.entries("rev_nat") == 0
         rc, out = h.run(tcp(CLIENT, 49000, "10.96.0.10", 80))          # the NAT service still SNATs
         assert rc == XDP_REDIRECT and out[IP].src == topo.snat_ip and h.entries("rev_nat") == 1
+
+
+def test_defaults_agree_with_the_objects(lb):
+    """The GUE port the LB sends to by default is the one the backends'
+    decapsulation listens on by default; the service flags are distinct."""
+    from lb import backend, config
+    from loader import BpfObject
+
+    obj = BpfObject(backend.default_object_path())
+    try:
+        assert config.GUE_PORT_DEFAULT == obj.btf.enums()["decap_limits"]["DECAP_GUE_PORT_DEFAULT"]
+    finally:
+        obj.close()
+    c = lb.dp.consts
+    flags = [c.SVC_F_HAS_POLICY, c.SVC_F_DEFAULT_DENY, c.SVC_F_REV_NAT, c.SVC_F_IPIP, c.SVC_F_GUE]
+    assert len(set(flags)) == len(flags) and all(f & (f - 1) == 0 for f in flags)

@@ -182,3 +182,43 @@ def test_reply_keys_small_and_batch_paths_agree(rec):
     for i in range(0, 9, 3):
         assert _backend_addrs(dt, keys[i:i + 3], rec.c.FAMILY_IPV4).tobytes() == batch[i:i + 3].tobytes()
     assert _backend_addrs(dt, keys[:0], rec.c.FAMILY_IPV4).size == 0
+
+
+def test_forwarding_flags_reply_index_and_a_change_of_forwarding(rec):
+    """A DSR service is flagged, writes the encapsulation settings, and has
+    no reply-index entries (its replies never come back through the LB).
+    Changing a service's forwarding replaces its backends: a NAT flow's
+    backend socket is not the VIP's, so no flow survives it, and the ids
+    say so to conntrack."""
+    c = rec.c
+    svc = {"name": "s", "vip": "10.96.0.1", "port": 80, "protocol": "tcp",
+           "backends": ["10.128.0.1:80", "10.128.0.2:80"]}
+
+    def apply(forwarding: str):
+        d = {"interfaces": ["l0"], "bpffs": str(rec.dp.pin_dir), "encap_source": "10.255.1.16/28",
+             "gue_port": 7000, "services": [{**svc, "forwarding": forwarding}]}
+        rec.apply(config_from_dict(d))
+        live = rec.services[(IPv4Address("10.96.0.1"), 80, "tcp")]
+        rec_ = next(v for _, v in rec.dp.maps["services"].items())
+        return live, int(rec_.flags), {b.id for b in live.backends.values()}
+
+    live, flags, nat_ids = apply("nat")
+    assert not flags & (c.SVC_F_IPIP | c.SVC_F_GUE) and len(list(rec.dp.maps["reply_index"].items())) == 2
+    live, flags, ipip_ids = apply("ipip")
+    assert flags & c.SVC_F_IPIP and not flags & c.SVC_F_GUE
+    assert len(list(rec.dp.maps["reply_index"].items())) == 0
+    assert not ipip_ids & nat_ids
+    state = rec.dp.view("backends")["state"]
+    assert all(state[i] == c.BACKEND_FREE for i in nat_ids)
+    conf = rec.dp.maps["config"].lookup(rec.dp.maps["meta"].lookup(0).active_config)
+    assert str(IPv4Address(int(conf.encap_v4.addr[0]).to_bytes(4, "little"))) == "10.255.1.16"
+    assert (conf.encap_v4.spread_mask, conf.encap_v4.family, conf.encap_v6.family) == (15, c.FAMILY_IPV4, 0)
+    assert conf.gue_port == int.from_bytes((7000).to_bytes(2, "big"), "little")
+    live, flags, gue_ids = apply("gue")
+    assert flags & c.SVC_F_GUE and not gue_ids & ipip_ids
+    # A restart recovers the flags and keeps the DSR service out of the index.
+    again = Reconciler(rec.dp)
+    assert again.services[live.key].flags & c.SVC_F_GUE
+    assert len(list(rec.dp.maps["reply_index"].items())) == 0
+    live, flags, back = apply("nat")
+    assert len(list(rec.dp.maps["reply_index"].items())) == 2 and not back & gue_ids
