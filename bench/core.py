@@ -1,6 +1,7 @@
 """Core figures of xdplb alone, from the benchmark harness's pieces.
 
     python -m bench.core [--services 1 20000] [--backends 3] [--json out.json]
+    python -m bench.core --services 1 --forwarding nat ipip gue --rounds 3 --updates 0
 
 For each service count, on the harness's gen -> lb -> sink lab:
 - program ns/packet through BPF test-run, one packet per call (so every
@@ -10,6 +11,10 @@ For each service count, on the harness's gen -> lb -> sink lab:
 - full apply time of N services;
 - single-service update latency (one endpoint replaced in a random
   service), p50/p99, through Reconciler.upsert_service.
+
+With --forwarding, every service is NAT (gateway mode), ipip or gue (DSR:
+the packet leaves in a tunnel), one lab per mode, the modes alternated
+over --rounds so that they are measured side by side.
 
 `xdplb bench` measures all of this and more, next to kube-proxy's layouts;
 this is the quick look at xdplb alone.
@@ -34,10 +39,11 @@ from .progs import Forwarder, build
 from .traffic import testrun_ns
 
 
-def measure(n: int, backends: int, updates: int = 1000, calls: int = 20000) -> dict:
+def measure(n: int, backends: int, updates: int = 1000, calls: int = 20000,
+            forwarding: str = "nat") -> dict:
     with Lab(prefix="xb") as lab:
         bl = blab.build(lab)
-        eng = XdplbEngine(bl)
+        eng = XdplbEngine(bl, forwarding=forwarding)
         floor = Forwarder("empty_main")
         try:
             services = make_services(n, backends, "udp")
@@ -58,15 +64,20 @@ def measure(n: int, backends: int, updates: int = 1000, calls: int = 20000) -> d
                 lat.append(eng.update(current[i], new))
                 current[i] = new
             lat.sort()
-            return {"services": n, "backends_per_service": backends, "full_apply_s": sync.seconds,
+            return {"services": n, "backends_per_service": backends, "forwarding": forwarding,
+                    "full_apply_s": sync.seconds,
                     "apply_detail": sync.detail, "new_flow_ns": new_ns, "established_ns": est_ns,
                     "testrun_floor_ns": floor_ns, "calls": calls,
-                    "update_p50_ms": 1e3 * lat[len(lat) // 2],
-                    "update_p99_ms": 1e3 * lat[int(len(lat) * 0.99)], "updates": updates,
+                    "update_p50_ms": 1e3 * lat[len(lat) // 2] if lat else None,
+                    "update_p99_ms": 1e3 * lat[int(len(lat) * 0.99)] if lat else None, "updates": updates,
                     "memory": {k: v for k, v in eng.memory().items() if k != "source"}}
         finally:
             floor.close()
             eng.close()
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def main(argv=None) -> int:
@@ -74,19 +85,23 @@ def main(argv=None) -> int:
     p.add_argument("--services", type=int, nargs="+", default=[1, 20000])
     p.add_argument("--backends", type=int, default=3)
     p.add_argument("--updates", type=int, default=1000)
+    p.add_argument("--forwarding", nargs="+", choices=["nat", "ipip", "gue"], default=["nat"])
+    p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--json")
     a = p.parse_args(argv)
     build()
-    rows = [measure(n, a.backends, a.updates) for n in a.services]
+    rows = [measure(n, a.backends, a.updates, forwarding=f)
+            for _ in range(a.rounds) for n in a.services for f in a.forwarding]
     out = {"machine": {"kernel": platform.release(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
            "results": rows}
-    print("| services | backends | full apply s | new-flow ns/pkt | established ns/pkt | floor ns | "
-          "update p50 ms | update p99 ms |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| services | backends | forwarding | full apply s | new-flow ns/pkt | established ns/pkt | "
+          "floor ns | update p50 ms | update p99 ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['services']} | {r['backends_per_service']} | {r['full_apply_s']:.3f} | {r['new_flow_ns']:.0f} | "
-              f"{r['established_ns']:.0f} | {r['testrun_floor_ns']:.0f} | {r['update_p50_ms']:.3f} | "
-              f"{r['update_p99_ms']:.3f} |")
+        print(f"| {r['services']} | {r['backends_per_service']} | {r['forwarding']} | "
+              f"{r['full_apply_s']:.3f} | {r['new_flow_ns']:.0f} | "
+              f"{r['established_ns']:.0f} | {r['testrun_floor_ns']:.0f} | {_ms(r['update_p50_ms'])} | "
+              f"{_ms(r['update_p99_ms'])} |")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))
     return 0

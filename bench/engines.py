@@ -52,9 +52,14 @@ class BService:
         return KService("bench", self.name, f"p{self.port}", self.proto, self.vip, self.port,
                         self.endpoints)
 
-    def xdplb(self) -> dict:
+    def xdplb(self, forwarding: str = "nat") -> dict:
+        """The service in xdplb's config. DSR (ipip, gue) does not rewrite
+        the port: each endpoint serves the service's."""
+        if forwarding == "nat":
+            return {"name": self.name, "vip": self.vip, "port": self.port, "protocol": self.proto,
+                    "backends": [f"{a}:{p}" for a, p in self.endpoints]}
         return {"name": self.name, "vip": self.vip, "port": self.port, "protocol": self.proto,
-                "backends": [f"{a}:{p}" for a, p in self.endpoints]}
+                "backends": [f"{a}:{self.port}" for a, _ in self.endpoints], "forwarding": forwarding}
 
 
 def make_service(i: int, endpoints: int, proto: str) -> BService:
@@ -307,9 +312,10 @@ class XdplbEngine(Engine):
     name = "xdplb"
     kernel_path = False
 
-    def __init__(self, bl: BenchLab, object_path: Path | None = None) -> None:
+    def __init__(self, bl: BenchLab, object_path: Path | None = None, forwarding: str = "nat") -> None:
         super().__init__(bl)
         self.object_path = object_path
+        self.forwarding = forwarding            # every service's: nat, ipip or gue
         self.dp = None
         self.rec = None
         self.cfg = None
@@ -329,7 +335,13 @@ class XdplbEngine(Engine):
         return {"interfaces": ["l0", "l1"], "bpffs": self.bpffs,
                 "limits": {"maglev_slots": slots},
                 "flood_guard": {"new_flows_per_second": 0},
-                "services": [s.xdplb() for s in services]}
+                **self._encap(),
+                "services": [s.xdplb(self.forwarding) for s in services]}
+
+    def _encap(self) -> dict:
+        from .lab import LB_SINK_IP
+
+        return {"encap_source": LB_SINK_IP} if self.forwarding != "nat" else {}
 
     def full_sync(self, services: list[BService]) -> SyncResult:
         from lb.config import config_from_dict
@@ -361,8 +373,8 @@ class XdplbEngine(Engine):
         from lb.config import config_from_dict
 
         # As the daemon's upsert_service API does: validate the one service.
-        return config_from_dict({"interfaces": ["l0", "l1"], "services": [s.xdplb()]},
-                                source="<bench>").services[0]
+        return config_from_dict({"interfaces": ["l0", "l1"], **self._encap(),
+                                 "services": [s.xdplb(self.forwarding)]}, source="<bench>").services[0]
 
     def add(self, s: BService) -> float:
         t0 = time.perf_counter()

@@ -31,21 +31,30 @@ static __always_inline int fib_route(struct xdp_md *ctx, const struct packet *pk
 /* The next hop for a packet of `tot_len` bytes and protocol `proto` from
  * saddr to daddr: from the per-CPU cache while fresh, else from the FIB
  * (then cached for cfg->nexthop_ttl_ms). The cache is keyed by destination
- * only, so source-based policy routing is honoured at most one TTL late; a
- * TTL of 0 turns the cache off. A cached answer checks no MTU: callers
- * whose packet grows (encap.h) check it themselves. */
-/* Cache a successful FIB answer for `daddr` until `now` + cfg->nexthop_ttl_ms.
+ * only, so source-based policy routing (and a changed MTU) is honoured at
+ * most one TTL late; a TTL of 0 turns the cache off. A cached answer checks
+ * no MTU: on success fib->mtu_result is the egress device's MTU, or 0 if
+ * not known (no cache), for callers whose packet grows (encap.h). */
+/* Cache a successful FIB answer for `daddr` until `now` + cfg->nexthop_ttl_ms,
+ * with the egress device's MTU, which it also leaves in fib->mtu_result.
  * A subprogram: it runs once per destination and TTL, and its record in
  * the entry program's frame left too little of the verifier's 512 bytes. */
-static __noinline void nexthop_remember(__u32 daddr, const struct bpf_fib_lookup *fib,
+static __noinline void nexthop_remember(struct xdp_md *ctx, __u32 daddr,
+					struct bpf_fib_lookup *fib,
 					const struct lb_config *cfg, __u64 now)
 {
 	struct nexthop_key key = { .family = FAMILY_IPV4 };
 	struct nexthop fresh = {};
+	__u32 mtu = 0;
 
+	/* Any length: only the MTU it reports is wanted (always set). */
+	if (bpf_check_mtu(ctx, fib->ifindex, &mtu, 0, 0) < 0)
+		mtu = 0;
 	key.addr[0] = daddr;
 	fresh.expires_ns = now + (__u64)cfg->nexthop_ttl_ms * 1000000;
 	fresh.ifindex = fib->ifindex;
+	fresh.mtu = mtu;
+	fib->mtu_result = mtu;
 	__builtin_memcpy(fresh.smac, fib->smac, ETH_ALEN);
 	__builtin_memcpy(fresh.dmac, fib->dmac, ETH_ALEN);
 	bpf_map_update_elem(&nexthops, &key, &fresh, BPF_ANY);
@@ -66,14 +75,18 @@ static __always_inline int next_hop_sized(struct xdp_md *ctx, const struct packe
 		nh = bpf_map_lookup_elem(&nexthops, &key);
 		if (nh && nh->expires_ns > now) {
 			fib->ifindex = nh->ifindex;
+			fib->mtu_result = nh->mtu;
 			__builtin_memcpy(fib->smac, nh->smac, ETH_ALEN);
 			__builtin_memcpy(fib->dmac, nh->dmac, ETH_ALEN);
 			return BPF_FIB_LKUP_RET_SUCCESS;
 		}
 	}
 	rc = fib_route(ctx, pkt, saddr, daddr, tot_len, proto, fib);
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS && cfg->nexthop_ttl_ms && !dry_run)
-		nexthop_remember(daddr, fib, cfg, now);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		fib->mtu_result = 0;
+		if (cfg->nexthop_ttl_ms && !dry_run)
+			nexthop_remember(ctx, daddr, fib, cfg, now);
+	}
 	return rc;
 }
 

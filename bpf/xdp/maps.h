@@ -221,7 +221,8 @@ struct nexthop {
 	__u32 ifindex;              /* egress interface */
 	__u8 smac[6];
 	__u8 dmac[6];
-	__u8 pad[8];                /* explicit: the struct is 32 bytes either way */
+	__u16 mtu;                  /* the egress device's, for packets that grow (encap.h) */
+	__u8 pad[6];                /* explicit: the struct is 32 bytes either way */
 };
 
 /* A token bucket kept in time units (ratelimit.h). */
