@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -29,6 +31,28 @@ _seq = itertools.count()
 
 def pin_dir() -> str:
     return f"/sys/fs/bpf/xdplb-test-{os.getpid()}-{next(_seq)}"
+
+
+@contextlib.contextmanager
+def daemons(topo, workdir: Path):
+    """start(fillers=0, edit=None, **lab_config_kw): `xdplb run` in the lab's
+    lb namespace with lab_config()'s config (passed through `edit` if
+    given); every daemon started is killed and detached at the end."""
+    started: list[DaemonProcess] = []
+
+    def start(fillers: int = 0, edit=None, **kw) -> DaemonProcess:
+        cfg = lab_config(topo, fillers=fillers, bpffs=pin_dir(),
+                         socket=f"/run/xdplb/test-{os.getpid()}-{next(_seq)}.sock", **kw)
+        d = DaemonProcess(edit(cfg) if edit else cfg, workdir, topo.lb_ns)
+        started.append(d)
+        return d.start()
+
+    try:
+        yield start
+    finally:
+        for d in started:
+            d.kill(signal.SIGKILL)
+            Dataplane.detach(Path(d.config["bpffs"]), purge=True)
 
 
 class Harness:

@@ -27,10 +27,10 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
-from lb.dataplane import Dataplane
-from lb.demo import DaemonProcess, curl_many, lab_config
+from lb.demo import curl_many
 from lb.lab import REPO_ROOT, Lab, build_lb_lab, start_backends
-from lbtest import GUE_VIP, IPIP_VIP, download, pin_dir, stats, wait_for, with_dsr_services, xdplb
+from lbtest import (GUE_VIP, IPIP_VIP, daemons, download, pin_dir, stats, wait_for, with_dsr_services,
+                    xdplb)
 
 PORT = 8080
 VIPS = (IPIP_VIP, GUE_VIP)
@@ -91,21 +91,9 @@ def dsr_lab(bpf_object):
 @pytest.fixture
 def dsr_daemon(dsr_lab, tmp_path):
     """Start `xdplb run` with the DSR services; always stop and detach."""
-    lab, topo, _ = dsr_lab
-    started = []
-
-    def start(**kw) -> DaemonProcess:
-        bpffs = pin_dir()
-        cfg = lab_config(topo, fillers=0, bpffs=bpffs,
-                         socket=f"/run/xdplb/test-dsr-{len(started)}-{id(tmp_path)}.sock")
-        d = DaemonProcess(with_dsr_services(cfg, topo, **kw), tmp_path, topo.lb_ns)
-        started.append(d)
-        return d.start()
-
-    yield start
-    for d in started:
-        d.kill(signal.SIGKILL)
-        Dataplane.detach(Path(d.config["bpffs"]), purge=True)
+    topo = dsr_lab[1]
+    with daemons(topo, tmp_path) as start:
+        yield lambda **kw: start(edit=lambda cfg: with_dsr_services(cfg, topo, **kw))
 
 
 # -- captures ---------------------------------------------------------------------
