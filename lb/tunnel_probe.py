@@ -11,12 +11,16 @@ carried to the backend in the service's encapsulation (bpf/xdp/encap.h):
   (GUE variant 1: no GUE header).
 
 The backend answers directly, from the VIP to our address; a raw TCP
-socket, filtered in the kernel (classic BPF) down to that VIP, port and our
-source port, reads the answer. A SYN-ACK passes, an RST is "connection
-refused". The kernel has no socket for the SYN-ACK and resets it, which
-the backend takes as the end of a half-open connection. An ICMP error on
-the tunnel socket (protocol or port unreachable: nothing decapsulates) is
-a failure at once; silence is a timeout.
+socket, filtered in the kernel (classic BPF) down to that VIP and port and
+our address and port, reads the answer. A SYN-ACK acknowledging our SYN
+passes, and is reset through the tunnel at once (the kernel's own reset
+goes towards the VIP, which is not always routed back to the backend: its
+half-open connection would retransmit SYN-ACKs for half a minute); an RST
+acknowledging it is "connection refused". Any other segment (a stray
+SYN-ACK of another probe's connection, from another backend: they all
+answer from the VIP) is not ours. An ICMP error on the tunnel socket
+(protocol or port unreachable: nothing decapsulates) is a failure at once;
+silence is a timeout.
 
 Raw sockets need CAP_NET_RAW. Only IPv4 for now; the family is the
 address's, so IPv6 (IPIP6, GUE over IPv6) adds branches here, not a module.
@@ -31,7 +35,7 @@ import random
 import socket
 import struct
 
-__all__ = ["syn_through_tunnel", "inner_syn", "answer_filter"]
+__all__ = ["syn_through_tunnel", "inner_segment", "answer_filter"]
 
 SO_ATTACH_FILTER = 26
 IPPROTO_IPIP = 4
@@ -54,11 +58,13 @@ def _checksum(data: bytes) -> int:
     return ~s & 0xFFFF
 
 
-def inner_syn(src: str, sport: int, vip: str, port: int, seq: int, ident: int) -> bytes:
-    """An IPv4 header and a TCP SYN (no options) from src:sport to vip:port,
-    both checksums set: what a client would send to the VIP."""
+def inner_segment(src: str, sport: int, vip: str, port: int, seq: int, ident: int,
+                  flags: int = TCP_SYN) -> bytes:
+    """An IPv4 header and a TCP segment without options or data (a SYN, or
+    the RST that ends a probe) from src:sport to vip:port, both checksums
+    set: what a client would send to the VIP."""
     saddr, daddr = socket.inet_aton(src), socket.inet_aton(vip)
-    tcp = struct.pack("!HHIIBBHHH", sport, port, seq, 0, 5 << 4, TCP_SYN, 64240, 0, 0)
+    tcp = struct.pack("!HHIIBBHHH", sport, port, seq, 0, 5 << 4, flags, 64240 if flags & TCP_SYN else 0, 0, 0)
     pseudo = saddr + daddr + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
     tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), ident, 0x4000, 64,
@@ -67,20 +73,24 @@ def inner_syn(src: str, sport: int, vip: str, port: int, seq: int, ident: int) -
     return ip + tcp
 
 
-def answer_filter(vip: str, port: int, sport: int) -> bytes:
+def answer_filter(vip: str, port: int, src: str, sport: int) -> bytes:
     """Classic BPF for a raw IPv4 TCP socket: only segments from vip:port
-    to our `sport` (the socket sees every TCP segment the host receives)."""
-    vip_word = struct.unpack("!I", socket.inet_aton(vip))[0]
+    to src:sport (the socket sees every TCP segment the host receives)."""
+    def word(addr: str) -> int:
+        return struct.unpack("!I", socket.inet_aton(addr))[0]
+
     prog = [                            # (code, jump if true, jump if false, k)
         (0xB1, 0, 0, 0),                # 0 ldxb 4*([0]&0xf): X = the IP header's length
         (0x48, 0, 0, 0),                # 1 ldh [x+0]: TCP source port
-        (0x15, 0, 4, port),             # 2 jeq port, else to 7
+        (0x15, 0, 6, port),             # 2 jeq port, else to 9
         (0x48, 0, 0, 2),                # 3 ldh [x+2]: TCP destination port
-        (0x15, 0, 2, sport),            # 4 jeq sport, else to 7
+        (0x15, 0, 4, sport),            # 4 jeq sport, else to 9
         (0x20, 0, 0, 12),               # 5 ld [12]: IP source address
-        (0x15, 1, 0, vip_word),         # 6 jeq vip: to 8
-        (0x06, 0, 0, 0),                # 7 ret 0: drop
-        (0x06, 0, 0, 0xFFFF),           # 8 ret: accept
+        (0x15, 0, 2, word(vip)),        # 6 jeq vip, else to 9
+        (0x20, 0, 0, 16),               # 7 ld [16]: IP destination address
+        (0x15, 1, 0, word(src)),        # 8 jeq src: to 10
+        (0x06, 0, 0, 0),                # 9 ret 0: drop
+        (0x06, 0, 0, 0xFFFF),           # 10 ret: accept
     ]
     return b"".join(struct.pack("HBBI", *ins) for ins in prog)
 
@@ -124,16 +134,16 @@ def _tunnel_socket(mode: str, backend: str, gue_port: int) -> socket.socket:
 
 def _verdict(segment: bytes, seq: int) -> str | None | bool:
     """None: the SYN-ACK we wait for; a string: why the probe failed; False:
-    not ours after all (keep waiting)."""
+    not an answer to our SYN (keep waiting)."""
     ihl = (segment[0] & 0x0F) * 4
     if len(segment) < ihl + 14:
         return False
     ack, flags = struct.unpack_from("!I", segment, ihl + 8)[0], segment[ihl + 13]
+    if not flags & TCP_ACK or ack != (seq + 1) & 0xFFFFFFFF:
+        return False
     if flags & TCP_RST:
         return "connection refused"
-    if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK:
-        return None if ack == (seq + 1) & 0xFFFFFFFF else f"SYN-ACK acks {ack}, want {seq + 1}"
-    return False
+    return None if flags & TCP_SYN else False
 
 
 async def _answer(rx: socket.socket, seq: int) -> str | None:
@@ -163,20 +173,24 @@ async def syn_through_tunnel(backend: str, vip: str, port: int, mode: str, gue_p
     rx = tx = None
     tasks: list[asyncio.Task] = []
     try:
+        src = _source_towards(backend)
         try:
             rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
-            _attach_filter(rx, answer_filter(vip, port, sport))
+            _attach_filter(rx, answer_filter(vip, port, src, sport))
             rx.setblocking(False)
             tx = _tunnel_socket(mode, backend, gue_port)
         except PermissionError:
             return "raw sockets not permitted (DSR health checks need CAP_NET_RAW)"
-        packet = inner_syn(_source_towards(backend), sport, vip, port, seq, ident)
-        tx.send(packet)
+        tx.send(inner_segment(src, sport, vip, port, seq, ident))
         tasks = [asyncio.ensure_future(_answer(rx, seq)), asyncio.ensure_future(_tunnel_error(tx, mode))]
         done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if not done:
             return "SYN timeout"
-        return done.pop().result()
+        error = done.pop().result()
+        if error is None:       # end the backend's half-open connection
+            tx.send(inner_segment(src, sport, vip, port, (seq + 1) & 0xFFFFFFFF, (ident + 1) & 0xFFFF,
+                                  TCP_RST))
+        return error
     except OSError as e:
         return f"probe error: {(e.strerror or str(e)).lower()}"
     finally:
