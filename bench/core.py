@@ -14,7 +14,8 @@ For each service count, on the harness's gen -> lb -> sink lab:
 
 With --forwarding, every service is NAT (gateway mode), ipip or gue (DSR:
 the packet leaves in a tunnel), one lab per mode, the modes alternated
-over --rounds so that they are measured side by side.
+over --rounds. --interleaved measures the modes closer still: one lab and
+one program with a service of each mode, their packets taking turns.
 
 `xdplb bench` measures all of this and more, next to kube-proxy's layouts;
 this is the quick look at xdplb alone.
@@ -36,7 +37,7 @@ from . import lab as blab
 from . import profile as prof
 from .engines import XdplbEngine, make_services, replace_endpoint
 from .progs import Forwarder, build
-from .traffic import testrun_ns
+from .traffic import testrun_ns, testrun_ns_interleaved
 
 
 def measure(n: int, backends: int, updates: int = 1000, calls: int = 20000,
@@ -76,6 +77,28 @@ def measure(n: int, backends: int, updates: int = 1000, calls: int = 20000,
             eng.close()
 
 
+def interleaved(modes: list[str], backends: int, calls: int = 20000) -> dict:
+    """New-flow and established ns/pkt of one service per forwarding mode,
+    in one program, packets of the modes taking turns."""
+    with Lab(prefix="xb") as lab:
+        bl = blab.build(lab)
+        eng = XdplbEngine(bl, forwarding=tuple(modes))
+        try:
+            services = make_services(len(modes), backends, "udp")
+            eng.full_sync(services)
+            fd = eng.program_fd()
+            out = {}
+            for flows, kind in ((0, "new_flow_ns"), (1, "established_ns")):
+                specs = {m: prof.load("udp_flows", {"vip": s.vip, "port": s.port, "stamp": s.stamp,
+                                                    "src_mac": bl.g0_mac, "dst_mac": bl.l0_mac,
+                                                    "flows": flows})[0]
+                         for m, s in zip(modes, services)}
+                out[kind] = testrun_ns_interleaved(bl, fd, specs, calls, new_flows=flows == 0)
+            return {"backends_per_service": backends, "calls": calls, **out}
+        finally:
+            eng.close()
+
+
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
@@ -87,9 +110,21 @@ def main(argv=None) -> int:
     p.add_argument("--updates", type=int, default=1000)
     p.add_argument("--forwarding", nargs="+", choices=["nat", "ipip", "gue"], default=["nat"])
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--interleaved", action="store_true",
+                   help="one program, a service per --forwarding mode, packets taking turns")
     p.add_argument("--json")
     a = p.parse_args(argv)
     build()
+    if a.interleaved:
+        rounds = [interleaved(a.forwarding, a.backends) for _ in range(a.rounds)]
+        print("| round | " + " | ".join(f"{m} new-flow ns | {m} established ns" for m in a.forwarding) + " |")
+        print("|---|" + "---|---|" * len(a.forwarding))
+        for i, r in enumerate(rounds, 1):
+            print(f"| {i} | " + " | ".join(f"{r['new_flow_ns'][m]:.0f} | {r['established_ns'][m]:.0f}"
+                                           for m in a.forwarding) + " |")
+        if a.json:
+            Path(a.json).write_text(json.dumps({"interleaved": rounds}, indent=2))
+        return 0
     rows = [measure(n, a.backends, a.updates, forwarding=f)
             for _ in range(a.rounds) for n in a.services for f in a.forwarding]
     out = {"machine": {"kernel": platform.release(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},

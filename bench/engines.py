@@ -312,16 +312,21 @@ class XdplbEngine(Engine):
     name = "xdplb"
     kernel_path = False
 
-    def __init__(self, bl: BenchLab, object_path: Path | None = None, forwarding: str = "nat") -> None:
+    def __init__(self, bl: BenchLab, object_path: Path | None = None,
+                 forwarding: str | tuple[str, ...] = "nat") -> None:
         super().__init__(bl)
         self.object_path = object_path
-        self.forwarding = forwarding            # every service's: nat, ipip or gue
+        # Each service's: nat, ipip or gue; a tuple is taken in turn by index.
+        self.forwarding = (forwarding,) if isinstance(forwarding, str) else tuple(forwarding)
         self.dp = None
         self.rec = None
         self.cfg = None
         self.bpffs: str | None = None
         self.kernel_bytes: int | None = None
         self.kernel_bytes_empty: int | None = None
+
+    def _service(self, s: BService) -> dict:
+        return s.xdplb(self.forwarding[s.index % len(self.forwarding)])
 
     def _config(self, services: list[BService], capacity: int, endpoints: int) -> dict:
         from lb.maglev import table_size
@@ -336,12 +341,12 @@ class XdplbEngine(Engine):
                 "limits": {"maglev_slots": slots},
                 "flood_guard": {"new_flows_per_second": 0},
                 **self._encap(),
-                "services": [s.xdplb(self.forwarding) for s in services]}
+                "services": [self._service(s) for s in services]}
 
     def _encap(self) -> dict:
         from .lab import LB_SINK_IP
 
-        return {"encap_source": LB_SINK_IP} if self.forwarding != "nat" else {}
+        return {"encap_source": LB_SINK_IP} if set(self.forwarding) != {"nat"} else {}
 
     def full_sync(self, services: list[BService]) -> SyncResult:
         from lb.config import config_from_dict
@@ -374,7 +379,7 @@ class XdplbEngine(Engine):
 
         # As the daemon's upsert_service API does: validate the one service.
         return config_from_dict({"interfaces": ["l0", "l1"], **self._encap(),
-                                 "services": [s.xdplb(self.forwarding)]}, source="<bench>").services[0]
+                                 "services": [self._service(s)]}, source="<bench>").services[0]
 
     def add(self, s: BService) -> float:
         t0 = time.perf_counter()

@@ -119,7 +119,8 @@ static __always_inline enum drop_reason encap_plan(const struct packet *pkt,
 	e->overhead = outer_ip_len(e->family) + (e->gue ? sizeof(struct udphdr) : 0);
 	e->proto = e->gue ? IPPROTO_UDP : ipip_protocol(pkt->flow.family);
 	e->inner_len = bpf_ntohs(pkt->ip->tot_len);
-	e->hash = encap_hash(&pkt->flow, cfg->hash_seed);
+	/* Only GUE's source port and a source prefix use it. */
+	e->hash = e->gue || e->src->spread_mask ? encap_hash(&pkt->flow, cfg->hash_seed) : 0;
 	return DROP_NONE;
 }
 
