@@ -42,6 +42,16 @@ PROTOCOLS = IPPROTO                                  # IANA numbers, not ours
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
 
 SvcKey = tuple[IPv4Address, int, str]
+
+
+def forwarding_flags(c) -> dict[str, int]:
+    """The service flags of each `forwarding:` (constants `c` from BTF)."""
+    return {"nat": 0, "ipip": c.SVC_F_IPIP, "gue": c.SVC_F_GUE}
+
+
+def forwarding_name(flags: int, c) -> str:
+    """A service record's `forwarding:` from its flags."""
+    return next((name for name, f in forwarding_flags(c).items() if f and flags & f), "nat")
 # Up to this many changed services, the small-update paths: records built
 # through ctypes, and (maglev.use_parallel) no parallel region.
 SERIAL_BUILD_MAX = maglev.SERIAL_MAX_SERVICES
@@ -196,8 +206,8 @@ class Reconciler:
         self.replies = ReplyIndex(self.c.REPLY_INDEX_SVCS)
         # Service flags of each `forwarding:`; a DSR service's replies never
         # cross the LB, so its backends are not in the reply index.
-        self._forwarding_flags = {"nat": 0, "ipip": self.c.SVC_F_IPIP, "gue": self.c.SVC_F_GUE}
-        self._dsr_flags = self.c.SVC_F_IPIP | self.c.SVC_F_GUE
+        self._forwarding_flags = forwarding_flags(self.c)
+        self._dsr_flags = sum(self._forwarding_flags.values())
         # The active config record as last read or written (this reconciler
         # is its only writer): an update with the same settings skips the
         # two map lookups.
@@ -877,4 +887,4 @@ def _ident_key(K, net: IPv4Network, family: int):
     return k
 
 
-__all__ = ["Reconciler", "CapacityError", "ApplyResult", "PROTOCOLS"]
+__all__ = ["Reconciler", "CapacityError", "ApplyResult", "PROTOCOLS", "forwarding_flags", "forwarding_name"]

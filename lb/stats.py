@@ -8,6 +8,7 @@ from loader.stats import prog_info
 
 from .dataplane import Dataplane
 from .metrics import counter_sums
+from .reconcile import forwarding_name
 
 
 def _sum(values) -> tuple[int, int]:
@@ -48,9 +49,8 @@ def collect(dp: Dataplane, rec) -> dict[str, Any]:
             backends.append({"address": str(b.address), "port": b.port, "id": b.id,
                              "state": c.names("backend_state")[b.state].removeprefix("BACKEND_").lower(),
                              "packets": bp, "bytes": bb})
-        forwarding = "gue" if live.flags & c.SVC_F_GUE else "ipip" if live.flags & c.SVC_F_IPIP else "nat"
         services.append({"name": live.name, "vip": str(vip), "port": port, "protocol": proto,
-                         "forwarding": forwarding, "svc_id": svc_id, "packets": pk, "bytes": by, "backends": backends})
+                         "forwarding": forwarding_name(live.flags, c), "svc_id": svc_id, "packets": pk, "bytes": by, "backends": backends})
 
     drops = {}
     for r, name in reasons.items():

@@ -29,7 +29,7 @@ from scapy.layers.l2 import Ether
 
 from lb.demo import curl_many
 from lb.lab import REPO_ROOT, Lab, build_lb_lab, start_backends
-from lbtest import (GUE_VIP, IPIP_VIP, daemons, download, pin_dir, stats, wait_for, with_dsr_services,
+from lbtest import (ENCAP_SOURCE, GUE_VIP, IPIP_VIP, daemons, download, pin_dir, stats, wait_for, with_dsr_services,
                     xdplb)
 
 PORT = 8080
@@ -184,6 +184,12 @@ def test_balance_policy_and_replies_bypass_the_lb(dsr_lab, dsr_daemon, mode):
     assert counter(after, "reply") == counter(before, "reply")
     status = json.loads(xdplb(d, "status", "--json").stdout)
     assert status["maps"]["rev_nat"]["entries"] == 0
+    # `flow` asks the live program: the packet would leave in its tunnel.
+    res = json.loads(xdplb(d, "flow", f"{topo.client_ip}:40000", f"{vip}:{PORT}", "tcp", "--json").stdout)
+    assert res["verdict"] == "FORWARDED" and res["service"] == name and "rewritten" not in res
+    assert res["encapsulated"] == {"forwarding": mode, "src": ENCAP_SOURCE,
+                                   "dst": res["backend"].rpartition(":")[0]}
+    assert f"FORWARDED in {mode}" in xdplb(d, "flow", f"{topo.client_ip}:40000", f"{vip}:{PORT}", "tcp").stdout
 
     # The client: answers from the VIP came in by the backends' links only.
     assert from_vips(frames["c0"]) == []
