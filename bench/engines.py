@@ -5,7 +5,9 @@
 - `iptables-legacy`, `iptables-nft`: kube-proxy's nat-table layout through
   iptables-restore --noflush, forwarding by the kernel;
 - `nftables`: kube-proxy's nftables layout through `nft -f`;
-- `forwarder`: a bare XDP redirect (no load balancing), the lab's limit.
+- `forwarder`: a bare XDP redirect (no load balancing), the lab's limit;
+- beside Katran (bench/versus.py): `xdplb-ipip`/`xdplb-gue` (DSR, once
+  xdplb has it) and `katran:PATH` (bench/katran.py).
 
 The kernel-path engines get an XDP_PASS program on l0: a veth receives
 frames that its peer XDP_TX'd only when it has NAPI, i.e. an XDP program.
@@ -28,6 +30,9 @@ from .memcg import KmemCgroup
 from .progs import Forwarder
 
 ENGINES = ("xdplb", "iptables-legacy", "iptables-nft", "nftables")
+GUE_PORT = 6080                 # the default GUE port of xdplb's decap and of Katran
+# xdplb by the services' forwarding mode (the DSR ones are issue 12's): name -> mode.
+XDPLB_VARIANTS = {"xdplb": "nat", "xdplb-ipip": "ipip", "xdplb-gue": "gue"}
 _seq = itertools.count()
 
 
@@ -83,11 +88,28 @@ class SyncResult:
 class Engine:
     name = ""
     kernel_path = True          # packets are forwarded by the kernel stack
+    encapsulates = False        # DSR: the client's packet goes to the backend inside an outer header
+    gue_port = 0                # ... a GUE one to this UDP port (0: IPIP)
+    transmits_back = False      # XDP_TX: its frames leave by l0, back to g0 (the sink is there too)
 
     def __init__(self, bl: BenchLab) -> None:
         self.bl = bl
         self.services: list[BService] = []
         self.memcg: KmemCgroup | None = None
+
+    @property
+    def label(self) -> str:
+        """What the engine is, for tables."""
+        return self.name
+
+    def deliveries(self, s: BService) -> list[tuple]:
+        """Where the sink may see service s's packets (Sink.allow entries):
+        at a backend's address and port after NAT; for DSR, at a backend's
+        address with the client's packet unchanged inside (the service's
+        port, its VIP)."""
+        if self.encapsulates:
+            return [(a, s.port, s.proto, s.stamp, s.vip) for a, _ in s.endpoints]
+        return [(a, p, s.proto, s.stamp) for a, p in s.endpoints]
 
     # -- lifecycle ------------------------------------------------------
 
@@ -302,13 +324,25 @@ class ForwarderEngine(Engine):
 
 
 class XdplbEngine(Engine):
-    """The product: a fresh Dataplane (own pins) per sweep point."""
+    """The product: a fresh Dataplane (own pins) per sweep point.
 
-    name = "xdplb"
+    `forwarding`: the services' mode, nat (gateway NAT) or a DSR mode
+    (ipip, gue: issue 12; `xdplb-ipip` runs once the config takes a
+    service's `forwarding`)."""
+
     kernel_path = False
 
-    def __init__(self, bl: BenchLab, object_path: Path | None = None) -> None:
+    def __init__(self, bl: BenchLab, object_path: Path | None = None, forwarding: str = "nat") -> None:
         super().__init__(bl)
+        names = {v: k for k, v in XDPLB_VARIANTS.items()}
+        if forwarding not in names:
+            raise ValueError(f"forwarding {forwarding!r}: one of {', '.join(names)}")
+        if forwarding != "nat" and not dsr_supported():
+            raise NotImplementedError(f"{names[forwarding]}: this xdplb has no per-service `forwarding` "
+                                      "(issue 12's DSR modes)")
+        self.name, self.forwarding = names[forwarding], forwarding
+        self.encapsulates = forwarding != "nat"
+        self.gue_port = GUE_PORT if forwarding == "gue" else 0
         self.object_path = object_path
         self.dp = None
         self.rec = None
@@ -329,7 +363,13 @@ class XdplbEngine(Engine):
         return {"interfaces": ["l0", "l1"], "bpffs": self.bpffs,
                 "limits": {"maglev_slots": slots},
                 "flood_guard": {"new_flows_per_second": 0},
-                "services": [s.xdplb() for s in services]}
+                "services": [self._service(s) for s in services]}
+
+    def _service(self, s: BService) -> dict:
+        d = s.xdplb()
+        if self.forwarding != "nat":
+            d["forwarding"] = self.forwarding
+        return d
 
     def full_sync(self, services: list[BService]) -> SyncResult:
         from lb.config import config_from_dict
@@ -361,7 +401,7 @@ class XdplbEngine(Engine):
         from lb.config import config_from_dict
 
         # As the daemon's upsert_service API does: validate the one service.
-        return config_from_dict({"interfaces": ["l0", "l1"], "services": [s.xdplb()]},
+        return config_from_dict({"interfaces": ["l0", "l1"], "services": [self._service(s)]},
                                 source="<bench>").services[0]
 
     def add(self, s: BService) -> float:
@@ -437,13 +477,27 @@ def maglev_imbalance(dp, rec) -> dict:
     return {"max": worst, "mean": total / max(1, len(rec.services))}
 
 
+def dsr_supported() -> bool:
+    """Whether this xdplb's config takes a service's `forwarding` (ipip, gue)."""
+    from lb.config import Service
+
+    return "forwarding" in Service.model_fields
+
+
 def make_engine(name: str, bl: BenchLab) -> Engine:
-    if name == "xdplb":
-        return XdplbEngine(bl)
+    """An engine by name; `katran:PATH` is Katran's balancer built from its
+    tree (bench/katran.py)."""
+    if name.startswith("katran:"):
+        from .katran import KatranEngine
+
+        return KatranEngine(bl, Path(name.split(":", 1)[1]))
+    if name in XDPLB_VARIANTS:
+        return XdplbEngine(bl, forwarding=XDPLB_VARIANTS[name])
     if name in ("iptables-legacy", "iptables-nft"):
         return IptablesEngine(bl, name.split("-", 1)[1])
     if name == "nftables":
         return NftEngine(bl)
     if name in ForwarderEngine.PROGRAMS:
         return ForwarderEngine(bl, name)
-    raise ValueError(f"unknown engine {name!r} (have: {', '.join(ENGINES + tuple(ForwarderEngine.PROGRAMS))})")
+    raise ValueError(f"unknown engine {name!r} (have: "
+                     f"{', '.join(ENGINES + tuple(XDPLB_VARIANTS) + tuple(ForwarderEngine.PROGRAMS))}, katran:PATH)")

@@ -129,6 +129,7 @@ def program_ns_under_load(bl: BenchLab, gen: Generator, sink: Sink, spec: GenSpe
         out[k] = {"ns_per_packet": (after[k].run_time_ns - before[k].run_time_ns) / runs if runs else None,
                   "runs": runs}
     out["delivered"] = r.delivered
+    out["rate"] = r.as_dict()
     return out
 
 
