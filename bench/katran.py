@@ -5,9 +5,9 @@ Katran's tree (nothing of Katran ships here). Its maps are filled the way
 its library (katran/lib/KatranLb.cpp) fills them:
 
 - `vip_map` {vip, port, proto} -> {flags 0, vip_num}; `reals` id -> address,
-  ids from 1 (0 marks an unset ring slot); `ch_rings` holds vip_num's
-  RING_SIZE slots of real ids (the Maglev tables come from lb.maglev, the
-  same permutation algorithm; what a packet costs does not depend on which);
+  one id per address from 1 (0 marks an unset ring slot); `ch_rings` holds
+  vip_num's RING_SIZE slots of real ids, a Maglev table (lb.maglev's; which
+  real a slot holds does not change what a packet costs);
 - `lru_mapping`: one LRU hash per forwarding core, LruSize / cores entries
   each (KatranLb::initLrus), created here and put in the array of maps
   after load (KatranLb::attachLrus); every CPU forwards;
@@ -32,7 +32,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -40,7 +40,7 @@ from loader import BpfError, BpfObject, Map, MapType, XdpLink, check_errno, test
 from loader import libbpf as L
 
 from .engines import GUE_PORT, BService, Engine, SyncResult
-from .lab import BenchLab
+from .lab import LB_GEN_IP, BenchLab
 from .progs import be32
 
 PROGRAM = "balancer_ingress"
@@ -53,7 +53,6 @@ LRU_CNTRS = 0                   # v1: packets to VIPs, v2: LRU misses
 NEW_CONN_RATE_CNTR = 2          # per CPU, v1: new flows in this second, v2: its start (ns)
 XDP_TOTAL_CNTR, XDP_TX_CNTR, XDP_DROP_CNTR, XDP_PASS_CNTR = 16, 17, 18, 19
 V4_SRC_INDEX = 0                # pckt_srcs slot of the IPv4 outer source
-ENCAP_SOURCE = "10.1.0.1"       # GUE builds: the lb's own address on l0
 
 _NO_BYPASS_PROBE = 1 << 62      # new flows this second beyond any real MAX_CONN_RATE
 
@@ -62,7 +61,8 @@ class KatranError(Exception):
     """A Katran object the bench cannot use; the message is one line."""
 
 
-def _bpf_map_create() -> ctypes._CFuncPtr:
+def _bpf_map_create() -> Callable[..., int]:
+    """libbpf's bpf_map_create (the loader binds what xdplb itself needs)."""
     fn = L.lib.bpf_map_create
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32,
@@ -111,7 +111,7 @@ class Katran:
             self._attach_lrus(n)
             if self.gue:
                 src = self.maps[GUE_MAP].value_type()
-                src.dst = be32(ENCAP_SOURCE)
+                src.dst = be32(LB_GEN_IP)           # the lb's own address on l0
                 self.maps[GUE_MAP].update(V4_SRC_INDEX, src)
         except BaseException:
             self.close()
@@ -295,9 +295,10 @@ class KatranEngine(Engine):
 
     @property
     def label(self) -> str:
+        encap = "GUE" if self.lb and self.lb.gue else "IPIP"
         if self.bypass_above is None:
-            return "katran, flood bypass off (an LRU write per new flow)"
-        return f"katran as shipped (no LRU write above {self.bypass_above} new flows/s per CPU)"
+            return f"katran {encap}, flood bypass off (an LRU write per new flow)"
+        return f"katran {encap} as shipped (no LRU write above {self.bypass_above} new flows/s per CPU)"
 
     def clear(self) -> None:
         if self.lb:
