@@ -13,7 +13,8 @@
  *
  * A flow the flood guard forwarded without state (guard.h) has no entry.
  * Its reply is recognised by deciding again what the forward path decides
- * for the flow now (pick_backend(): the current table, the same seed):
+ * for the flow now (policy, then pick_backend(): the current table, the
+ * same seed):
  * translated only if exactly one candidate service without state for the
  * flow picks this very backend, and the reply came in by the interface the
  * route to that backend leaves by. Two such candidates (services sharing
@@ -29,6 +30,7 @@
 #include "conntrack.h"
 #include "forward.h"
 #include "guard.h"
+#include "policy.h"
 #include "service.h"
 
 /* The backend id the forward path picks now for `flow`, a flow of service
@@ -50,6 +52,9 @@ static __noinline __u32 reply_picked(const struct lb_config *cfg, const struct f
 	 * service whose replies need state never went without. */
 	svc = service_lookup(flow);
 	if (!svc || svc->svc_id != svc_id || !svc->ring_size || !may_go_stateless(svc, 0))
+		return ID_NONE;
+	/* A client the policy denies had no flow to answer. */
+	if ((svc->flags & SVC_F_HAS_POLICY) && !policy_allows(svc, source_identity(flow)))
 		return ID_NONE;
 	if (svc->affinity_timeout_s)
 		now = bpf_ktime_get_ns();
