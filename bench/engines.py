@@ -307,9 +307,12 @@ class XdplbEngine(Engine):
     name = "xdplb"
     kernel_path = False
 
-    def __init__(self, bl: BenchLab, object_path: Path | None = None) -> None:
+    def __init__(self, bl: BenchLab, object_path: Path | None = None,
+                 settings: dict | None = None) -> None:
         super().__init__(bl)
         self.object_path = object_path
+        # Top-level config entries over the sweep's (bench/overflow.py: the guard, SNAT).
+        self.settings = settings or {}
         self.dp = None
         self.rec = None
         self.cfg = None
@@ -329,7 +332,7 @@ class XdplbEngine(Engine):
         return {"interfaces": ["l0", "l1"], "bpffs": self.bpffs,
                 "limits": {"maglev_slots": slots},
                 "flood_guard": {"new_flows_per_second": 0},
-                "services": [s.xdplb() for s in services]}
+                "services": [s.xdplb() for s in services], **self.settings}
 
     def full_sync(self, services: list[BService]) -> SyncResult:
         from lb.config import config_from_dict

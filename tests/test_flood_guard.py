@@ -253,3 +253,34 @@ def test_the_flow_command_explains_without_taking_tokens(lab, bpf_object):
             dry.close()
         assert h.run(tcp(CLIENT, 48100, WEB, 80))[0] == XDP_REDIRECT
         assert _global(h, "CNT_CT_NEW") == 1
+
+
+def test_real_connections_over_the_rate_are_served_without_state(lab, bpf_object):
+    """On the veths with XDP attached: a real client opens far more
+    connections than the guard lets write state, and sends UDP from as many
+    new ports. Every one is answered by a backend (the answers come back
+    through the stateless reply path), and conntrack holds only what the
+    guard allowed."""
+    import sys
+
+    from lb.demo import curl_many
+
+    lab_, topo = lab
+    cfg = lab_config(topo, fillers=0, bpffs=pin_dir(), socket="/run/xdplb/unused.sock")
+    cfg["flood_guard"] = {"new_flows_per_second": 1, "burst": 2}
+    with Harness(lab_, topo, cfg) as h:
+        t0 = time.monotonic()
+        answers = curl_many(lab_, topo, f"http://{WEB}/", 40, topo.client_ip)
+        code = (f"import socket\nn = 0\nfor i in range(40):\n"
+                f"    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)\n"
+                f"    s.sendto(b'hi', ('{UDP_VIP}', 53))\n"
+                f"    n += s.recvfrom(200)[0].startswith(b'backend=')\n    s.close()\nprint(n)")
+        udp_answers = int(lab_.run(topo.client_ns, [sys.executable, "-c", code], timeout=120).stdout)
+        elapsed = time.monotonic() - t0
+        assert len(answers) == 40 and len(set(answers)) > 1
+        assert udp_answers == 40
+        assert h.drop_count("new_flow_rate") == 0
+        # The test (and its clients) run on one CPU: one bucket.
+        assert h.entries("conntrack") <= 2 + elapsed + 1
+        assert _global(h, "CNT_GUARD_STATELESS") >= 80 - 2 - elapsed - 1
+        assert _global(h, "CNT_REPLY_STATELESS") >= 40      # at least a SYN-ACK per TCP flow
