@@ -8,6 +8,7 @@ pins itself to one CPU: the counts below are exact."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -280,7 +281,9 @@ def test_real_connections_over_the_rate_are_served_without_state(lab, bpf_object
         assert len(answers) == 40 and len(set(answers)) > 1
         assert udp_answers == 40
         assert h.drop_count("new_flow_rate") == 0
-        # The test (and its clients) run on one CPU: one bucket.
-        assert h.entries("conntrack") <= 2 + elapsed + 1
-        assert _global(h, "CNT_GUARD_STATELESS") >= 80 - 2 - elapsed - 1
+        # The clients run on this test's CPU, but a packet the kernel sends
+        # from a softirq (an ACK) may leave from any: a bucket per CPU.
+        budget = os.cpu_count() * (2 + elapsed + 1)
+        assert h.entries("conntrack") <= budget
+        assert _global(h, "CNT_GUARD_STATELESS") >= 80 - budget
         assert _global(h, "CNT_REPLY_STATELESS") >= 40      # at least a SYN-ACK per TCP flow
