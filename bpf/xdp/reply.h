@@ -14,10 +14,9 @@
  * A flow the flood guard forwarded without state (guard.h) has no entry.
  * Its reply is recognised by deciding again what the forward path decides
  * for the flow now (policy, then pick_backend(): the current table, the
- * same seed):
- * translated only if exactly one candidate service without state for the
- * flow picks this very backend, and the reply came in by the interface the
- * route to that backend leaves by. Two such candidates (services sharing
+ * same seed). It is translated only if exactly one candidate service
+ * without state for the flow picks this very backend, and the reply came
+ * in by the interface the route to that backend leaves by. Two such candidates (services sharing
  * the backend address, both picking it for this client port) cannot be
  * told apart: the reply passes untouched, as does anything else. So a
  * forged reply gets a VIP source only for a flow that would go to the
@@ -77,7 +76,80 @@ static __always_inline void reply_fill(struct nat_entry *nat, const struct flow_
 	nat->backend_id = backend_id;
 }
 
-/* Fill `nat` for the reply `pkt` if it answers a gateway-mode flow; 0 if not. */
+/* The conntrack entry of `flow`, a flow of `svc_id`, as the forward path
+ * reads it: one written under SNAT, or pointing at a removed backend, is no
+ * state at all (NULL). Sets *ct to the entry when there is one. */
+static __always_inline struct backend *reply_state(const struct flow_key *flow, __u32 svc_id,
+						   struct ct_entry **ct)
+{
+	*ct = bpf_map_lookup_elem(&conntrack, flow);
+	if (!*ct || (*ct)->nat_port)
+		return NULL;
+	return ct_backend(*ct, svc_id);
+}
+
+/* Candidate `i` of `rs` as a client flow: its service id, and its VIP and
+ * port written into `flow` (whose client side is filled). ID_NONE: no more. */
+static __always_inline struct svc_key *reply_candidate(const struct reply_services *rs, int i,
+						       struct flow_key *flow, __u32 *svc_id)
+{
+	struct svc_key *sk;
+
+	*svc_id = rs->svc_id[i];
+	if (*svc_id == ID_NONE)
+		return NULL;
+	sk = bpf_map_lookup_elem(&svc_keys, svc_id);
+	if (!sk)
+		return NULL;
+	__builtin_memcpy(flow->dst, sk->vip, sizeof(flow->dst));
+	flow->dport = sk->port;
+	return sk;
+}
+
+/* The flows without state that `pkt` might answer: translated only if
+ * exactly one candidate without an entry picks the reply's source (`from`),
+ * and the reply came in by the route to it. The second pass over the
+ * candidates repeats their conntrack lookups rather than carry a mask of
+ * them: the verifier would walk every value of the mask. */
+static __always_inline int reply_without_state(struct xdp_md *ctx, const struct packet *pkt,
+					       const struct lb_config *cfg,
+					       const struct reply_services *rs, struct flow_key *flow,
+					       const struct backend_addr *from, struct nat_entry *nat)
+{
+	const struct flow_key *reply = &pkt->flow;
+	struct svc_key *picked = NULL;
+	__u32 picked_svc = ID_NONE, picked_backend = ID_NONE;
+	int i;
+
+	for (i = 0; i < REPLY_INDEX_SVCS; i++) {
+		__u32 svc_id, backend_id;
+		struct ct_entry *ct;
+		struct svc_key *sk = reply_candidate(rs, i, flow, &svc_id);
+
+		if (svc_id == ID_NONE)
+			break;
+		if (!sk || reply_state(flow, svc_id, &ct))
+			continue;
+		backend_id = reply_picked(cfg, flow, svc_id, from);
+		if (backend_id == ID_NONE)
+			continue;
+		if (picked)             /* a second one: whose reply is it? */
+			return 0;
+		picked = sk;
+		picked_svc = svc_id;
+		picked_backend = backend_id;
+	}
+	if (!picked || !arrived_by_route(ctx, pkt, cfg, reply->dst[0], reply->src[0]))
+		return 0;
+	/* The route check stands in for the entry's interface. */
+	reply_fill(nat, reply, picked, picked_svc, picked_backend, ctx->ingress_ifindex);
+	count_global(CNT_REPLY_STATELESS, pkt->len);
+	return 1;
+}
+
+/* Fill `nat` for the reply `pkt` if it answers a gateway-mode flow; 0 if
+ * not. Conntrack first, for every candidate: a flow with state is the
+ * truth, and its replies pay for no pick. */
 static __always_inline int reply_from_index(struct xdp_md *ctx, const struct packet *pkt,
 					    const struct lb_config *cfg, struct nat_entry *nat)
 {
@@ -93,9 +165,7 @@ static __always_inline int reply_from_index(struct xdp_md *ctx, const struct pac
 		.family = reply->family,
 	};
 	struct reply_services *rs;
-	struct svc_key *picked = NULL;
-	__u32 picked_svc = ID_NONE, picked_backend = ID_NONE;
-	int i, stateless = cfg->new_flow_rate != 0;
+	int i;
 
 	__builtin_memcpy(key.addr, reply->src, sizeof(key.addr));
 	rs = bpf_map_lookup_elem(&reply_index, &key);
@@ -103,47 +173,25 @@ static __always_inline int reply_from_index(struct xdp_md *ctx, const struct pac
 		return 0;
 	__builtin_memcpy(flow.src, reply->dst, sizeof(flow.src));
 	for (i = 0; i < REPLY_INDEX_SVCS; i++) {
-		__u32 svc_id = rs->svc_id[i], backend_id;
-		struct svc_key *sk;
+		__u32 svc_id;
 		struct ct_entry *ct;
-		struct backend *b = NULL;
+		struct backend *b;
+		struct svc_key *sk = reply_candidate(rs, i, &flow, &svc_id);
 
 		if (svc_id == ID_NONE)
 			break;
-		sk = bpf_map_lookup_elem(&svc_keys, &svc_id);
 		if (!sk)
 			continue;
-		__builtin_memcpy(flow.dst, sk->vip, sizeof(flow.dst));
-		flow.dport = sk->port;
-		ct = bpf_map_lookup_elem(&conntrack, &flow);
-		/* As the forward path reads an entry: one written under SNAT,
-		 * or pointing at a removed backend, is no state at all. */
-		if (ct && !ct->nat_port)
-			b = ct_backend(ct, svc_id);
-		if (b) {
-			if (b->addr[0] != reply->src[0] || b->port != reply->sport)
-				continue;
-			reply_fill(nat, reply, sk, svc_id, ct->backend_id, ct->ifindex);
-			return 1;
-		}
-		/* Without the guard every flow writes state: nothing to pick. */
-		if (!stateless)
+		b = reply_state(&flow, svc_id, &ct);
+		if (!b || b->addr[0] != reply->src[0] || b->port != reply->sport)
 			continue;
-		backend_id = reply_picked(cfg, &flow, svc_id, &key);
-		if (backend_id == ID_NONE)
-			continue;
-		if (picked)             /* a second one: whose reply is it? */
-			return 0;
-		picked = sk;
-		picked_svc = svc_id;
-		picked_backend = backend_id;
+		reply_fill(nat, reply, sk, svc_id, ct->backend_id, ct->ifindex);
+		return 1;
 	}
-	if (!picked || !arrived_by_route(ctx, pkt, cfg, reply->dst[0], reply->src[0]))
+	/* Without the guard every flow writes state: nothing to pick. */
+	if (!cfg->new_flow_rate)
 		return 0;
-	/* The route check stands in for the entry's interface. */
-	reply_fill(nat, reply, picked, picked_svc, picked_backend, ctx->ingress_ifindex);
-	count_global(CNT_REPLY_STATELESS, pkt->len);
-	return 1;
+	return reply_without_state(ctx, pkt, cfg, rs, &flow, &key, nat);
 }
 
 #endif
