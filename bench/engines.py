@@ -332,7 +332,8 @@ class XdplbEngine(Engine):
 
     kernel_path = False
 
-    def __init__(self, bl: BenchLab, object_path: Path | None = None, forwarding: str = "nat") -> None:
+    def __init__(self, bl: BenchLab, object_path: Path | None = None, forwarding: str = "nat",
+                 settings: dict | None = None) -> None:
         super().__init__(bl)
         names = {v: k for k, v in XDPLB_VARIANTS.items()}
         if forwarding not in names:
@@ -344,6 +345,8 @@ class XdplbEngine(Engine):
         self.encapsulates = forwarding != "nat"
         self.gue_port = GUE_PORT if forwarding == "gue" else 0
         self.object_path = object_path
+        # Top-level config entries over the sweep's (bench/overflow.py: the guard, SNAT).
+        self.settings = settings or {}
         self.dp = None
         self.rec = None
         self.cfg = None
@@ -363,7 +366,7 @@ class XdplbEngine(Engine):
         return {"interfaces": ["l0", "l1"], "bpffs": self.bpffs,
                 "limits": {"maglev_slots": slots},
                 "flood_guard": {"new_flows_per_second": 0},
-                "services": [self._service(s) for s in services]}
+                "services": [self._service(s) for s in services], **self.settings}
 
     def _service(self, s: BService) -> dict:
         d = s.xdplb()

@@ -156,9 +156,12 @@ enum xdplb_counter {
 	CNT_NEIGH_PASS = 9,         /* passed to the kernel to resolve a neighbour */
 	CNT_EVENTS = 10,            /* flow events written to the ring buffer */
 	CNT_EVENTS_LOST = 11,       /* flow events not sent: rate limit or ring full */
-	CNT_GUARD_STATELESS = 12,   /* flood guard: forwarded by Maglev with no state written */
+	CNT_GUARD_STATELESS = 12,   /* flood guard: forwarded by pick_backend() with no state written */
 	CNT_REJECTS = 13,           /* ICMP port unreachable sent for a no_backend drop (reject.h) */
-	CNT_MAX = 14,
+	/* Gateway-mode replies of flows forwarded without state, recognised
+	 * by picking their backend again (reply.h); then counted as replies. */
+	CNT_REPLY_STATELESS = 14,
+	CNT_MAX = 15,
 };
 
 #endif
