@@ -259,7 +259,7 @@ class Daemon:
     def _start_neighbours(self) -> None:
         """Managed neighbour entries for every backend's next hop, resolved
         (up to a second) before READY, so that the first flows find them."""
-        self.neighbours = NeighbourKeeper(lambda: self._locked(lambda: backend_addresses(self.dp)),
+        self.neighbours = NeighbourKeeper(self._backend_addresses,
                                           lambda: self.ifindexes,
                                           lambda: self._locked(lambda: drain_requests(self.dp)),
                                           lambda: self._locked(lambda: recent_destinations(self.dp)))
@@ -269,6 +269,17 @@ class Daemon:
         for u in st.unresolved:
             log.warning(kv("next hop not resolved yet", neighbour=u))
         self.neighbours.start()
+
+    def _backend_addresses(self):
+        """The neighbour keeper's backend addresses: the map is taken under
+        the lock (an upgrade swaps the maps), the pass over its 256k records
+        (3 ms) runs outside it, so that API calls do not wait for it. The
+        view keeps the map's memory mapped; a record rewritten meanwhile is
+        seen at the next pass."""
+        with self.lock:
+            dp = self.dp
+            view = dp.view("backends")
+        return backend_addresses(dp, view)
 
     def serve_forever(self) -> None:
         while not self.stop.is_set():
