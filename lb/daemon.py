@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -60,6 +61,9 @@ def monotonic_usec() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
 
+_NEEDS_QUOTES = re.compile(r'[\s"=\\]')     # what kv() quotes a value for
+
+
 def kv(message: str, **fields: Any) -> str:
     """A log line: a short message, then key=value pairs (values with spaces,
     quotes or newlines are JSON-quoted, so a line stays one line)."""
@@ -70,7 +74,7 @@ def kv(message: str, **fields: Any) -> str:
         elif isinstance(v, (list, tuple, set, frozenset)):
             v = ",".join(map(str, v)) or "-"
         v = str(v)
-        if not v or any(c.isspace() or c in '"=\\' for c in v):
+        if not v or _NEEDS_QUOTES.search(v):
             v = json.dumps(v)
         out.append(f"{k}={v}")
     return " ".join(out)
