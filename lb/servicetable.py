@@ -28,9 +28,9 @@ def _key(svc: Service) -> _Key:
 
 class ServiceTable:
     def __init__(self, services: Iterable[Service]) -> None:
-        self._by_name: dict[str, Service] = {s.name: s for s in services}
-        self._by_key: dict[_Key, str] = {_key(s): s.name for s in self._by_name.values()}
-        self._tuple: tuple[Service, ...] | None = None
+        self._tuple: tuple[Service, ...] | None = tuple(services)      # None once changed
+        self._by_name: dict[str, Service] = {s.name: s for s in self._tuple}
+        self._by_key: dict[_Key, str] = {_key(s): s.name for s in self._tuple}
 
     def __len__(self) -> int:
         return len(self._by_name)
