@@ -12,12 +12,12 @@ import contextlib
 import json
 import logging
 import os
-import queue
 import socket
 import socketserver
 import stat
 import struct
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -79,39 +79,17 @@ class _RequestHandler(socketserver.StreamRequestHandler):
 
 
 class _Server(socketserver.UnixStreamServer):
-    """One request per connection, served by WORKERS long-lived threads:
-    a thread started per request (socketserver.ThreadingMixIn) cost ~0.3 ms
-    of CPU and as much latency per call on a busy 2-core machine, a third
-    of a one-service update (bench.loaded_update)."""
-
     handlers: dict[str, Handler]
-
-    def __init__(self, path: str) -> None:
-        super().__init__(path, _RequestHandler)
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        for i in range(WORKERS):
-            threading.Thread(target=self._work, name=f"xdplb-api-{i}", daemon=True).start()
-
-    def process_request(self, request, client_address) -> None:
-        self._queue.put((request, client_address))
-
-    def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            request, client_address = item
-            try:
-                self.finish_request(request, client_address)
-            except Exception:
-                self.handle_error(request, client_address)
-            finally:
-                self.shutdown_request(request)
-
-    def server_close(self) -> None:
-        super().server_close()
-        for _ in range(WORKERS):
-            self._queue.put(None)
 
 
 class ApiServer:
+    """One request per connection, each accepted and served by one of
+    WORKERS long-lived threads (the kernel wakes one accept() per
+    connection): a thread started per request (socketserver.ThreadingMixIn)
+    cost ~0.3 ms of CPU and as much latency per call on a busy 2-core
+    machine, and a hand-off from one accepting thread to a worker ~0.1 ms
+    (bench.loaded_update measures the calls)."""
+
     def __init__(self, path: str, handlers: dict[str, Handler]):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -120,20 +98,46 @@ class ApiServer:
             self.path.unlink()          # stale: its daemon is gone
         old = os.umask(0o177)          # created 0600, no window with wider bits
         try:
-            self._server = _Server(str(self.path))
+            self._server = _Server(str(self.path), _RequestHandler)
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
         self._server.handlers = handlers
-        self._thread = threading.Thread(target=self._server.serve_forever, name="xdplb-api",
-                                        daemon=True)
+        self._threads = [threading.Thread(target=self._serve, name=f"xdplb-api-{i}", daemon=True)
+                         for i in range(WORKERS)]
+        self._closing = False
 
     def start(self) -> "ApiServer":
-        self._thread.start()
+        for t in self._threads:
+            t.start()
         return self
 
+    def alive(self) -> bool:
+        return all(t.is_alive() for t in self._threads)
+
+    def _serve(self) -> None:
+        server = self._server
+        while True:
+            try:
+                request, client_address = server.get_request()
+            except OSError as e:
+                if self._closing:
+                    return              # close(): shutdown() wakes every accept() with EINVAL
+                log.warning("api: accept failed: %s", e)      # e.g. EMFILE: try again
+                time.sleep(0.1)
+                continue
+            try:
+                server.finish_request(request, client_address)
+            except Exception:
+                server.handle_error(request, client_address)
+            finally:
+                server.shutdown_request(request)
+
     def close(self) -> None:
-        self._server.shutdown()
+        """Stop accepting; a request being served finishes in its thread."""
+        self._closing = True
+        with contextlib.suppress(OSError):
+            self._server.socket.shutdown(socket.SHUT_RDWR)
         self._server.server_close()
         try:
             self.path.unlink()

@@ -333,8 +333,8 @@ class Daemon:
                 elif info.prog_id != dp.prog.id:
                     problems.append(f"{ifname}: runs program {info.prog_id}, not ours ({dp.prog.id})")
         server = getattr(self, "api", None)
-        if server is None or not server._thread.is_alive():
-            problems.append("API thread is not running")
+        if server is None or not server.alive():
+            problems.append("API threads are not running")
         if not self.metrics.alive():
             problems.append("metrics thread is not running")
         if not self.health.alive():
