@@ -485,7 +485,7 @@ class Reconciler:
 
         def where(ch: _Change) -> str:
             i = next((i for i, s in enumerate(cfg.services) if s.key == ch.svc.key), None)
-            # One service of the API's is not in the cfg it passes.
+            # The daemon's API passes a cfg whose services need not hold it (upsert_service).
             return f"service '{ch.svc.name}'" if i is None else f"services[{i}] '{ch.svc.name}'"
 
         new_services = [ch for ch in plan if ch.live is None]
