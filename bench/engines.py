@@ -323,6 +323,23 @@ class ForwarderEngine(Engine):
         return self.fwd.prog.fd if self.fwd else None
 
 
+def xdplb_config(services: list[BService], bpffs: str, capacity: int, endpoints: int) -> dict:
+    """xdplb's config for `services` on the bench lab's l0 and l1, with
+    Maglev slots for `capacity` services of `endpoints` backends."""
+    from lb.maglev import table_size
+
+    # Room for every table plus the updates' new tables (written before
+    # the old ones are released): 10% and a few hundred spare tables.
+    slots = int(capacity * table_size(max(1, endpoints)) * 1.1) + 256 * table_size(16)
+    # The new-flow sweep is a flood by construction: the flood guard is
+    # off, so every packet pays for the state it writes (the stateful
+    # path is what is measured; bench/flood.py measures the guard).
+    return {"interfaces": ["l0", "l1"], "bpffs": bpffs,
+            "limits": {"maglev_slots": slots},
+            "flood_guard": {"new_flows_per_second": 0},
+            "services": [s.xdplb() for s in services]}
+
+
 class XdplbEngine(Engine):
     """The product: a fresh Dataplane (own pins) per sweep point.
 
@@ -355,18 +372,9 @@ class XdplbEngine(Engine):
         self.kernel_bytes_empty: int | None = None
 
     def _config(self, services: list[BService], capacity: int, endpoints: int) -> dict:
-        from lb.maglev import table_size
-
-        # Room for every table plus the updates' new tables (written before
-        # the old ones are released): 10% and a few hundred spare tables.
-        slots = int(capacity * table_size(max(1, endpoints)) * 1.1) + 256 * table_size(16)
-        # The new-flow sweep is a flood by construction: the flood guard is
-        # off, so every packet pays for the state it writes (the stateful
-        # path is what is measured; bench/flood.py measures the guard).
-        return {"interfaces": ["l0", "l1"], "bpffs": self.bpffs,
-                "limits": {"maglev_slots": slots},
-                "flood_guard": {"new_flows_per_second": 0},
-                "services": [self._service(s) for s in services], **self.settings}
+        cfg = xdplb_config(services, self.bpffs, capacity, endpoints)
+        cfg["services"] = [self._service(s) for s in services]
+        return {**cfg, **self.settings}
 
     def _service(self, s: BService) -> dict:
         d = s.xdplb()
