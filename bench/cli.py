@@ -5,6 +5,9 @@
                                  ratios compared with bench/baseline.json (exit 1 on regression)
     xdplb bench --generator trex --trex-server HOST --vip VIP
                                  run the profile on a real TRex server instead of the lab
+    xdplb bench --katran-object PATH [--katran-object PATH] [--versus-only]
+                                 also Katran's own balancer (your build of its
+                                 balancer.bpf.c) beside xdplb: 1 VIP x 10 backends
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import gate, report
@@ -25,6 +29,11 @@ console = Console(stderr=True)
 RESULTS = Path(__file__).resolve().parent / "results"
 # sweep.ALL_ENGINES, spelled out: `xdplb --help` should not import the sweep.
 ENGINES = ("xdplb", "nftables", "iptables-nft", "iptables-legacy")
+
+
+def error(message: str) -> None:
+    """One line on stderr, however long (rich would wrap it at the width)."""
+    console.print("[bold red]error:[/] " + escape(message), soft_wrap=True)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,6 +58,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trex-server", help="TRex server host (with --generator trex)")
     p.add_argument("--vip", help="with --generator trex: the service address to send to")
     p.add_argument("--port", type=int, default=80, help="with --generator trex: the service port")
+    p.add_argument("--katran-object", type=Path, action="append", metavar="PATH",
+                   help="Katran's balancer.bpf.o built from its tree: measured beside xdplb on the same "
+                        "traffic (repeat it for another build, e.g. one with its flood bypass off)")
+    p.add_argument("--versus-only", action="store_true",
+                   help="only the comparison with Katran (xdplb rows alone without --katran-object), "
+                        "not the service-count sweep")
+    p.add_argument("--versus-rounds", type=int, help="rounds of the comparison with Katran (default 3)")
 
 
 def settings_from(args: argparse.Namespace):
@@ -62,6 +78,11 @@ def settings_from(args: argparse.Namespace):
         if v is not None:
             setattr(s, attr, v)
     s.trex_client = args.stl_api
+    s.katran_objects = list(args.katran_object or [])
+    s.sweep = not args.versus_only
+    s.versus = args.versus_only
+    if args.versus_rounds is not None:
+        s.versus_rounds = args.versus_rounds
     if s.profile.startswith("tcp"):
         s.proto = "tcp"
     return s
@@ -84,11 +105,16 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     settings = settings_from(args)
     bad = [n for n in settings.services if n < 1]
     if bad:
-        console.print(f"[bold red]error:[/] --services must be ≥ 1 (got {bad})")
+        error(f"--services must be ≥ 1 (got {bad})")
+        return 2
+    problem = _versus_problem(args, settings)
+    if problem:
+        error(problem)
         return 2
     out = args.out or RESULTS / ("quick" if args.quick else "full")
-    units = (1 + len(settings.engines) * len(settings.services) + (1 if settings.big_sync else 0)
-             + (1 if settings.state_floor else 0))
+    units = ((1 + len(settings.engines) * len(settings.services) + (1 if settings.big_sync else 0)
+              + (1 if settings.state_floor else 0)) if settings.sweep else 0) \
+        + (1 if settings.katran_objects or settings.versus else 0)
     t0 = time.perf_counter()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), console=console) as bar:
@@ -105,7 +131,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         doc = sweep.run(settings, progress,
                         partial=lambda d: report.write(d, out, with_plots=False))
         bar.update(task, completed=units, description="done")
-    paths = report.write(doc, out, with_plots=not args.no_plots)
+    paths = report.write(doc, out, with_plots=not args.no_plots and bool(doc["results"]))
     console.print(f"sweep took {time.perf_counter() - t0:.0f} s; wrote "
                   + ", ".join(str(p) for p in paths.values()))
     print(report.markdown(doc))
@@ -123,11 +149,27 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     return 0 if verdict.ok else 1
 
 
+def _versus_problem(args: argparse.Namespace, settings) -> str | None:
+    """What is wrong with the Katran options, in one line (before any lab is built)."""
+    from .katran import KatranError, check_object
+
+    if args.versus_only and args.quick:
+        return "--versus-only has no quick gate: use one or the other"
+    if settings.versus_rounds < 1:
+        return f"--versus-rounds must be ≥ 1 (got {settings.versus_rounds})"
+    try:
+        for path in settings.katran_objects:
+            check_object(path)
+    except KatranError as e:
+        return str(e)
+    return None
+
+
 def _trex(args: argparse.Namespace) -> int:
     from . import trexrun
 
     if not args.trex_server or not args.vip:
-        console.print("[bold red]error:[/] --generator trex needs --trex-server HOST and --vip ADDRESS")
+        error("--generator trex needs --trex-server HOST and --vip ADDRESS")
         return 2
     try:
         res = {}
@@ -136,7 +178,7 @@ def _trex(args: argparse.Namespace) -> int:
                                     {"vip": args.vip, "port": args.port, "flows": flows},
                                     args.seconds or 10.0)
     except (trexrun.TrexError, trexrun.ProfileError) as e:
-        console.print(f"[bold red]error:[/] {e}")
+        error(str(e))
         return 2
     print(json.dumps(res, indent=2))
     return 0

@@ -5,7 +5,9 @@
 - `iptables-legacy`, `iptables-nft`: kube-proxy's nat-table layout through
   iptables-restore --noflush, forwarding by the kernel;
 - `nftables`: kube-proxy's nftables layout through `nft -f`;
-- `forwarder`: a bare XDP redirect (no load balancing), the lab's limit.
+- `forwarder`: a bare XDP redirect (no load balancing), the lab's limit;
+- beside Katran (bench/versus.py): `xdplb-ipip`/`xdplb-gue` (DSR, once
+  xdplb has it) and `katran:PATH` (bench/katran.py).
 
 The kernel-path engines get an XDP_PASS program on l0: a veth receives
 frames that its peer XDP_TX'd only when it has NAPI, i.e. an XDP program.
@@ -28,6 +30,9 @@ from .memcg import KmemCgroup
 from .progs import Forwarder
 
 ENGINES = ("xdplb", "iptables-legacy", "iptables-nft", "nftables")
+GUE_PORT = 6080                 # the default GUE port of xdplb's decap and of Katran
+# xdplb by the services' forwarding mode (the DSR ones are issue 12's): name -> mode.
+XDPLB_VARIANTS = {"xdplb": "nat", "xdplb-ipip": "ipip", "xdplb-gue": "gue"}
 _seq = itertools.count()
 
 
@@ -52,14 +57,9 @@ class BService:
         return KService("bench", self.name, f"p{self.port}", self.proto, self.vip, self.port,
                         self.endpoints)
 
-    def xdplb(self, forwarding: str = "nat") -> dict:
-        """The service in xdplb's config. DSR (ipip, gue) does not rewrite
-        the port: each endpoint serves the service's."""
-        if forwarding == "nat":
-            return {"name": self.name, "vip": self.vip, "port": self.port, "protocol": self.proto,
-                    "backends": [f"{a}:{p}" for a, p in self.endpoints]}
+    def xdplb(self) -> dict:
         return {"name": self.name, "vip": self.vip, "port": self.port, "protocol": self.proto,
-                "backends": [f"{a}:{self.port}" for a, _ in self.endpoints], "forwarding": forwarding}
+                "backends": [f"{a}:{p}" for a, p in self.endpoints]}
 
 
 def make_service(i: int, endpoints: int, proto: str) -> BService:
@@ -88,11 +88,28 @@ class SyncResult:
 class Engine:
     name = ""
     kernel_path = True          # packets are forwarded by the kernel stack
+    encapsulates = False        # DSR: the client's packet goes to the backend inside an outer header
+    gue_port = 0                # ... a GUE one to this UDP port (0: IPIP)
+    transmits_back = False      # XDP_TX: its frames leave by l0, back to g0 (the sink is there too)
 
     def __init__(self, bl: BenchLab) -> None:
         self.bl = bl
         self.services: list[BService] = []
         self.memcg: KmemCgroup | None = None
+
+    @property
+    def label(self) -> str:
+        """What the engine is, for tables."""
+        return self.name
+
+    def deliveries(self, s: BService) -> list[tuple]:
+        """Where the sink may see service s's packets (Sink.allow entries):
+        at a backend's address and port after NAT; for DSR, at a backend's
+        address with the client's packet unchanged inside (the service's
+        port, its VIP)."""
+        if self.encapsulates:
+            return [(a, s.port, s.proto, s.stamp, s.vip) for a, _ in s.endpoints]
+        return [(a, p, s.proto, s.stamp) for a, p in s.endpoints]
 
     # -- lifecycle ------------------------------------------------------
 
@@ -306,18 +323,51 @@ class ForwarderEngine(Engine):
         return self.fwd.prog.fd if self.fwd else None
 
 
-class XdplbEngine(Engine):
-    """The product: a fresh Dataplane (own pins) per sweep point."""
+def xdplb_config(services: list[BService], bpffs: str, capacity: int, endpoints: int) -> dict:
+    """xdplb's config for `services` on the bench lab's l0 and l1, with
+    Maglev slots for `capacity` services of `endpoints` backends."""
+    from lb.maglev import table_size
 
-    name = "xdplb"
+    # Room for every table plus the updates' new tables (written before
+    # the old ones are released): 10% and a few hundred spare tables.
+    slots = int(capacity * table_size(max(1, endpoints)) * 1.1) + 256 * table_size(16)
+    # The new-flow sweep is a flood by construction: the flood guard is
+    # off, so every packet pays for the state it writes (the stateful
+    # path is what is measured; bench/flood.py measures the guard).
+    return {"interfaces": ["l0", "l1"], "bpffs": bpffs,
+            "limits": {"maglev_slots": slots},
+            "flood_guard": {"new_flows_per_second": 0},
+            "services": [s.xdplb() for s in services]}
+
+
+class XdplbEngine(Engine):
+    """The product: a fresh Dataplane (own pins) per sweep point.
+
+    `forwarding`: the services' mode, nat (gateway NAT) or a DSR mode
+    (ipip, gue: issue 12), or a tuple of modes the services take in turn
+    by index (bench.core --interleaved: one program, every mode)."""
+
     kernel_path = False
 
     def __init__(self, bl: BenchLab, object_path: Path | None = None,
-                 forwarding: str | tuple[str, ...] = "nat") -> None:
+                 forwarding: str | tuple[str, ...] = "nat", settings: dict | None = None) -> None:
         super().__init__(bl)
+        names = {v: k for k, v in XDPLB_VARIANTS.items()}
+        self.modes = (forwarding,) if isinstance(forwarding, str) else tuple(forwarding)
+        for mode in self.modes:
+            if mode not in names:
+                raise ValueError(f"forwarding {mode!r}: one of {', '.join(names)}")
+            if mode != "nat" and not dsr_supported():
+                raise NotImplementedError(f"{names[mode]}: this xdplb has no per-service `forwarding` "
+                                          "(issue 12's DSR modes)")
+        self.forwarding = self.modes[0]
+        self.name = "+".join(names[m] for m in self.modes)
+        # What the sink checks (Engine.deliveries): meaningful for one mode.
+        self.encapsulates = self.forwarding != "nat"
+        self.gue_port = GUE_PORT if self.forwarding == "gue" else 0
         self.object_path = object_path
-        # Each service's: nat, ipip or gue; a tuple is taken in turn by index.
-        self.forwarding = (forwarding,) if isinstance(forwarding, str) else tuple(forwarding)
+        # Top-level config entries over the sweep's (bench/overflow.py: the guard, SNAT).
+        self.settings = settings or {}
         self.dp = None
         self.rec = None
         self.cfg = None
@@ -326,27 +376,25 @@ class XdplbEngine(Engine):
         self.kernel_bytes_empty: int | None = None
 
     def _service(self, s: BService) -> dict:
-        return s.xdplb(self.forwarding[s.index % len(self.forwarding)])
+        d = s.xdplb()
+        mode = self.modes[s.index % len(self.modes)]
+        if mode != "nat":
+            # DSR does not rewrite the port: each endpoint serves the
+            # service's (where Engine.deliveries() expects the packets).
+            d["forwarding"] = mode
+            d["backends"] = [f"{a}:{s.port}" for a, _ in s.endpoints]
+        return d
 
     def _config(self, services: list[BService], capacity: int, endpoints: int) -> dict:
-        from lb.maglev import table_size
-
-        # Room for every table plus the updates' new tables (written before
-        # the old ones are released): 10% and a few hundred spare tables.
-        slots = int(capacity * table_size(max(1, endpoints)) * 1.1) + 256 * table_size(16)
-        # The new-flow sweep is a flood by construction: the flood guard is
-        # off, so every packet pays for the state it writes (the stateful
-        # path is what is measured; bench/flood.py measures the guard).
-        return {"interfaces": ["l0", "l1"], "bpffs": self.bpffs,
-                "limits": {"maglev_slots": slots},
-                "flood_guard": {"new_flows_per_second": 0},
-                **self._encap(),
-                "services": [self._service(s) for s in services]}
+        cfg = xdplb_config(services, self.bpffs, capacity, endpoints)
+        cfg["services"] = [self._service(s) for s in services]
+        return {**cfg, **self._encap(), **self.settings}
 
     def _encap(self) -> dict:
+        """What DSR services need in the config: the tunnels' outer source."""
         from .lab import LB_SINK_IP
 
-        return {"encap_source": LB_SINK_IP} if set(self.forwarding) != {"nat"} else {}
+        return {"encap_source": LB_SINK_IP} if set(self.modes) != {"nat"} else {}
 
     def full_sync(self, services: list[BService]) -> SyncResult:
         from lb.config import config_from_dict
@@ -454,13 +502,27 @@ def maglev_imbalance(dp, rec) -> dict:
     return {"max": worst, "mean": total / max(1, len(rec.services))}
 
 
+def dsr_supported() -> bool:
+    """Whether this xdplb's config takes a service's `forwarding` (ipip, gue)."""
+    from lb.config import Service
+
+    return "forwarding" in Service.model_fields
+
+
 def make_engine(name: str, bl: BenchLab) -> Engine:
-    if name == "xdplb":
-        return XdplbEngine(bl)
+    """An engine by name; `katran:PATH` is Katran's balancer built from its
+    tree (bench/katran.py)."""
+    if name.startswith("katran:"):
+        from .katran import KatranEngine
+
+        return KatranEngine(bl, Path(name.split(":", 1)[1]))
+    if name in XDPLB_VARIANTS:
+        return XdplbEngine(bl, forwarding=XDPLB_VARIANTS[name])
     if name in ("iptables-legacy", "iptables-nft"):
         return IptablesEngine(bl, name.split("-", 1)[1])
     if name == "nftables":
         return NftEngine(bl)
     if name in ForwarderEngine.PROGRAMS:
         return ForwarderEngine(bl, name)
-    raise ValueError(f"unknown engine {name!r} (have: {', '.join(ENGINES + tuple(ForwarderEngine.PROGRAMS))})")
+    raise ValueError(f"unknown engine {name!r} (have: "
+                     f"{', '.join(ENGINES + tuple(XDPLB_VARIANTS) + tuple(ForwarderEngine.PROGRAMS))}, katran:PATH)")

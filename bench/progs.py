@@ -147,24 +147,33 @@ class Sink(_Prog):
         """With `gen`, the sink reports deliveries to the generator's flow control."""
         super().__init__("sink_main", {"flow_ctl": gen.maps["flow_ctl"].fd} if gen else None)
 
-    def configure(self, check: bool = True, sample_max: int = 0, watch_stamp: int = 0) -> None:
-        m = self.maps["sink_config"]
-        m.update(0, m.value_type(check=int(check), sample_max=sample_max, watch_stamp=watch_stamp))
+    def configure(self, check: bool = True, sample_max: int = 0, watch_stamp: int = 0,
+                  encapsulated: bool = False, gue_port: int = 0) -> None:
+        """`encapsulated`: frames are due inside an outer IPv4 header (IPIP,
+        or GUE to `gue_port`), as DSR engines send them; plain ones are then
+        misrouted, and the other way round."""
+        m, c = self.maps["sink_config"], self.consts
+        m.update(0, m.value_type(check=int(check), sample_max=sample_max, watch_stamp=watch_stamp,
+                                 delivery=c.SINK_ENCAP if encapsulated else c.SINK_PLAIN,
+                                 gue_port=socket.htons(gue_port)))
         if sample_max or watch_stamp:
             self.maps["sink_state"].update(0, self.maps["sink_state"].value_type())
 
-    def allow(self, entries: list[tuple[str, int, str, int]]) -> None:
-        """(backend address, port, "tcp"|"udp", stamp) that may receive `stamp`."""
+    def allow(self, entries: list[tuple]) -> None:
+        """(backend address, port, "tcp"|"udp", stamp[, vip]) that may receive
+        `stamp`; with a vip, as an encapsulated frame whose inner destination
+        is the vip (the port is then the service's: DSR does not rewrite it)."""
         m = self.maps["sink_backends"]
         if not entries:
             return
         keys = (m.key_type * len(entries))()
         vals = (m.value_type * len(entries))()
-        for i, (addr, port, proto, stamp) in enumerate(entries):
-            keys[i].addr = int.from_bytes(ipaddress.IPv4Address(addr).packed, "little")
+        for i, (addr, port, proto, stamp, *vip) in enumerate(entries):
+            keys[i].addr = be32(addr)
             keys[i].port = socket.htons(port)
             keys[i].proto = socket.IPPROTO_TCP if proto == "tcp" else socket.IPPROTO_UDP
             vals[i].stamp = stamp
+            vals[i].vip = be32(vip[0]) if vip else 0
         m.update_batch(keys, vals)
 
     def clear_allowed(self) -> None:
@@ -210,6 +219,11 @@ class Forwarder(_Prog):
         ctypes.memmove(c.smac, bytes.fromhex(smac.replace(":", "")), 6)
         ctypes.memmove(c.dmac, bytes.fromhex(dmac.replace(":", "")), 6)
         m.update(0, c)
+
+
+def be32(addr: str) -> int:
+    """An IPv4 address as the __be32 a map field holds (read as a host int)."""
+    return int.from_bytes(ipaddress.IPv4Address(addr).packed, "little")
 
 
 def program_fd(fwd: Forwarder, name: str) -> int:

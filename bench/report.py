@@ -47,7 +47,23 @@ def markdown(doc: dict) -> str:
     lines = [
         f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), Linux {m['kernel']}, load average "
         f"{m['loadavg_start'][0]:.2f} at start. Profile `{s['profile']}` ({s.get('profile_api', '?')} STL API), "
-        f"{s['endpoints']} endpoints per service, {s['seconds']:g} s per rate run.",
+        f"{s['endpoints']} endpoints per service, {s['seconds']:g} s per rate run."]
+    if doc["results"] or doc.get("lab_limit"):
+        lines += _sweep_tables(doc)
+    if doc.get("versus"):
+        from .versus import markdown as versus_markdown
+
+        lines += versus_markdown(doc["versus"])
+    tg = targets(doc)
+    if tg:
+        lines += ["", "| target | measured | met |", "|---|---|---|"]
+        for t in tg:
+            lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no' if t['met'] is not None else 'n/a'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _sweep_tables(doc: dict) -> list[str]:
+    lines = [
         "",
         "| engine | services | new flows Mpps (last / random) | established Mpps (last) | full sync s "
         "| add p50 / p99 ms | update p50 / p99 ms | delete p50 / p99 ms | first packet ms | kernel memory MiB |",
@@ -97,12 +113,7 @@ def markdown(doc: dict) -> str:
         lines += ["", f"State floor (the forwarder plus one LRU conntrack lookup, and an insert when it "
                   f"misses): {_f(mpps_lim(floor, 'new'))} Mpps new flows, "
                   f"{_f(mpps_lim(floor, 'established'))} Mpps established."]
-    tg = targets(doc)
-    if tg:
-        lines += ["", "| target | measured | met |", "|---|---|---|"]
-        for t in tg:
-            lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no' if t['met'] is not None else 'n/a'} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def mpps_lim(lim: dict, kind: str) -> float | None:
@@ -112,6 +123,10 @@ def mpps_lim(lim: dict, kind: str) -> float | None:
 def targets(doc: dict) -> list[dict]:
     """The issue's targets, each with its measured value and whether it is met."""
     out: list[dict] = []
+    if doc.get("versus"):
+        from .versus import targets as versus_targets
+
+        out += versus_targets(doc["versus"])
     ns = service_counts(doc)
     if not ns:
         return out

@@ -65,6 +65,12 @@ class Settings:
     big_sync: tuple[int, int] | None = (20000, 10)    # xdplb full sync of N x backends
     state_floor: bool = True        # also measure bench/bpf/fwd.c state_main
     conntrack: blab.ConntrackSettings = field(default_factory=blab.ConntrackSettings)
+    sweep: bool = True              # False: only the comparison with Katran (bench/versus.py)
+    versus: bool = False            # the comparison even without a Katran object (xdplb rows only)
+    katran_objects: list[Path] = field(default_factory=list)    # Katran's balancer.bpf.o builds
+    versus_backends: int = 10
+    versus_rounds: int = 3
+    versus_seconds: float = 2.0     # per window (new flows, established), per round and row
 
     @classmethod
     def quick(cls) -> "Settings":
@@ -99,10 +105,13 @@ class Session:
             self.sink = self.stack.enter_context(Sink(self.gen))
             with self.bl.inside(self.bl.sink_ns):
                 self.sink.attach(self.bl.s0)
-            self.sink.configure(check=engine not in ForwarderEngine.PROGRAMS)    # they don't balance
             self.engine: Engine = make_engine(engine, self.bl)
+            if self.engine.transmits_back:
+                with self.bl.inside(self.bl.gen_ns):
+                    self.sink.attach(self.bl.g0)
             self.stack.callback(self.engine.close)
             self.engine.attach()
+            self.configure_sink()
             self.ct = self.stack.enter_context(blab.pinned_conntrack(self.bl, settings.conntrack)) \
                 if self.engine.kernel_path else None
         except BaseException:
@@ -113,6 +122,11 @@ class Session:
     def close(self) -> None:
         self.stack.close()
 
+    def configure_sink(self, watch_stamp: int = 0) -> None:
+        e = self.engine
+        self.sink.configure(check=e.name not in ForwarderEngine.PROGRAMS,     # they don't balance
+                            watch_stamp=watch_stamp, encapsulated=e.encapsulates, gue_port=e.gue_port)
+
     def spec(self, svc: BService, flows: int) -> prof.GenSpec:
         spec, api, _ = prof.load(self.s.profile, {
             "vip": svc.vip, "port": svc.port, "stamp": svc.stamp, "src_mac": self.bl.g0_mac,
@@ -122,7 +136,7 @@ class Session:
 
     def allow(self, services: list[BService]) -> None:
         self.sink.clear_allowed()
-        self.sink.allow([(a, p, s.proto, s.stamp) for s in services for a, p in s.endpoints])
+        self.sink.allow([d for s in services for d in self.engine.deliveries(s)])
 
     # -- data plane -------------------------------------------------------
 
@@ -193,8 +207,8 @@ class Session:
         time from the call until the sink sees its first packet at one of
         its backends."""
         svc = make_service(n + 1000 + rep, self.s.endpoints, self.s.proto)
-        self.sink.allow([(a, p, svc.proto, svc.stamp) for a, p in svc.endpoints])
-        self.sink.configure(check=True, watch_stamp=svc.stamp)
+        self.sink.allow(self.engine.deliveries(svc))
+        self.configure_sink(watch_stamp=svc.stamp)
         spec = self.spec(svc, flows=0)
         frames = [spec.expected(50_000_000 + rep * 10_000 + k) for k in range(4096)]
         out: dict = {}
@@ -214,7 +228,7 @@ class Session:
             out = {"call_ms": 1e3 * call, "first_packet_ms": (first - t0) / 1e6 if first else None,
                    "before_add": bool(early), "probe_interval_us": self.s.probe_interval_us}
         finally:
-            self.sink.configure(check=True)
+            self.configure_sink()
             self.engine.delete(svc)
         return out
 
@@ -262,6 +276,17 @@ def run(settings: Settings, progress: Progress | None = None,
                  "lab_limit": {}, "results": [], "targets_big_sync": None}
     t_start = time.perf_counter()
 
+    if settings.katran_objects or settings.versus:
+        from . import versus
+
+        progress("xdplb beside Katran", 0)
+        doc["versus"] = versus.run(settings, progress)
+        progress("xdplb beside Katran", 1)
+        if partial:
+            partial(doc)
+    if not settings.sweep:
+        return _finish(doc, t_start)
+
     # The lab's limit: the bare forwarder, and the test-run floor. Then the
     # least any forwarder with an LRU conntrack costs (state-floor).
     for engine, key in (("forwarder", "lab_limit"), ("state-floor", "state_floor")):
@@ -298,6 +323,10 @@ def run(settings: Settings, progress: Progress | None = None,
         progress(f"xdplb full sync {n} x {b}", 0)
         doc["targets_big_sync"] = big_sync(settings, n, b)
         progress(f"xdplb full sync {n} x {b}", 1)
+    return _finish(doc, t_start)
+
+
+def _finish(doc: dict, t_start: float) -> dict:
     doc["machine"]["loadavg_end"] = os.getloadavg()
     doc["duration_s"] = round(time.perf_counter() - t_start, 1)
     return doc
@@ -367,4 +396,5 @@ def big_sync(settings: Settings, n: int, backends: int) -> dict:
 def _settings_dict(s: Settings) -> dict:
     d = asdict(s)
     d["conntrack"] = asdict(s.conntrack)
+    d["katran_objects"] = [str(p) for p in s.katran_objects]
     return d

@@ -116,12 +116,12 @@ def send_for(bl: BenchLab, gen: Generator, sink: Sink, spec: GenSpec, seconds: f
 
 
 def program_ns_under_load(bl: BenchLab, gen: Generator, sink: Sink, spec: GenSpec, prog_fds: dict,
-                          seconds: float) -> dict:
+                          seconds: float, window: int = 256) -> dict:
     """run_time_ns / run_cnt of each program while traffic flows (run
     statistics cost a little per packet, so they are on only here)."""
     with enable_run_stats():
         before = {k: prog_info(fd) for k, fd in prog_fds.items()}
-        r = send_for(bl, gen, sink, spec, seconds)
+        r = send_for(bl, gen, sink, spec, seconds, window=window)
         after = {k: prog_info(fd) for k, fd in prog_fds.items()}
     out = {}
     for k in prog_fds:
@@ -129,6 +129,7 @@ def program_ns_under_load(bl: BenchLab, gen: Generator, sink: Sink, spec: GenSpe
         out[k] = {"ns_per_packet": (after[k].run_time_ns - before[k].run_time_ns) / runs if runs else None,
                   "runs": runs}
     out["delivered"] = r.delivered
+    out["rate"] = r.as_dict()
     return out
 
 

@@ -551,11 +551,14 @@ class Monitor(_Model):
 
 class FloodGuard(_Model):
     """The data plane's per-CPU bound on new flows that write state
-    (bpf/xdp/guard.h). Over it, new connections (TCP SYN, UDP, anything
-    with SNAT) are dropped as `new_flow_rate` and their clients retry;
-    other TCP packets that missed conntrack are forwarded to the backend
-    Maglev picks, without writing state. Per CPU: the total is this times
-    the CPUs that receive traffic. `new_flows_per_second: 0` turns it off."""
+    (bpf/xdp/guard.h). Over it, in gateway mode, packets without state (new
+    TCP and UDP flows, TCP that lost its entry) are forwarded to the backend
+    a new flow would get without writing state, and their replies are
+    recognised by picking again (bpf/xdp/reply.h); in SNAT mode, and for a
+    service whose replies need a reverse-NAT entry, they are dropped as
+    `new_flow_rate` and their clients retry. Per CPU: the total is this
+    times the CPUs that receive traffic. `new_flows_per_second: 0` turns it
+    off."""
 
     # 50k/s per CPU kept an established stream whole under a SYN flood in
     # the lab, 200k/s did not (python -m bench.flood, README "Robustness").

@@ -247,12 +247,16 @@ class HealthChecker:
     def set_service(self, svc: Service) -> None:
         with self._lock:
             self._set_locked(svc)
-        self._kick()
+            changed = bool(self._pending)
+        if changed:     # else nothing for the loop to do: an API call need not wake it
+            self._kick()
 
     def drop_service(self, name: str) -> None:
         with self._lock:
             self._drop_locked(name)
-        self._kick()
+            changed = bool(self._pending)
+        if changed:
+            self._kick()
 
     def _set_locked(self, svc: Service) -> None:
         hc = svc.health_check

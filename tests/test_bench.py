@@ -12,6 +12,7 @@ import ipaddress
 import json
 import socket
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -268,6 +269,58 @@ def test_sink_counts_wrong_backends_as_misrouted():
             assert (c.good, c.misrouted, c.unstamped) == (2, 4, 1)
 
 
+def test_sink_counts_encapsulated_frames_only_where_they_are_due():
+    """DSR engines' frames (IPIP, GUE variant 1) are delivered when the outer
+    destination is a backend of the stamped service and the inner one its
+    VIP; for a NAT engine the same frames are misrouted, and plain frames
+    are misrouted where encapsulated ones are due."""
+    vip, port = "10.96.0.1", 80
+    with Lab(prefix="xbt") as lab:
+        bl = blab.build(lab)
+        with Sink() as sink:
+            with bl.inside(bl.sink_ns):
+                sink.attach(bl.s0)
+            sink.allow([("10.128.0.1", port, "udp", 1, vip), ("10.128.0.2", port, "udp", 1, vip),
+                        ("10.128.0.33", port, "udp", 2, "10.96.0.2")])
+            payload = lambda stamp: (0x584C4231).to_bytes(4, "big") + stamp.to_bytes(4, "big") + bytes(10)  # noqa: E731
+            client = lambda dst, stamp: IP(src="10.2.0.1", dst=dst) / UDP(sport=1025, dport=port) / payload(stamp)  # noqa: E731
+
+            def ipip(outer: str, inner_dst: str = vip, stamp: int = 1) -> bytes:
+                return bytes(Ether(src=bl.l1_mac, dst=bl.s0_mac) / IP(src="172.16.0.1", dst=outer, proto=4) /
+                             client(inner_dst, stamp))
+
+            def gue(outer: str, dport: int = 6080) -> bytes:
+                return bytes(Ether(src=bl.l1_mac, dst=bl.s0_mac) / IP(src="10.3.0.1", dst=outer) /
+                             UDP(sport=40000, dport=dport) / client(vip, 1))
+
+            due = [ipip("10.128.0.1"), ipip("10.128.0.2"), gue("10.128.0.1"),                # good
+                   ipip("10.128.0.33"),                       # another service's backend
+                   ipip("10.128.0.1", inner_dst="10.96.0.9"),  # inner packet not to the VIP
+                   ipip("10.128.0.9"),                        # no backend at all
+                   bytes(Ether(src=bl.l1_mac, dst=bl.s0_mac) / client("10.128.0.1", 1))]    # not encapsulated
+
+            def send(frames: list[bytes]) -> tuple[int, int, int]:
+                before = sink.counts()
+                with bl.inside(bl.lb_ns):
+                    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+                with s:
+                    s.bind(("l1", 0))
+                    for f in frames:
+                        s.send(f)
+                deadline = time.monotonic() + 5
+                while True:
+                    c = sink.counts() - before
+                    if c.good + c.misrouted + c.unstamped >= len(frames) or time.monotonic() > deadline:
+                        return c.good, c.misrouted, c.unstamped
+
+            sink.configure(check=True, encapsulated=True, gue_port=6080)
+            assert send(due) == (3, 4, 0)
+            sink.configure(check=True, encapsulated=True)           # no GUE port: UDP to 6080 is plain
+            assert send([gue("10.128.0.1")]) == (0, 0, 1)
+            sink.configure(check=True)                               # a NAT engine's sink
+            assert send([ipip("10.128.0.1"), gue("10.128.0.1")]) == (0, 1, 1)
+
+
 # --------------------------------------------------------------------------
 # end to end
 
@@ -278,6 +331,7 @@ def test_tiny_sweep_every_engine_delivers_without_misroutes(tmp_path):
                               first_packet_reps=1, targets=("last",), big_sync=None)
     doc = sweep.run(settings)
     assert [r["engine"] for r in doc["results"]] == sweep.ALL_ENGINES
+    assert "versus" not in doc          # no Katran object: no comparison with it
     for r in [*doc["results"], {"engine": "forwarder", "targets": {"last": doc["lab_limit"]}}]:
         for kind in ("new", "established"):
             run = r["targets"]["last"][kind]
@@ -375,3 +429,44 @@ def test_state_floor_keeps_one_entry_per_flow_and_forwards():
         verdicts = [test_run(fwd.prog.fd, f).retval for f in frames]
         assert verdicts == [4] * 5                                    # XDP_REDIRECT
         assert len(fwd.maps["flow_state"].lookup_batch()) == 3
+
+
+# --------------------------------------------------------------------------
+# Katran beside xdplb (bench/versus.py, bench/katran.py). Katran's object is
+# the user's build from Katran's tree: CI has none, so the run with it is a
+# manual command (README, "Katran's balancer beside xdplb").
+
+
+def test_without_a_katran_object_the_comparison_has_no_katran_row():
+    settings = sweep.Settings(sweep=False, versus=True, versus_rounds=1, versus_seconds=0.3,
+                              established_flows=64)
+    from bench import versus
+
+    assert versus.plan(settings) == list(versus.XDPLB_ROWS)
+    doc = sweep.run(settings)
+    assert doc["results"] == [] and not doc["lab_limit"]           # --versus-only: no sweep
+    rows = doc["versus"]["rows"]
+    assert [r["engine"] for r in rows] == list(versus.XDPLB_ROWS)
+    x = rows[0]
+    for kind in ("new", "established"):
+        assert x[kind]["ns_median"] > 0 and x[kind]["misrouted"] == 0
+        assert x[kind]["delivered_share"] > 0.5, x[kind]
+    ipip = rows[1]
+    assert "skipped" in ipip if not E.dsr_supported() else ipip["new"]["misrouted"] == 0
+    assert "| xdplb |" in report.markdown(doc)
+
+
+@pytest.mark.parametrize("what", ["missing", "not-bpf", "not-katran"])
+def test_a_bad_katran_object_is_refused_in_one_line(tmp_path, what):
+    path = {"missing": tmp_path / "balancer.bpf.o",
+            "not-bpf": Path(__file__),
+            "not-katran": Path(sweep.__file__).parent / "bpf" / "sink.o"}[what]
+    r = subprocess.run([sys.executable, "-m", "lb.cli", "bench", "--versus-only", "--katran-object", str(path),
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --katran-object"), r.stderr
+    assert {"missing": "no such file", "not-bpf": "not a BPF object",
+            "not-katran": "not Katran's balancer (no map vip_map"}[what] in lines[0]
+    assert not (tmp_path / "out").exists()

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
@@ -243,7 +244,7 @@ def test_health_checks_go_through_the_tunnel(dsr_lab, dsr_daemon):
     wait_for(lambda: all(h["up"] for h in health().values()), 10, "b3 to come back")
 
 
-def test_kill_9_during_a_64_mib_download_and_restart(dsr_lab, dsr_daemon):
+def test_kill_9_during_a_64_mib_download_and_restart(dsr_lab, dsr_daemon, tmp_path):
     """ipip: the download's data goes straight from the backend; its ACKs
     keep crossing the LB, whose XDP program keeps running while the daemon
     is dead, and whose restart keeps the flow's conntrack entry."""
@@ -259,6 +260,15 @@ def test_kill_9_during_a_64_mib_download_and_restart(dsr_lab, dsr_daemon):
     t.join(90)
     assert result["out"] == f"{n} 200", result
     assert service(stats(d), "dsr-ipip")["packets"] > 0
+    # One DSR service changed through the API (validated with the running
+    # encap_source): b3 leaves it.
+    svc = dict(next(x for x in d.config["services"] if x["name"] == "dsr-ipip"))
+    svc["backends"] = svc["backends"][:2]
+    path = tmp_path / "svc.yaml"
+    path.write_text(yaml.safe_dump(svc))
+    xdplb(d, "service", "put", "-f", str(path))
+    answers = curl_many(lab, topo, f"http://{IPIP_VIP}:{PORT}/", 30, topo.client_ip)
+    assert len(answers) == 30 and set(answers) <= {"b1", "b2"}, answers
 
 
 @pytest.mark.parametrize("mode,overhead", [("ipip", 20), ("gue", 28)])

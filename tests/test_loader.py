@@ -158,7 +158,7 @@ def test_layout_types(btf: Btf) -> None:
 
 def test_enums(btf: Btf) -> None:
     assert btf.enum("drop_reason")["DROP_POLICY"] == 1
-    assert btf.enums()["xdplb_counter"]["CNT_MAX"] == 17
+    assert btf.enums()["xdplb_counter"]["CNT_MAX"] == 18
     lay = Layouts(btf)
     reason = lay.enum("drop_reason")
     assert reason.DROP_POLICY == 1 and reason(13).name == "DROP_REDIRECT"

@@ -109,13 +109,28 @@ struct sink_key {
 
 struct sink_value {
 	__u32 stamp;                /* the service id the generator stamps */
+	__u32 vip;                  /* network order; encapsulated delivery only: the inner
+				     * destination must be the service's VIP (0 for NAT) */
+};
+
+/* How frames must arrive at the sink. A NAT engine rewrites the destination
+ * to the backend's address and port; a DSR engine (Katran, xdplb ipip/gue)
+ * leaves the client's packet untouched inside an outer header addressed to
+ * the backend. Either way the key of sink_backends is (where the frame is
+ * addressed: the outer destination when encapsulated, the service port then)
+ * and a frame of the other kind is misrouted. */
+enum sink_delivery {
+	SINK_PLAIN = 0,
+	SINK_ENCAP = 1,             /* IPv4 outer: IPIP, or GUE variant 1 to gue_port */
 };
 
 struct sink_config {
 	__u32 check;                /* 0: count stamped packets as good unchecked */
 	__u32 sample_max;           /* keep the first N stamped packets */
 	__u32 watch_stamp;          /* record when this stamp first arrives */
-	__u32 pad;
+	__u32 delivery;             /* enum sink_delivery */
+	__u16 gue_port;             /* network order; 0: no GUE expected */
+	__u16 pad;
 };
 
 struct sink_state {

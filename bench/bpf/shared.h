@@ -16,6 +16,7 @@ const volatile struct {
 	enum bench_limits limits;
 	enum gen_op op;
 	enum sink_counter counter;
+	enum sink_delivery delivery;
 } bench_anchor;
 
 struct {

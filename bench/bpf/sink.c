@@ -6,6 +6,11 @@
  * the harness fills `sink_backends` with every backend (address, port,
  * protocol) -> stamp. Stamped packets are dropped, everything else (ARP)
  * passes.
+ *
+ * A DSR engine's frame is the client's packet inside an outer IPv4 header
+ * (IPIP, or GUE to sink_config.gue_port): the stamp is read from the inner
+ * packet, the backend is the outer destination, and the inner destination
+ * must be the service's VIP (enum sink_delivery says which kind is due).
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -95,6 +100,29 @@ static __always_inline void sample(struct xdp_md *ctx, struct sink_config *cfg, 
 		bpf_xdp_load_bytes(ctx, 0, smp->data, n);
 }
 
+/* The client's packet inside an encapsulated frame: IPIP, or GUE variant 1
+ * (no GUE header: the UDP payload is the inner IP header) to the configured
+ * port. NULL for any other frame. */
+static __always_inline struct iphdr *inner_ip(struct sink_config *cfg, struct iphdr *ip,
+					       void *data_end)
+{
+	void *l4 = (void *)ip + ip->ihl * 4;
+	struct iphdr *inner = NULL;
+
+	if (ip->protocol == IPPROTO_IPIP) {
+		inner = l4;
+	} else if (ip->protocol == IPPROTO_UDP && cfg->gue_port) {
+		struct udphdr *udp = l4;
+
+		if ((void *)(udp + 1) > data_end || udp->dest != cfg->gue_port)
+			return NULL;
+		inner = (void *)(udp + 1);
+	}
+	if (!inner || (void *)(inner + 1) > data_end || inner->version != 4 || inner->ihl < 5)
+		return NULL;
+	return inner;
+}
+
 SEC("xdp")
 int sink_main(struct xdp_md *ctx)
 {
@@ -106,8 +134,9 @@ int sink_main(struct xdp_md *ctx)
 	struct sink_value *want;
 	struct flow_ctl *fc;
 	struct sink_key key = {};
-	struct iphdr *ip;
+	struct iphdr *ip, *inner;
 	__u32 *stamp;
+	__be32 to;
 	void *l4;
 	__u16 dport;
 
@@ -119,6 +148,10 @@ int sink_main(struct xdp_md *ctx)
 	ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > data_end || ip->ihl < 5)
 		return count(SINK_OTHER, len, XDP_PASS);
+	to = ip->daddr;             /* where the frame was sent: the backend */
+	inner = inner_ip(cfg, ip, data_end);
+	if (inner)
+		ip = inner;
 	l4 = (void *)ip + ip->ihl * 4;
 	if (ip->protocol == IPPROTO_UDP) {
 		struct udphdr *udp = l4;
@@ -145,11 +178,13 @@ int sink_main(struct xdp_md *ctx)
 		fc->delivered++;        /* one NAPI context at a time: no atomics */
 	verdict = SINK_GOOD;
 	if (cfg->check) {
-		key.addr = ip->daddr;
+		key.addr = to;
 		key.port = dport;
 		key.proto = ip->protocol;
 		want = bpf_map_lookup_elem(&sink_backends, &key);
-		if (!want || want->stamp != bpf_ntohl(stamp[1]))
+		if (!want || want->stamp != bpf_ntohl(stamp[1]) ||
+		    (inner != NULL) != (cfg->delivery == SINK_ENCAP) ||
+		    (inner && want->vip != ip->daddr))
 			verdict = SINK_MISROUTED;
 	}
 	if (verdict == SINK_GOOD && cfg->watch_stamp && bpf_ntohl(stamp[1]) == cfg->watch_stamp) {

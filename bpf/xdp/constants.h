@@ -174,12 +174,15 @@ enum xdplb_counter {
 	CNT_NEIGH_PASS = 9,         /* passed to the kernel to resolve a neighbour */
 	CNT_EVENTS = 10,            /* flow events written to the ring buffer */
 	CNT_EVENTS_LOST = 11,       /* flow events not sent: rate limit or ring full */
-	CNT_GUARD_STATELESS = 12,   /* flood guard: forwarded by Maglev with no state written */
+	CNT_GUARD_STATELESS = 12,   /* flood guard: forwarded by pick_backend() with no state written */
 	CNT_REJECTS = 13,           /* ICMP port unreachable sent for a no_backend drop (reject.h) */
-	CNT_ENCAP_IPIP = 14,        /* DSR: sent to a backend in IPIP (encap.h) */
-	CNT_ENCAP_GUE = 15,         /* DSR: sent to a backend in GUE */
-	CNT_FRAG_NEEDED = 16,       /* DSR: ICMP fragmentation needed sent for a DROP_ENCAP_MTU */
-	CNT_MAX = 17,
+	/* Gateway-mode replies of flows forwarded without state, recognised
+	 * by picking their backend again (reply.h); then counted as replies. */
+	CNT_REPLY_STATELESS = 14,
+	CNT_ENCAP_IPIP = 15,        /* DSR: sent to a backend in IPIP (encap.h) */
+	CNT_ENCAP_GUE = 16,         /* DSR: sent to a backend in GUE */
+	CNT_FRAG_NEEDED = 17,       /* DSR: ICMP fragmentation needed sent for a DROP_ENCAP_MTU */
+	CNT_MAX = 18,
 };
 
 #endif

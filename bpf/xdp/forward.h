@@ -99,6 +99,34 @@ static __always_inline int next_hop(struct xdp_md *ctx, const struct packet *pkt
 			      pkt->ip->protocol, cfg, fib);
 }
 
+/* Did `pkt` come in by the interface the route from saddr to daddr leaves
+ * by? From the next-hop cache while fresh, else from the FIB (NO_NEIGH
+ * still names the device); nothing is cached here. A subprogram: called
+ * where the entry program's stack has no room for a FIB request. */
+static __noinline int arrived_by_route(struct xdp_md *ctx, const struct packet *pkt,
+				       const struct lb_config *cfg, __u32 saddr, __u32 daddr)
+{
+	struct nexthop_key key = { .family = FAMILY_IPV4 };
+	struct bpf_fib_lookup fib = {};
+	__u32 ingress = ctx->ingress_ifindex, egress = 0;
+	struct nexthop *nh;
+	int rc;
+
+	key.addr[0] = daddr;
+	if (cfg->nexthop_ttl_ms) {
+		nh = bpf_map_lookup_elem(&nexthops, &key);
+		if (nh && nh->expires_ns > bpf_ktime_get_coarse_ns())
+			egress = nh->ifindex;
+	}
+	if (!egress) {
+		rc = fib_route(ctx, pkt, saddr, daddr, bpf_ntohs(pkt->ip->tot_len),
+			       pkt->ip->protocol, &fib);
+		if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+			egress = fib.ifindex;
+	}
+	return egress && egress == ingress;
+}
+
 /* What a FIB answer means for a packet: DROP_NONE to go on (by XDP, or
  * by the kernel), or why it cannot.
  *

@@ -153,7 +153,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 		/* One clock read for the guard and affinity, only if either is on. */
 		if (cfg->new_flow_rate || svc.affinity_timeout_s)
 			now = bpf_ktime_get_ns();
-		switch (flood_guard(pkt, cfg, snat, now)) {
+		switch (flood_guard(cfg, &svc, snat, now)) {
 		case GUARD_DROP:
 			return drop(ctx, pkt, identity, svc.svc_id, DROP_NEW_FLOW_RATE);
 		case GUARD_STATELESS:
@@ -164,11 +164,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 		}
 		/* Only new flows need the hash (here and for the SNAT port). */
 		hash = flow_hash(&pkt->flow, cfg->hash_seed);
-		b = affinity_backend(&svc, &pkt->flow, now, &backend_id);
-		if (!b) {
-			backend_id = maglev_pick(&svc, hash);
-			b = bpf_map_lookup_elem(&backends, &backend_id);
-		}
+		b = pick_backend(&svc, &pkt->flow, hash, now, &backend_id);
 		/* No state check: a table only names backends that were live
 		 * when it was published, and a record keeps its address until
 		 * a grace period after its removal. A packet that read the old
@@ -287,7 +283,7 @@ static __always_inline int handle_other(struct xdp_md *ctx, struct packet *pkt)
 	struct nat_entry *nat;
 
 	/* SNAT mode has no gateway flows: its replies are all in rev_nat. */
-	if (cfg && cfg->snat_family == FAMILY_NONE && reply_from_index(&pkt->flow, &reply))
+	if (cfg && cfg->snat_family == FAMILY_NONE && reply_from_index(ctx, pkt, cfg, &reply))
 		return handle_reply(ctx, pkt, &reply, cfg);
 	nat = bpf_map_lookup_elem(&rev_nat, &pkt->flow);
 	if (nat)
