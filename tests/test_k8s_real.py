@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from k8s_cluster import ApiError, Cluster
+from bench.k8s_cluster import ApiError, Cluster
 from lb.dataplane import Dataplane
 from lb.demo import DaemonProcess, curl_many
 from lb.lab import start_backends
