@@ -55,6 +55,8 @@ KUBE_PROXY = {"kube-proxy-iptables": ("iptables", "nft"), "kube-proxy-iptables-l
 IPTABLES_COMMANDS = ("iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save",
                      "ip6tables-restore")
 _NETPROG = re.compile(r'"Network programming".*?endpoint="([^"]+)" elapsed=([0-9.e+-]+)')
+_SYNCED = re.compile(r'"SyncProxyRules complete".*? elapsed="([^"]+)"')
+_APPLIED = re.compile(r"applied config .* seconds=([0-9.]+)")
 
 
 @dataclass
@@ -188,16 +190,25 @@ class KubeProxyEngine(_PassOnL0):
         got: list[float] = []
         last, t_last = -1, time.monotonic()
         while time.monotonic() - t_last < timeout:
-            with open(self.log, "rb") as f:
-                f.seek(mark)
-                text = f.read().decode(errors="replace")
-            got = [float(e) for name, e in _NETPROG.findall(text) if name.startswith(NAMESPACE + "/")]
+            got = [float(e) for name, e in _NETPROG.findall(self._log_since(mark))
+                   if name.startswith(NAMESPACE + "/")]
             if len(got) >= want:
                 break
             if len(got) != last:
                 last, t_last = len(got), time.monotonic()
             time.sleep(0.2)
         return got
+
+    def kernel_writes(self, mark: int) -> dict:
+        """The syncs since `mark`: how many, and their durations (s)."""
+        took = [_go_duration(d) for d in _SYNCED.findall(self._log_since(mark))]
+        return {"count": len(took), "seconds_median": sorted(took)[len(took) // 2] if took else None,
+                "seconds_max": max(took, default=None)}
+
+    def _log_since(self, mark: int) -> str:
+        with open(self.log, "rb") as f:
+            f.seek(mark)
+            return f.read().decode(errors="replace")
 
     # -- what the kernel holds ------------------------------------------------
 
@@ -272,7 +283,10 @@ class XdplbK8sEngine(Engine):
         self.daemon = DaemonProcess(self.config(), workdir, self.bl.lb_ns).start(timeout=1800)
         while not self.daemon.call("kubernetes", brief=True)["synced"]:
             time.sleep(0.02)
-        return SyncResult(time.monotonic() - t0, {"log": str(self.daemon.log)})
+        ready = time.monotonic() - t0
+        applied = _APPLIED.search(self.daemon.log.read_text(errors="replace"))
+        return SyncResult(ready, {"first_sync_s": float(applied[1]) if applied else None,
+                                  "log": str(self.daemon.log)})
 
     def mark(self) -> int:
         return self.daemon.call("kubernetes", brief=True)["applied_total"]
@@ -293,6 +307,10 @@ class XdplbK8sEngine(Engine):
                 out.append((t - w.mono_ns) / 1e9)
         return out
 
+    def kernel_writes(self, mark: int) -> dict:
+        """The batches applied since `mark` (each one pass of map writes)."""
+        return {"count": self.daemon.call("kubernetes", brief=True)["applied_total"] - mark}
+
     def served(self) -> dict[tuple[str, int, str], set[tuple[str, int]]]:
         return {k: {(a, p) for a, p, _ in v} for k, v in map_state(self.bpffs).items()}
 
@@ -309,6 +327,12 @@ class XdplbK8sEngine(Engine):
         with self.bl.inside(self.bl.lb_ns):
             Dataplane.detach(Path(self.bpffs), purge=True)
         self.services = []
+
+
+def _go_duration(text: str) -> float:
+    """Go's time.Duration text (1.5s, 362.1ms, 850µs, 1m2.5s) in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+    return sum(float(v) * units[u] for v, u in re.findall(r"([0-9.]+)(h|ms|m|s|us|µs|ns)", text))
 
 
 def make_real_engine(name: str, bl: BenchLab, link: ApiLink, capacity: int) -> Engine:

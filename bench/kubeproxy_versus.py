@@ -238,7 +238,7 @@ def _changes(eng, svcs: BenchServices, rng: random.Random, count: int, rate: flo
     took = time.monotonic() - t0
     lat = eng.programmed(mark, writes)
     return {"count": count, "rate_per_s": rate, "achieved_per_s": count / took if took else None,
-            "observed": len(lat), **_quantiles(lat)}
+            "observed": len(lat), "kernel_writes": eng.kernel_writes(mark), **_quantiles(lat)}
 
 
 # --------------------------------------------------------------------------
