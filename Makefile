@@ -62,7 +62,7 @@ demo: deps
 test: deps k8s-bins
 	XDPLB_K8S_BIN=$(K8S_BIN) $(VENV)/bin/python -m pytest -q tests
 
-# The real Kubernetes control plane for the tests (tests/k8s_cluster.py):
+# The real Kubernetes control plane for the tests (bench/k8s_cluster.py):
 # etcd, kube-apiserver, kube-controller-manager and kube-proxy, built from the
 # Go modules pinned in k8s/go.mod into a cache outside the checkout, rebuilt
 # only when k8s/go.mod, go.sum or k8s/cmd change (the stamp holds their hash).

@@ -8,6 +8,9 @@
     xdplb bench --katran-object PATH [--katran-object PATH] [--versus-only]
                                  also Katran's own balancer (your build of its
                                  balancer.bpf.c) beside xdplb: 1 VIP x 10 backends
+    xdplb bench --kube-proxy [iptables nftables iptables-legacy] [--kube-proxy-only]
+                                 also the real kube-proxy (make k8s-bins) beside xdplb in
+                                 Kubernetes mode, both following one real API server
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from . import gate, report
 
 console = Console(stderr=True)
 RESULTS = Path(__file__).resolve().parent / "results"
-# sweep.ALL_ENGINES, spelled out: `xdplb --help` should not import the sweep.
+# sweep.ALL_ENGINES and kubeproxy_versus.MODES, spelled out: `xdplb --help`
+# should not import the sweep.
 ENGINES = ("xdplb", "nftables", "iptables-nft", "iptables-legacy")
+KUBE_PROXY_MODES = ("iptables", "nftables", "iptables-legacy")
 
 
 def error(message: str) -> None:
@@ -65,6 +70,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only the comparison with Katran (xdplb rows alone without --katran-object), "
                         "not the service-count sweep")
     p.add_argument("--versus-rounds", type=int, help="rounds of the comparison with Katran (default 3)")
+    p.add_argument("--kube-proxy", nargs="*", choices=KUBE_PROXY_MODES, metavar="MODE",
+                   help="the real kube-proxy in these modes (iptables, nftables, iptables-legacy; default "
+                        "iptables nftables) beside xdplb in Kubernetes mode on one real API server, at "
+                        "--services counts (default 1000 5000 10000 20000)")
+    p.add_argument("--kube-proxy-only", action="store_true",
+                   help="only the comparison with the real kube-proxy, not the service-count sweep")
+    p.add_argument("--changes", type=int, help="with --kube-proxy: endpoint changes per row (default 1000)")
+    p.add_argument("--change-rate", type=float,
+                   help="with --kube-proxy: endpoint changes per second (default 100)")
 
 
 def settings_from(args: argparse.Namespace):
@@ -79,10 +93,17 @@ def settings_from(args: argparse.Namespace):
             setattr(s, attr, v)
     s.trex_client = args.stl_api
     s.katran_objects = list(args.katran_object or [])
-    s.sweep = not args.versus_only
+    s.sweep = not (args.versus_only or args.kube_proxy_only)
     s.versus = args.versus_only
     if args.versus_rounds is not None:
         s.versus_rounds = args.versus_rounds
+    if args.kube_proxy is not None:
+        s.kube_proxy = list(dict.fromkeys(args.kube_proxy or ["iptables", "nftables"]))
+        if args.services:
+            s.kube_services = list(args.services)
+    for name, attr in (("changes", "kube_changes"), ("change_rate", "kube_change_rate")):
+        if getattr(args, name) is not None:
+            setattr(s, attr, getattr(args, name))
     if s.profile.startswith("tcp"):
         s.proto = "tcp"
     return s
@@ -114,7 +135,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     out = args.out or RESULTS / ("quick" if args.quick else "full")
     units = ((1 + len(settings.engines) * len(settings.services) + (1 if settings.big_sync else 0)
               + (1 if settings.state_floor else 0)) if settings.sweep else 0) \
-        + (1 if settings.katran_objects or settings.versus else 0)
+        + (1 if settings.katran_objects or settings.versus else 0) \
+        + (len(set(settings.kube_services)) if settings.kube_proxy else 0)
     t0 = time.perf_counter()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), console=console) as bar:
@@ -155,6 +177,21 @@ def _versus_problem(args: argparse.Namespace, settings) -> str | None:
 
     if args.versus_only and args.quick:
         return "--versus-only has no quick gate: use one or the other"
+    if args.kube_proxy_only and args.quick:
+        return "--kube-proxy-only has no quick gate: use one or the other"
+    if args.kube_proxy_only and args.kube_proxy is None:
+        return "--kube-proxy-only needs --kube-proxy"
+    if args.versus_only and args.kube_proxy_only:
+        return "--versus-only and --kube-proxy-only exclude each other"
+    if settings.kube_changes < 1 or settings.kube_change_rate <= 0:
+        return f"--changes must be ≥ 1 and --change-rate > 0 (got {settings.kube_changes}, " \
+               f"{settings.kube_change_rate:g})"
+    if settings.kube_proxy:
+        from .k8s_cluster import WITH_KUBE_PROXY, missing_binaries
+
+        missing = missing_binaries(binaries=WITH_KUBE_PROXY)
+        if missing:
+            return f"--kube-proxy: {', '.join(missing)} not built: run `make k8s-bins`"
     if settings.versus_rounds < 1:
         return f"--versus-rounds must be ≥ 1 (got {settings.versus_rounds})"
     try:

@@ -326,16 +326,11 @@ class ForwarderEngine(Engine):
 def xdplb_config(services: list[BService], bpffs: str, capacity: int, endpoints: int) -> dict:
     """xdplb's config for `services` on the bench lab's l0 and l1, with
     Maglev slots for `capacity` services of `endpoints` backends."""
-    from lb.maglev import table_size
-
-    # Room for every table plus the updates' new tables (written before
-    # the old ones are released): 10% and a few hundred spare tables.
-    slots = int(capacity * table_size(max(1, endpoints)) * 1.1) + 256 * table_size(16)
     # The new-flow sweep is a flood by construction: the flood guard is
     # off, so every packet pays for the state it writes (the stateful
     # path is what is measured; bench/flood.py measures the guard).
     return {"interfaces": ["l0", "l1"], "bpffs": bpffs,
-            "limits": {"maglev_slots": slots},
+            "limits": {"maglev_slots": maglev_slots(capacity, endpoints)},
             "flood_guard": {"new_flows_per_second": 0},
             "services": [s.xdplb() for s in services]}
 
@@ -485,6 +480,15 @@ class XdplbEngine(Engine):
                     "bytes_per_service": used / n,
                     "maglev_imbalance": maglev_imbalance(dp, rec)})
         return out
+
+
+def maglev_slots(capacity: int, endpoints: int) -> int:
+    """`limits.maglev_slots` for `capacity` services of `endpoints`: room for
+    every table plus the updates' new tables (written before the old ones
+    are released), 10% and a few hundred spare tables."""
+    from lb.maglev import table_size
+
+    return int(capacity * table_size(max(1, endpoints)) * 1.1) + 256 * table_size(16)
 
 
 def maglev_imbalance(dp, rec) -> dict:

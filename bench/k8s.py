@@ -30,16 +30,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from k8s_apiserver import FakeApiServer  # noqa: E402
-from k8s_scale import Cluster, applied_at, start_daemon, stop_daemon  # noqa: E402
+from k8s_scale import Cluster, start_daemon, stop_daemon  # noqa: E402
+from bench.memcg import rss_mb  # noqa: E402
+from bench.xdplb_maps import applied_at  # noqa: E402
 from lb.lab import Lab, build_lb_lab  # noqa: E402
 from lbtest import wait_for  # noqa: E402
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -1,4 +1,5 @@
-"""Kernel memory of rules and maps, measured with a memory cgroup.
+"""Kernel memory of rules and maps, measured with a memory cgroup (and a
+process's resident memory, `rss_mb`).
 
 Netfilter tables (x_tables blobs, nf_tables objects) and BPF maps are all
 charged to the memory cgroup of the task that creates them (GFP_ACCOUNT).
@@ -120,3 +121,14 @@ def cleanup_stale() -> None:
             if pid.isdigit() and not Path(f"/proc/{pid}").exists():
                 with contextlib.suppress(OSError):
                     d.rmdir()
+
+
+def rss_mb(pid: int) -> float | None:
+    """A process's resident memory (VmRSS), MiB; None once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None

@@ -54,6 +54,10 @@ def markdown(doc: dict) -> str:
         from .versus import markdown as versus_markdown
 
         lines += versus_markdown(doc["versus"])
+    if doc.get("kube_proxy"):
+        from .kubeproxy_versus import markdown as kube_markdown
+
+        lines += kube_markdown(doc["kube_proxy"], doc)
     tg = targets(doc)
     if tg:
         lines += ["", "| target | measured | met |", "|---|---|---|"]
@@ -127,6 +131,10 @@ def targets(doc: dict) -> list[dict]:
         from .versus import targets as versus_targets
 
         out += versus_targets(doc["versus"])
+    if doc.get("kube_proxy"):
+        from .kubeproxy_versus import targets as kube_targets
+
+        out += kube_targets(doc["kube_proxy"])
     ns = service_counts(doc)
     if not ns:
         return out

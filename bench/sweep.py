@@ -71,6 +71,10 @@ class Settings:
     versus_backends: int = 10
     versus_rounds: int = 3
     versus_seconds: float = 2.0     # per window (new flows, established), per round and row
+    kube_proxy: list[str] = field(default_factory=list)   # real kube-proxy modes beside xdplb (bench/kubeproxy_versus.py)
+    kube_services: list[int] = field(default_factory=lambda: [1000, 5000, 10000, 20000])
+    kube_changes: int = 1000        # endpoint changes per row
+    kube_change_rate: float = 100.0     # per second
 
     @classmethod
     def quick(cls) -> "Settings":
@@ -92,9 +96,11 @@ def _quantiles(values: list[float]) -> dict:
 
 
 class Session:
-    """One engine on its own lab, with generator and sink."""
+    """One engine on its own lab, with generator and sink; `make` builds an
+    engine that needs more than the lab (bench/kubeproxy_real.py's)."""
 
-    def __init__(self, settings: Settings, engine: str) -> None:
+    def __init__(self, settings: Settings, engine: str,
+                 make: Callable[[blab.BenchLab], Engine] | None = None) -> None:
         self.s = settings
         self.lab = Lab(prefix="xb")
         self.stack = contextlib.ExitStack()
@@ -105,7 +111,7 @@ class Session:
             self.sink = self.stack.enter_context(Sink(self.gen))
             with self.bl.inside(self.bl.sink_ns):
                 self.sink.attach(self.bl.s0)
-            self.engine: Engine = make_engine(engine, self.bl)
+            self.engine: Engine = make(self.bl) if make else make_engine(engine, self.bl)
             if self.engine.transmits_back:
                 with self.bl.inside(self.bl.gen_ns):
                     self.sink.attach(self.bl.g0)
@@ -282,6 +288,12 @@ def run(settings: Settings, progress: Progress | None = None,
         progress("xdplb beside Katran", 0)
         doc["versus"] = versus.run(settings, progress)
         progress("xdplb beside Katran", 1)
+        if partial:
+            partial(doc)
+    if settings.kube_proxy:
+        from . import kubeproxy_versus
+
+        doc["kube_proxy"] = kubeproxy_versus.run(settings, progress)
         if partial:
             partial(doc)
     if not settings.sweep:

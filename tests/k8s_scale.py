@@ -1,22 +1,19 @@
 """Shared by the Kubernetes churn test and `python -m bench.k8s`: a cluster
 of many Services + EndpointSlices in the apiserver double, a daemon in
-Kubernetes mode following it, and a reader of the pinned maps."""
+Kubernetes mode following it; the reader of the pinned maps and of the
+daemon's applied batches is bench/xdplb_maps.py's."""
 
 from __future__ import annotations
 
 import os
 import random
 import signal
-from ipaddress import IPv4Address
 from pathlib import Path
 
-import numpy as np
-
 from k8s_apiserver import FakeApiServer
-from lb.dataplane import Constants, Dataplane, _struct_of, default_object_path
+from lb.dataplane import Dataplane
 from lb.demo import DaemonProcess
-from lbtest import open_pinned_maps, pin_dir
-from loader import BpfObject
+from lbtest import pin_dir
 
 READY = {"ready": True, "serving": True, "terminating": False}
 TERMINATING = {"ready": False, "serving": True, "terminating": True}
@@ -95,47 +92,3 @@ def stop_daemon(d: DaemonProcess | None) -> None:
     if d is not None:
         d.kill(signal.SIGKILL)
         Dataplane.detach(Path(d.config["bpffs"]), purge=True)
-
-
-def applied_at(applied: list, kind: str, rv: int) -> int | None:
-    """When the daemon's maps first held resourceVersion `rv` of `kind`
-    (events of one kind arrive in order, so the first batch whose highest
-    rv is >= rv has it)."""
-    for t, rvs in applied:
-        if rvs.get(kind, 0) >= rv:
-            return t
-    return None
-
-
-def map_state(bpffs: str) -> dict[tuple[str, int, str], set[tuple[str, int, str]]]:
-    """(vip, port, proto) -> {(backend, port, active|draining)}, read from
-    the pinned maps themselves (not from the daemon)."""
-    obj = BpfObject(default_object_path())
-    maps = open_pinned_maps(bpffs)
-    try:
-        c = Constants(obj.btf.enums())
-        bm = maps["backends"]
-        dt = obj.layouts.dtype(_struct_of(obj, "backends"))
-        view = np.frombuffer(bm.mmap(writable=False), dtype=dt, count=bm.max_entries)
-        used = np.nonzero(view["state"] != c.BACKEND_FREE)[0]
-        by_svc: dict[int, set] = {}
-        for bid in used:
-            rec = view[bid]
-            addr = str(IPv4Address(int(np.uint32(rec["addr"][0]).byteswap())))
-            port = int(np.uint16(rec["port"]).byteswap())
-            state = "active" if rec["state"] == c.BACKEND_ACTIVE else "draining"
-            by_svc.setdefault(int(rec["svc_id"]), set()).add((addr, port, state))
-        out = {}
-        proto = {6: "tcp", 17: "udp"}
-        for k, v in maps["services"].lookup_batch():
-            vip = str(IPv4Address(int(np.uint32(k.vip[0]).byteswap())))
-            port = int(np.uint16(k.port).byteswap())
-            out[(vip, port, proto[k.proto])] = by_svc.get(v.svc_id, set())
-        del view
-        return out
-    finally:
-        for m in maps.values():
-            m.close()
-        obj.close()
-
-

@@ -224,23 +224,6 @@ def dump_maps(maps: dict, skip: tuple[str, ...] = ()) -> dict[str, bytes | list]
     return out
 
 
-def open_pinned_maps(bpffs: str) -> dict:
-    """The daemon's maps, opened from their pins with types from BTF."""
-    from loader import BpfObject, Map
-
-    from lb.dataplane import default_object_path
-
-    obj = BpfObject(default_object_path())
-    try:
-        maps = {}
-        for p in sorted((Path(bpffs) / "maps").iterdir()):
-            maps[p.name] = Map.open_pinned(p, obj.layouts.map_key_type(p.name),
-                                           obj.layouts.map_value_type(p.name), name=p.name)
-        return maps
-    finally:
-        obj.close()
-
-
 def xdplb(d: DaemonProcess, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """The CLI against daemon `d`'s API socket."""
     return subprocess.run([sys.executable, "-m", "lb.cli", "--socket", d.socket, *args],

@@ -470,3 +470,50 @@ def test_a_bad_katran_object_is_refused_in_one_line(tmp_path, what):
     assert {"missing": "no such file", "not-bpf": "not a BPF object",
             "not-katran": "not Katran's balancer (no map vip_map"}[what] in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------
+# The real kube-proxy beside xdplb in Kubernetes mode (bench/kubeproxy_versus.py):
+# `make k8s-bins`'s binaries, one real API server, 10 Services.
+
+
+def test_real_kube_proxy_and_xdplb_follow_one_api_server():
+    from bench import kubeproxy_versus as kv
+
+    settings = sweep.Settings(sweep=False, kube_proxy=["iptables", "nftables"], kube_services=[10],
+                              kube_changes=12, kube_change_rate=20, seconds=0.3, established_flows=64)
+    doc = sweep.run(settings)
+    section = doc["kube_proxy"]
+    assert section["kubernetes"].startswith("v1.")
+    rows = {r["engine"]: r for r in section["rows"]}
+    assert list(rows) == ["xdplb-k8s", "kube-proxy-iptables", "kube-proxy-nftables"]
+    for name, r in rows.items():
+        assert "error" not in r, r.get("error")
+        # Read back from the kernel (iptables-save, nft list, the pinned maps):
+        # every Service with exactly its endpoints, before and after the changes.
+        for when in ("served_before", "served_after"):
+            assert r[when] == {"services": 10, "missing": 0, "wrong": 0, "examples": []}, (name, when)
+        assert r["ready_s"] > 0
+        c = r["changes"]
+        assert c["observed"] == 12 and 0 < c["p50_ms"] <= c["p99_ms"], (name, c)
+        assert c["kernel_writes"]["count"] >= 1
+        for target, kinds in (("last", ("new", "established")), ("random", ("new",))):
+            for kind in kinds:
+                run = r["targets"][target][kind]
+                assert run["delivered"] > 0 and run["misrouted"] == 0, (name, target, kind, run)
+    md = report.markdown(doc)
+    assert "| kube-proxy nftables | 10 |" in md and "| xdplb (Kubernetes mode) | 10 |" in md
+    assert any(t["target"].startswith("#15: API write") for t in kv.targets(section))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kube-proxy-only"], "--kube-proxy-only needs --kube-proxy"),
+    (["--kube-proxy", "--changes", "0"], "--changes must be ≥ 1"),
+])
+def test_kube_proxy_options_are_checked_in_one_line(tmp_path, args, message):
+    r = subprocess.run([sys.executable, "-m", "lb.cli", "bench", *args, "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert not (tmp_path / "out").exists()

@@ -18,12 +18,14 @@ import time
 from pathlib import Path
 
 import pytest
+
+from bench.xdplb_maps import open_pinned_maps
 from churn_peers import PORTS, Peers
 from lb import api
 from lb.dataplane import Constants, Dataplane, default_object_path
 from loader import BpfObject
 from lb.demo import DaemonProcess
-from lbtest import open_pinned_maps, pin_dir
+from lbtest import pin_dir
 
 CHANGES = int(os.environ.get("XDPLB_CHURN_CHANGES", "1000"))
 SERVICES = 12

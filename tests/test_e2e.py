@@ -12,8 +12,9 @@ from pathlib import Path
 
 import yaml
 
+from bench.xdplb_maps import open_pinned_maps
 from lb.demo import UDP_VIP, WEB_VIP, curl_many, filler_vip
-from lbtest import download as _download, dump_maps, open_pinned_maps, stats, xdplb
+from lbtest import download as _download, dump_maps, stats, xdplb
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAFFIC_MAPS = ("global_stats", "svc_stats", "backend_stats", "drop_stats", "drop_detail",

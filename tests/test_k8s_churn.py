@@ -24,10 +24,10 @@ import pytest
 
 from churn_peers import PORTS, Peers
 from k8s_apiserver import FakeApiServer
-from k8s_scale import (NOT_READY, READY, TERMINATING, Cluster, applied_at, map_state, service,
-                       slice_, start_daemon, stop_daemon)
+from bench.xdplb_maps import applied_at, map_state, open_pinned_maps
+from k8s_scale import NOT_READY, READY, TERMINATING, Cluster, service, slice_, start_daemon, stop_daemon
 from lb.dataplane import Constants, default_object_path
-from lbtest import open_pinned_maps, wait_for
+from lbtest import wait_for
 from loader import BpfObject
 from test_churn import Timeline
 

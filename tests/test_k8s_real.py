@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.k8s_cluster import ApiError, Cluster
 from k8s_apiserver import FakeApiServer
-from k8s_cluster import ApiError, Cluster
 from lb.dataplane import Dataplane
 from lb.demo import DaemonProcess, curl_many
 from lb.lab import start_backends

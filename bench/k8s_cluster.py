@@ -1,4 +1,5 @@
-"""A real Kubernetes control plane in a network namespace, for the tests.
+"""A real Kubernetes control plane in a network namespace, for the tests
+and the bench (here, so that both import it without a test dependency).
 
 etcd, kube-apiserver and kube-controller-manager, built from Go modules by
 `make k8s-bins` (k8s/go.mod), run as processes in the lab namespace `ns`:
@@ -16,8 +17,10 @@ No kubelet: a test creates a Node and Pods bound to it (`spec.nodeName`) and
 sets their readiness through the `status` subresource, as a kubelet would;
 the EndpointSlice controller then writes the slices, as in a cluster.
 
-`Api` is the test's client: plain HTTPS requests made from inside the
-namespace (its sockets are created there), server-side apply for writes.
+`Api` is the client: plain HTTPS requests made from inside the namespace
+(its sockets are created there), server-side apply for writes. With
+`keepalive` each thread keeps its connection (the bench's bulk writes: no
+TLS handshake per request).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import shutil
 import signal
 import ssl
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,7 @@ from lb.lab import Lab
 
 BIN_DIR = Path(os.environ.get("XDPLB_K8S_BIN", "/var/cache/xdplb/k8s/bin"))
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager")
+WITH_KUBE_PROXY = BINARIES + ("kube-proxy",)       # the bench's (bench/kubeproxy_versus.py)
 TOKEN = "xdplb-test-admin-token"
 CONTROLLERS = "endpointslice-controller,endpointslice-mirroring-controller,serviceaccount-controller"
 SERVICE_CIDR = "10.96.0.0/16"
@@ -53,8 +58,19 @@ RESOURCES = {
 }
 
 
-def missing_binaries(bin_dir: Path = BIN_DIR) -> list[str]:
-    return [b for b in BINARIES if not (bin_dir / b).is_file()]
+def missing_binaries(bin_dir: Path = BIN_DIR, binaries: tuple[str, ...] = BINARIES) -> list[str]:
+    return [b for b in binaries if not (bin_dir / b).is_file()]
+
+
+def kubernetes_version() -> str:
+    """The k8s.io/kubernetes release that k8s/go.mod pins (what `make
+    k8s-bins` builds)."""
+    gomod = Path(__file__).resolve().parent.parent / "k8s" / "go.mod"
+    for line in gomod.read_text().splitlines():
+        parts = line.split()
+        if parts[:1] == ["k8s.io/kubernetes"] and len(parts) > 1:
+            return parts[1]
+    return "unknown"
 
 
 class ApiError(Exception):
@@ -66,9 +82,11 @@ class ApiError(Exception):
 class Api:
     """A minimal client for the tests, made inside the namespace."""
 
-    def __init__(self, lab: Lab, ns: str, host: str, port: int = 6443) -> None:
+    def __init__(self, lab: Lab, ns: str, host: str, port: int = 6443, keepalive: bool = False) -> None:
         self.lab, self.ns, self.host, self.port = lab, ns, host, port
+        self.keepalive = keepalive
         self._tls: ssl.SSLContext | None = None
+        self._local = threading.local()           # keepalive: this thread's connection
 
     def trust(self, ca_file: Path) -> None:
         """The apiserver's certificate bundle (its serving cert and the CA
@@ -82,9 +100,10 @@ class Api:
         headers = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/json"}
         if data is not None:
             headers["Content-Type"] = content_type
-        with self.lab.inside(self.ns):
-            conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self._tls)
-            conn.connect()
+        if self.keepalive:
+            resp, text = self._kept(method, path, data, headers, timeout)
+            return resp.status, text
+        conn = self._connect(timeout)
         try:
             conn.request(method, path, body=data, headers=headers)
             resp = conn.getresponse()
@@ -98,6 +117,32 @@ class Api:
         if status >= 300:
             raise ApiError(status, text)
         return json.loads(text) if text else {}
+
+    def _connect(self, timeout: float) -> http.client.HTTPSConnection:
+        with self.lab.inside(self.ns):
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self._tls)
+            conn.connect()
+        return conn
+
+    def _kept(self, method: str, path: str, data: bytes | None, headers: dict, timeout: float):
+        """On this thread's connection; a kept connection the server closed
+        meanwhile (idle timeout, restart) is replaced once, before any
+        response was read, so no request is applied twice."""
+        for attempt in (0, 1):
+            conn = getattr(self._local, "conn", None)
+            fresh = conn is None
+            if fresh:
+                conn = self._local.conn = self._connect(timeout)
+            try:
+                conn.request(method, path, body=data, headers=headers)
+                resp = conn.getresponse()
+                return resp, resp.read().decode()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                conn.close()
+                self._local.conn = None
+                if fresh or attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     @staticmethod
     def path(kind: str, namespace: str | None = None, name: str | None = None) -> str:
@@ -126,9 +171,7 @@ class Api:
 
     def ready(self) -> bool:
         try:
-            with self.lab.inside(self.ns):
-                conn = http.client.HTTPSConnection(self.host, self.port, timeout=2, context=self._tls)
-                conn.connect()
+            conn = self._connect(2)
             conn.request("GET", "/readyz", headers={"Authorization": f"Bearer {TOKEN}"})
             ok = conn.getresponse().status == 200
             conn.close()
@@ -142,8 +185,9 @@ class Cluster:
     namespace that the apiserver binds and advertises."""
 
     def __init__(self, lab: Lab, ns: str, address: str, workdir: Path,
-                 bin_dir: Path = BIN_DIR) -> None:
+                 bin_dir: Path = BIN_DIR, nice: int = 10) -> None:
         self.lab, self.ns, self.address, self.dir, self.bin = lab, ns, address, workdir, bin_dir
+        self.nice = nice
         self.procs: dict[str, subprocess.Popen] = {}
         self.api = Api(lab, ns, address)
         self.kubeconfig = workdir / "kubeconfig"
@@ -229,11 +273,12 @@ class Cluster:
     # ---- processes ------------------------------------------------------
 
     def _start(self, name: str, argv: list[str]) -> None:
-        # Niced: an apiserver starting takes both cores for seconds, and in a
-        # real cluster it does not run on the LB node; here it must not starve
-        # the lab's clients and servers, whose requests the tests time.
+        # Niced (by default): an apiserver starting takes both cores for
+        # seconds, and in a real cluster it does not run on the LB node; here
+        # it must not starve the lab's clients and servers, whose requests the
+        # tests time.
         log = open(self.dir / f"{name}.log", "ab")
-        self.procs[name] = self.lab.popen(self.ns, ["nice", "-n", "10", *argv],
+        self.procs[name] = self.lab.popen(self.ns, ["nice", "-n", str(self.nice), *argv],
                                           stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
