@@ -26,7 +26,7 @@ from lb.dataplane import Dataplane
 from lb.demo import WEB_VIP, DaemonProcess, curl_many, lab_config
 from lb.lab import REPO_ROOT
 from loader import Map
-from lbtest import pin_dir
+from lbtest import pin_dir, with_dsr_services
 
 UNIT = REPO_ROOT / "systemd" / "xdplb.service"
 VENV_XDPLB = Path(sys.executable).parent / "xdplb"
@@ -78,7 +78,7 @@ def test_unit_verifies_and_a_broken_one_does_not(tmp_path):
     assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"] and s["Restart"] == ["on-failure"]
     assert "ExecStop" not in s and "ExecStopPost" not in s       # stopping never detaches
     assert s["KillMode"] == ["mixed"] and s["WatchdogSec"] == ["10s"]
-    assert set(s["CapabilityBoundingSet"][0].split()) == {"CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"}
+    assert set(s["CapabilityBoundingSet"][0].split()) == {"CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON", "CAP_NET_RAW"}
     assert s["AmbientCapabilities"] == s["CapabilityBoundingSet"]
     assert s["ProtectSystem"] == ["strict"] and s["ProtectHome"] == ["yes"]
     assert "/sys/fs/bpf" in s["ReadWritePaths"][0].split()
@@ -277,14 +277,22 @@ def test_watchdog_stops_while_the_health_check_fails(lab, notified_daemon):
 # ---- capabilities --------------------------------------------------------------
 
 
+RAW_REFUSED = "raw sockets not permitted"
+
+
 def _run_with_caps(lab_, topo, tmp_path: Path, caps: list[str], name: str):
     """The daemon with exactly `caps` (root's set bounded, as the unit does),
     started inside the LB's namespace (no setns, which would need
-    CAP_SYS_ADMIN). Returns (ready, log text)."""
+    CAP_SYS_ADMIN), with DSR services whose health checks probe through
+    their tunnels. Returns (whether curl through a NAT VIP was answered,
+    the log once a DSR backend was first marked down: the lab's backends
+    decapsulate nothing, so the reason shows how the probe failed)."""
     work = tmp_path / name
     work.mkdir()
     cfg = lab_config(topo, fillers=0, bpffs=pin_dir(), socket=f"/run/xdplb/test-caps-{os.getpid()}.sock")
     cfg["metrics_address"] = False
+    with_dsr_services(cfg, topo, health_check={"type": "tcp", "interval": 0.3, "timeout": 0.25,
+                                               "fall": 2, "rise": 2})
     (work / "xdplb.yaml").write_text(yaml.safe_dump(cfg))
     notify = NotifySocket(work / "notify.sock")
     bounding = ",".join(["-all"] + [f"+{c.removeprefix('CAP_').lower()}" for c in caps])
@@ -306,6 +314,8 @@ def _run_with_caps(lab_, topo, tmp_path: Path, caps: list[str], name: str):
             except TimeoutError:
                 pass
         works = ready and len(curl_many(lab_, topo, f"http://{WEB_VIP}/", 2, topo.client_ip)) == 2
+        while ready and time.monotonic() < deadline and "backend down service=dsr-ipip" not in log.read_text():
+            time.sleep(0.2)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
@@ -323,10 +333,14 @@ def test_the_units_capabilities_suffice_and_each_is_needed(lab, bpf_object, tmp_
     caps = unit_settings(UNIT.read_text())["CapabilityBoundingSet"][0].split()
     works, log = _run_with_caps(lab_, topo, tmp_path, caps, "all")
     assert works, log[-3000:]
+    assert "backend down service=dsr-ipip" in log and RAW_REFUSED not in log, log[-3000:]
     why = {"CAP_BPF": "Operation not permitted", "CAP_NET_ADMIN": "Operation not permitted",
            "CAP_PERFMON": "pointer -= pointer prohibited"}
     for cap in caps:
         works, log = _run_with_caps(lab_, topo, tmp_path, [c for c in caps if c != cap], f"no-{cap}")
+        if cap == "CAP_NET_RAW":        # only DSR health checks need it: NAT traffic flows
+            assert works and RAW_REFUSED in log, f"DSR probes work without {cap}: drop it from the unit"
+            continue
         assert not works, f"runs without {cap}: drop it from the unit"
         assert why[cap] in log, (cap, log[-2000:])
 
