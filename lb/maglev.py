@@ -16,9 +16,12 @@ lost their conntrack entry would land on other backends. So:
 * backends are put in a canonical order (by that digest) before filling, so
   the caller's order does not matter; results are mapped back to it.
 
-Changing M re-hashes every flow, so `table_size(n, current=M)` keeps the
-size in use while it is still big enough and not wastefully big (a
-backend that flaps does not reshuffle the whole service).
+M is a function of the active backend count alone (`table_size`), never
+of the size in use: nodes behind one ECMP group, and a node after any
+history of updates, build the same table from the same config
+(tests/test_reconcile.py). The price: a count that crosses a size step
+(about every 20 % of backends) changes M and re-hashes the service's new
+flows; established flows keep their conntrack entry.
 
 The fill loop is compiled with numba (cache=True: compiled once, then loaded
 from __pycache__). `build_tables` does many services in one native call
@@ -49,7 +52,6 @@ import numpy as np
 from numba import njit, prange
 
 __all__ = [
-    "KEEP_STEPS",
     "MAX_BACKENDS_PER_SERVICE",
     "PRIMES",
     "build_table",
@@ -81,9 +83,6 @@ _PRIMES = np.array(PRIMES, np.int64)
 # still build, but the load spread gets coarser.
 MAX_BACKENDS_PER_SERVICE = PRIMES[-1] // 100  # 655
 
-# How many sizes above the minimum a table may stay at when it shrinks.
-KEEP_STEPS = 2
-
 _DIGEST = 16  # blake2b bytes: two 64-bit halves, for offset and skip
 
 # Serial up to this many services, or this many table slots in all (a
@@ -99,21 +98,14 @@ def use_parallel(services: int, slots: int) -> bool:
     return services > SERIAL_MAX_SERVICES and slots > SERIAL_MAX_SLOTS
 
 
-def table_size(n_backends: int, current: int = 0) -> int:
+def table_size(n_backends: int) -> int:
     """Smallest size in PRIMES >= 100 x n (0 for no backends); the largest
-    size beyond MAX_BACKENDS_PER_SERVICE backends.
-
-    With `current` (the size in use), that size is kept if it is still at
-    least the minimum and at most KEEP_STEPS sizes above it: removing a
-    backend then moves only the flows Maglev has to move."""
+    size beyond MAX_BACKENDS_PER_SERVICE backends."""
     if n_backends < 0:
         raise ValueError(f"negative backend count {n_backends}")
     if n_backends == 0:
         return 0
-    i = min(bisect.bisect_left(PRIMES, 100 * n_backends), len(PRIMES) - 1)
-    if current in PRIMES[i : i + KEEP_STEPS + 1]:
-        return current
-    return PRIMES[i]
+    return PRIMES[min(bisect.bisect_left(PRIMES, 100 * n_backends), len(PRIMES) - 1)]
 
 
 def _digests(keys: Sequence[str]) -> np.ndarray:

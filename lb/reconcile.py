@@ -469,10 +469,7 @@ class Reconciler:
         np.cumsum(active, out=before[1:])
         a_start = before[fb.start]
         counts = np.diff(a_start)
-        # Keep a service's table size while it still fits: a new size
-        # would remap every flow, not just the ones Maglev has to move.
-        want = [maglev.table_size(n, current=ch.live.ring_size if ch.live else 0)
-                for n, ch in zip(counts.tolist(), plan)]
+        want = [maglev.table_size(n) for n in counts.tolist()]     # the config's alone
         # maglev decides: a few services never enter a parallel region. It
         # stalls for milliseconds when the other core is busy (measured:
         # one-service p99 0.315 ms, max 16.8 ms in parallel; 0.041 / 0.144 ms

@@ -79,7 +79,7 @@ class OneService:
 
     def _compute_ring(self) -> None:
         ch = self.ch
-        ch.ring_size = maglev.table_size(len(self.active), current=ch.live.ring_size if ch.live else 0)
+        ch.ring_size = maglev.table_size(len(self.active))
         if self.rows:
             self.slots = maglev.build_table_ipv4(self.rows, ch.ring_size)
 

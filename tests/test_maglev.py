@@ -77,13 +77,12 @@ def test_table_size_rule():
         table_size(-1)
 
 
-def test_table_size_keeps_current_when_shrinking():
-    assert table_size(9, current=1009) == 1009  # one backend fewer: same table size
-    assert table_size(8, current=1009) == 1009
-    assert table_size(5, current=1009) == 503  # far too big: shrink
-    assert table_size(11, current=1009) == 1213  # too small: grow
-    assert table_size(9, current=1000) == 1009  # not a table size: ignored
-    assert table_size(0, current=1009) == 0
+def test_table_size_is_the_counts_alone():
+    assert table_size(10) == 1009
+    assert table_size(9) == 1009 and table_size(8) == 853     # shrinking takes the smaller size too
+    assert table_size(11) == 1213
+    with pytest.raises(TypeError):
+        table_size(9, current=1009)       # nothing of the history may choose it
 
 
 def test_permutation_from_blake2b():
