@@ -79,6 +79,16 @@ def _kill_ns_processes(ns_name: str) -> None:
                 os.kill(int(pid_dir.name), signal.SIGKILL)
 
 
+def _exit_on_sigterm() -> None:
+    """A SIGTERM (`kill`, `timeout`) ends the process by SystemExit, so that
+    `finally` blocks and atexit close the labs; the default action would
+    leave their namespaces and daemons behind. Only where nothing else
+    handles it, and only from the main thread (where signals are set)."""
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 def _remove_ns(name: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         netns.remove(name)
@@ -144,6 +154,7 @@ class Lab:
         self._lock = threading.RLock()
         self._closed = False
         atexit.register(self.close)
+        _exit_on_sigterm()
 
     # -- lifecycle --------------------------------------------------------
 

@@ -347,3 +347,27 @@ def test_backend_server_module_runs_standalone(lab: Lab, topo: LbTopology) -> No
     assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
     r = curl(lab, topo.lb_ns, f"http://{b.ip}:8181/")
     assert r.stdout.startswith("backend=solo client=10.244.3.1:")
+
+
+def test_sigterm_closes_the_labs(tmp_path: Path) -> None:
+    """`kill` or `timeout` on a bench or a test run: its namespaces and the
+    processes in them go too, as after a normal exit."""
+    import signal
+    import sys
+
+    script = tmp_path / "lab_then_wait.py"
+    script.write_text("import sys, time\nfrom lb.lab import Lab\nlab = Lab(prefix='sigt')\n"
+                      "print(lab.netns('a'), flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    name = proc.stdout.readline().strip()
+    try:
+        assert name in netns.listnetns()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 128 + signal.SIGTERM
+        assert name not in netns.listnetns()
+    finally:
+        proc.kill()
+        proc.wait()
+        if name in netns.listnetns():         # the defect this test is for
+            netns.remove(name)
