@@ -80,13 +80,14 @@ def _kill_ns_processes(ns_name: str) -> None:
 
 
 def _exit_on_sigterm() -> None:
-    """A SIGTERM (`kill`, `timeout`) ends the process by SystemExit, so that
-    `finally` blocks and atexit close the labs; the default action would
-    leave their namespaces and daemons behind. Only where nothing else
-    handles it, and only from the main thread (where signals are set)."""
+    """A SIGTERM (`kill`, `timeout`) acts as Ctrl-C does (KeyboardInterrupt:
+    pytest ends the session with its teardowns, `finally` blocks and atexit
+    close the labs); the default action would leave their namespaces and
+    daemons behind. Only where nothing else handles it, and only from the
+    main thread (where signals are set)."""
     if threading.current_thread() is threading.main_thread() and \
             signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def _remove_ns(name: str) -> None:
