@@ -8,17 +8,41 @@
 #include "parse.h"
 
 /* The rewrite a packet gets: new source and destination, all in network
- * byte order. */
+ * byte order. The addresses are the 16-byte words of the packet's family
+ * (IPv4 in word 0), pointed at where they already are (the flow, a backend
+ * record, the config): four bytes of stack each instead of sixteen. */
 struct rewrite {
-	__u32 saddr;
-	__u32 daddr;
+	const __u32 *saddr;
+	const __u32 *daddr;
 	__u16 sport;
 	__u16 dport;
 };
 
-/* Rewrite IPv4 addresses and L4 ports, updating the IP checksum and the
- * TCP/UDP checksum incrementally. The L4 checksum covers the addresses via
- * the pseudo-header, so it changes with them. A UDP checksum of 0 means
+/* Replace a 16-byte IPv6 address covered by *sum (the L4 pseudo-header). */
+static __always_inline void csum_replace16(__u16 *sum, const __u32 *from, const __u32 *to)
+{
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		csum_replace4(sum, from[i], to[i]);
+}
+
+/* IPv6 addresses: no IP checksum, only the L4 one through the pseudo-header. */
+static __always_inline void rewrite_addrs_v6(struct ipv6hdr *ip6, __u16 *l4sum,
+					     const struct rewrite *rw)
+{
+	__u32 *saddr = (__u32 *)&ip6->saddr, *daddr = (__u32 *)&ip6->daddr;
+
+	if (l4sum) {
+		csum_replace16(l4sum, saddr, rw->saddr);
+		csum_replace16(l4sum, daddr, rw->daddr);
+	}
+	__builtin_memcpy(saddr, rw->saddr, 16);
+	__builtin_memcpy(daddr, rw->daddr, 16);
+}
+
+/* Rewrite the addresses and L4 ports, updating the IPv4 header checksum and
+ * the TCP/UDP checksum incrementally. The L4 checksum covers the addresses
+ * via the pseudo-header, so it changes with them. A UDP checksum of 0 means
  * "none" (IPv4 only) and stays 0; a computed 0 is sent as 0xffff. */
 static __always_inline void rewrite_packet(struct packet *pkt, const struct rewrite *rw)
 {
@@ -39,17 +63,21 @@ static __always_inline void rewrite_packet(struct packet *pkt, const struct rewr
 		return;
 	}
 
-	if (ip->saddr != rw->saddr) {
-		csum_replace4(&ip->check, ip->saddr, rw->saddr);
-		if (l4sum)
-			csum_replace4(l4sum, ip->saddr, rw->saddr);
-		ip->saddr = rw->saddr;
-	}
-	if (ip->daddr != rw->daddr) {
-		csum_replace4(&ip->check, ip->daddr, rw->daddr);
-		if (l4sum)
-			csum_replace4(l4sum, ip->daddr, rw->daddr);
-		ip->daddr = rw->daddr;
+	if (ip) {
+		if (ip->saddr != rw->saddr[0]) {
+			csum_replace4(&ip->check, ip->saddr, rw->saddr[0]);
+			if (l4sum)
+				csum_replace4(l4sum, ip->saddr, rw->saddr[0]);
+			ip->saddr = rw->saddr[0];
+		}
+		if (ip->daddr != rw->daddr[0]) {
+			csum_replace4(&ip->check, ip->daddr, rw->daddr[0]);
+			if (l4sum)
+				csum_replace4(l4sum, ip->daddr, rw->daddr[0]);
+			ip->daddr = rw->daddr[0];
+		}
+	} else if (pkt->ip6) {
+		rewrite_addrs_v6(pkt->ip6, l4sum, rw);
 	}
 	if (*sport != rw->sport) {
 		if (l4sum)
@@ -135,8 +163,8 @@ static __noinline int reverse_nat_store(const struct flow_key *flow, struct rewr
 
 	__builtin_memcpy(nat.client, flow->src, sizeof(nat.client));
 	__builtin_memcpy(nat.vip, flow->dst, sizeof(nat.vip));
-	rkey.src[0] = rw->daddr;
-	rkey.dst[0] = rw->saddr;
+	__builtin_memcpy(rkey.src, rw->daddr, sizeof(rkey.src));
+	__builtin_memcpy(rkey.dst, rw->saddr, sizeof(rkey.dst));
 	if (cfg->snat_family == FAMILY_NONE)
 		return nat_store(&rkey, &nat) ? DROP_CT_FULL : DROP_NONE;
 	ct->nat_port = nat_port_take(&rkey, &nat, cfg, hash);
