@@ -61,6 +61,7 @@
 struct encap {
 	const struct encap_source *src;
 	__u32 hash;                 /* per-flow entropy: outer source bits, GUE source port */
+	__u32 saddr;                /* outer source (outer_source_v4()), for the FIB */
 	__u16 inner_len;            /* the client's packet, IP header included */
 	__u16 overhead;             /* outer IP (+ UDP) header bytes */
 	__u8 family;                /* outer family: the backend's */
@@ -122,6 +123,7 @@ static __always_inline enum drop_reason encap_plan(const struct packet *pkt,
 	e->inner_len = pkt->ip_len;
 	/* Only GUE's source port and a source prefix use it. */
 	e->hash = e->gue || e->src->spread_mask ? encap_hash(&pkt->flow, cfg->hash_seed) : 0;
+	e->saddr = outer_source_v4(e);
 	return DROP_NONE;
 }
 
@@ -132,9 +134,7 @@ static __always_inline int encap_next_hop(struct xdp_md *ctx, const struct packe
 					  const struct encap *e, const __u32 *daddr,
 					  const struct lb_config *cfg, struct bpf_fib_lookup *fib)
 {
-	__u32 saddr = outer_source_v4(e);
-
-	return next_hop_sized(ctx, pkt, e->family, &saddr, daddr, e->inner_len + e->overhead,
+	return next_hop_sized(ctx, pkt, e->family, &e->saddr, daddr, e->inner_len + e->overhead,
 			      e->proto, cfg, fib);
 }
 
@@ -247,8 +247,6 @@ static __noinline int encap_push(struct xdp_md *ctx, struct packet *pkt,
 	}
 	pkt->eth = data;
 	pkt->ip = ip;
-	pkt->tcp = NULL;
-	pkt->udp = NULL;
 	return 0;
 }
 

@@ -124,15 +124,16 @@ static __always_inline int next_hop(struct xdp_md *ctx, const struct packet *pkt
 
 /* Did `pkt` come in by the interface the route from saddr to daddr leaves
  * by? From the next-hop cache while fresh, else from the FIB (NO_NEIGH
- * still names the device); nothing is cached here. A subprogram: called
- * where the entry program's stack has no room for a FIB request. */
+ * still names the device); nothing is cached here. A subprogram with its
+ * FIB request in fib_scratch: called where the entry program's stack has
+ * no room for one. */
 static __noinline int arrived_by_route(struct xdp_md *ctx, const struct packet *pkt,
 				       const struct lb_config *cfg, const __u32 *saddr,
 				       const __u32 *daddr)
 {
 	struct nexthop_key key = {};
-	struct bpf_fib_lookup fib = {};
-	__u32 ingress = ctx->ingress_ifindex, egress = 0;
+	struct bpf_fib_lookup *fib;
+	__u32 ingress = ctx->ingress_ifindex, egress = 0, zero = 0;
 	struct nexthop *nh;
 	int rc;
 
@@ -143,10 +144,14 @@ static __noinline int arrived_by_route(struct xdp_md *ctx, const struct packet *
 			egress = nh->ifindex;
 	}
 	if (!egress) {
+		fib = bpf_map_lookup_elem(&fib_scratch, &zero);
+		if (!fib)
+			return 0;
+		__builtin_memset(fib, 0, sizeof(*fib));
 		rc = fib_route(ctx, pkt, pkt->flow.family, saddr, daddr, pkt->ip_len,
-			       pkt->flow.proto, &fib);
+			       pkt->flow.proto, fib);
 		if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-			egress = fib.ifindex;
+			egress = fib->ifindex;
 	}
 	return egress && egress == ingress;
 }

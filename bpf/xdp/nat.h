@@ -44,21 +44,31 @@ static __always_inline void rewrite_addrs_v6(struct ipv6hdr *ip6, __u16 *l4sum,
  * the TCP/UDP checksum incrementally. The L4 checksum covers the addresses
  * via the pseudo-header, so it changes with them. A UDP checksum of 0 means
  * "none" (IPv4 only) and stays 0; a computed 0 is sent as 0xffff. */
-static __always_inline void rewrite_packet(struct packet *pkt, const struct rewrite *rw)
+static __always_inline void rewrite_packet(struct xdp_md *ctx, struct packet *pkt,
+					   const struct rewrite *rw)
 {
 	struct iphdr *ip = pkt->ip;
 	__u16 *l4sum = NULL;
 	__u16 *sport, *dport;
+	int udp = pkt->flow.proto == IPPROTO_UDP;
 
-	if (pkt->tcp) {
-		l4sum = &pkt->tcp->check;
-		sport = &pkt->tcp->source;
-		dport = &pkt->tcp->dest;
-	} else if (pkt->udp) {
-		if (pkt->udp->check)
-			l4sum = &pkt->udp->check;
-		sport = &pkt->udp->source;
-		dport = &pkt->udp->dest;
+	if (pkt->flow.proto == IPPROTO_TCP) {
+		struct tcphdr *tcp = l4_header(ctx, pkt, sizeof(*tcp));
+
+		if (!tcp)
+			return;
+		l4sum = &tcp->check;
+		sport = &tcp->source;
+		dport = &tcp->dest;
+	} else if (udp) {
+		struct udphdr *uh = l4_header(ctx, pkt, sizeof(*uh));
+
+		if (!uh)
+			return;
+		if (uh->check)
+			l4sum = &uh->check;
+		sport = &uh->source;
+		dport = &uh->dest;
 	} else {
 		return;
 	}
@@ -89,7 +99,7 @@ static __always_inline void rewrite_packet(struct packet *pkt, const struct rewr
 			csum_replace2(l4sum, *dport, rw->dport);
 		*dport = rw->dport;
 	}
-	if (pkt->udp && l4sum && *l4sum == 0)
+	if (udp && l4sum && *l4sum == 0)
 		*l4sum = 0xffff;
 }
 
@@ -141,18 +151,14 @@ static __always_inline int nat_store(const struct flow_key *rkey, const struct n
 /* The reverse-NAT entry of a new flow `flow` that leaves as `rw` for
  * `ct`'s backend: in SNAT mode it first claims a source port (written to
  * rw->sport and ct->nat_port). Returns DROP_NONE or why the flow cannot go.
- * A subprogram, not inlined: its two structs on the entry program's stack,
- * with monitor_emit()'s frame on top, went past the verifier's 512 bytes. */
+ * A subprogram, not inlined, with the entry in nat_scratch: its two
+ * structs on the stack, with the entry program's frame under them, went
+ * past the verifier's 512 bytes. */
 static __noinline int reverse_nat_store(const struct flow_key *flow, struct rewrite *rw,
 					struct ct_entry *ct, const struct lb_config *cfg, __u32 hash)
 {
-	struct nat_entry nat = {
-		.client_port = flow->sport,
-		.vip_port = flow->dport,
-		.ifindex = ct->ifindex,
-		.svc_id = ct->svc_id,
-		.backend_id = ct->backend_id,
-	};
+	__u32 zero = 0;
+	struct nat_entry *nat = bpf_map_lookup_elem(&nat_scratch, &zero);
 	/* The reply: backend -> client, or backend -> SNAT address:port. */
 	struct flow_key rkey = {
 		.sport = rw->dport,
@@ -161,13 +167,21 @@ static __noinline int reverse_nat_store(const struct flow_key *flow, struct rewr
 		.family = flow->family,
 	};
 
-	__builtin_memcpy(nat.client, flow->src, sizeof(nat.client));
-	__builtin_memcpy(nat.vip, flow->dst, sizeof(nat.vip));
+	if (!nat)
+		return DROP_CT_FULL;
+	nat->client_port = flow->sport;
+	nat->vip_port = flow->dport;
+	nat->ifindex = ct->ifindex;
+	nat->svc_id = ct->svc_id;
+	nat->backend_id = ct->backend_id;
+	__builtin_memcpy(nat->client, flow->src, sizeof(nat->client));
+	__builtin_memcpy(nat->vip, flow->dst, sizeof(nat->vip));
 	__builtin_memcpy(rkey.src, rw->daddr, sizeof(rkey.src));
 	__builtin_memcpy(rkey.dst, rw->saddr, sizeof(rkey.dst));
-	if (cfg->snat_family == FAMILY_NONE)
-		return nat_store(&rkey, &nat) ? DROP_CT_FULL : DROP_NONE;
-	ct->nat_port = nat_port_take(&rkey, &nat, cfg, hash);
+	/* Gateway mode for this family: the entry is only for replies. */
+	if (cfg->snat_family != flow->family)
+		return nat_store(&rkey, nat) ? DROP_CT_FULL : DROP_NONE;
+	ct->nat_port = nat_port_take(&rkey, nat, cfg, hash);
 	if (!ct->nat_port)
 		return DROP_NAT_EXHAUSTED;
 	rw->sport = ct->nat_port;

@@ -44,13 +44,16 @@ enum parse_result {
 
 /* `ip` is set for IPv4 and `ip6` for IPv6, never both: code that reads an
  * IP header tests the pointer (the verifier follows the pointer, not the
- * family byte). */
+ * family byte). The L4 header is kept as an offset, not a pointer: behind
+ * IPv6 extension headers it is at a different place on every path the
+ * verifier walks, and pointers that differ would keep those paths apart
+ * through the whole program (an offset the verifier never needs exactly
+ * does not). l4_header() makes the pointer again where it is used. */
 struct packet {
 	struct ethhdr *eth;
 	struct iphdr *ip;
 	struct ipv6hdr *ip6;
-	struct tcphdr *tcp;         /* exactly one of tcp/udp is set on PARSE_OK */
-	struct udphdr *udp;
+	__u16 l4_off;               /* from the frame's start; TCP or UDP on PARSE_OK */
 	__u32 len;                  /* frame length, for byte counters */
 	__u16 ip_len;               /* the IP datagram's length, headers included */
 	__u8 tos;                   /* IPv4 TOS or IPv6 traffic class */
@@ -66,6 +69,7 @@ struct vlan_hdr {
  * checks for both families. */
 static __always_inline int parse_l4(struct packet *pkt, void *l4, void *ip_end, void *data_end)
 {
+	pkt->l4_off = l4 - (void *)pkt->eth;
 	if (pkt->flow.proto == IPPROTO_TCP) {
 		struct tcphdr *tcp = l4;
 
@@ -74,7 +78,6 @@ static __always_inline int parse_l4(struct packet *pkt, void *l4, void *ip_end, 
 		if ((void *)(tcp + 1) > data_end || tcp->doff < 5 ||
 		    (void *)tcp + tcp->doff * 4 > ip_end)
 			return PARSE_TRUNCATED;
-		pkt->tcp = tcp;
 		pkt->flow.sport = tcp->source;
 		pkt->flow.dport = tcp->dest;
 		return PARSE_OK;
@@ -86,7 +89,6 @@ static __always_inline int parse_l4(struct packet *pkt, void *l4, void *ip_end, 
 		    bpf_ntohs(udp->len) < sizeof(*udp) ||
 		    (void *)udp + bpf_ntohs(udp->len) > ip_end)
 			return PARSE_TRUNCATED;
-		pkt->udp = udp;
 		pkt->flow.sport = udp->source;
 		pkt->flow.dport = udp->dest;
 		return PARSE_OK;
@@ -200,6 +202,20 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct packet *pkt)
 	if (proto == bpf_htons(ETH_P_IPV6))
 		return parse_ipv6(pkt, data + off, data_end);
 	return PARSE_NOT_IP;
+}
+
+/* The L4 header of a PARSE_OK packet, `size` bytes of it checked to be in
+ * the frame; NULL if not (cannot happen after parse_packet). */
+static __always_inline void *l4_header(struct xdp_md *ctx, const struct packet *pkt, __u32 size)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	/* The mask is the verifier's bound; offsets are far below it. */
+	void *l4 = data + (pkt->l4_off & 0x3fff);
+
+	if (l4 + size > data_end)
+		return NULL;
+	return l4;
 }
 
 static __always_inline enum drop_reason parse_drop_reason(int result)

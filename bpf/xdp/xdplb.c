@@ -119,7 +119,6 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 	struct ct_entry *cte;
 	struct encap enc;
 	const __u32 *hop_saddr;
-	__u32 outer_saddr;
 	__u16 hop_len;
 	__u8 hop_proto, hop_family;
 	struct backend *b = NULL;
@@ -198,8 +197,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 		why = encap_plan(pkt, b, cfg, svc.flags, &enc);
 		if (why != DROP_NONE)
 			return drop(ctx, pkt, identity, svc.svc_id, why);
-		outer_saddr = outer_source_v4(&enc);
-		hop_saddr = &outer_saddr;
+		hop_saddr = &enc.saddr;
 		hop_len += enc.overhead;
 		hop_proto = enc.proto;
 		hop_family = enc.family;
@@ -247,7 +245,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 	if (svc.flags & SVC_F_ENCAP)
 		count_global(svc.flags & SVC_F_GUE ? CNT_ENCAP_GUE : CNT_ENCAP_IPIP, pkt->len);
 	else
-		rewrite_packet(pkt, &rw);
+		rewrite_packet(ctx, pkt, &rw);
 	counter_add(&svc_stats, svc.svc_id, pkt->len);
 	counter_add(&backend_stats, ct.backend_id, pkt->len);
 	return transmit(ctx, pkt, &fib, rc);
@@ -280,7 +278,7 @@ static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt,
 		return drop(ctx, pkt, IDENTITY_UNKNOWN, nat.svc_id, why);
 
 	probe_record(pkt, DROP_NONE, IDENTITY_UNKNOWN, nat.svc_id, nat.backend_id, 0, 1);
-	rewrite_packet(pkt, &rw);
+	rewrite_packet(ctx, pkt, &rw);
 	count_global(CNT_REPLY, pkt->len);
 	return transmit(ctx, pkt, &fib, rc);
 }
