@@ -619,8 +619,11 @@ def _build_backend(lab: Lab, lb_ns: str, i: int) -> Backend:
 # backend servers
 
 
-def backend_argv(name: str, port: int, udp_port: int | None) -> list[str]:
+def backend_argv(name: str, port: int, udp_port: int | None, host: str | None = None) -> list[str]:
+    """host None: the server's default (IPv4); "::" serves both families."""
     argv = [sys.executable, "-m", "lb.backend_server", "--name", name, "--port", str(port)]
+    if host:
+        argv += ["--host", host]
     if udp_port:
         argv += ["--udp-port", str(udp_port)]
     return argv
@@ -635,7 +638,7 @@ def start_backends(
     procs = [
         lab.popen(
             b.ns,
-            backend_argv(b.name, topo.backend_port, topo.udp_port),
+            backend_argv(b.name, topo.backend_port, topo.udp_port, "::" if lab.ipv6 else None),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
