@@ -226,3 +226,66 @@ def test_snat66_reply_translated_back(lb6):
     finally:
         cfg.pop("snat_address")
         lb6.apply(cfg)
+
+
+# ---- fuzzing IPv6 (test_fuzz.py's invariants, on this module's LB) ------
+
+FUZZ_PACKETS = int(os.environ.get("XDPLB_FUZZ6_PACKETS", "20000"))
+VIPS6 = {VIP6, UDP_VIP6, DENY_VIP6}
+
+
+def fuzz_seeds() -> list[bytes]:
+    e = eth()
+    return [bytes(p) for p in (
+        tcp6(CLIENT6, 50000, VIP6, 80),
+        tcp6(OTHER6, 50001, DENY_VIP6, 80),
+        tcp6(CLIENT6, 50002, DENY_VIP6, 80, IPv6ExtHdrHopByHop(), IPv6ExtHdrDestOpt()),
+        tcp6(OTHER6, 50003, DENY_VIP6, 80, IPv6ExtHdrRouting(segleft=0)),
+        tcp6(OTHER6, 50004, DENY_VIP6, 80, IPv6ExtHdrFragment(m=1)),
+        e / IPv6(src=CLIENT6, dst=UDP_VIP6) / UDP(sport=5353, dport=53) / b"query",
+        e / IPv6(src=CLIENT6, dst=UDP_VIP6) / IPv6ExtHdrDestOpt() / UDP(sport=5354, dport=53) / b"q",
+        e / IPv6(src=CLIENT6, dst="ff02::1:ff00:1", hlim=255) / ICMPv6ND_NS(tgt="fd00:1::1"),
+        tcp6(CLIENT6, 50005, "fd00:1::1", 22),
+    )]
+
+
+def v6_addresses(data: bytes) -> tuple[str | None, str | None]:
+    if data[12:14] != b"\x86\xdd" or len(data) < 54:
+        return None, None
+    import ipaddress
+    return str(ipaddress.IPv6Address(data[22:38])), str(ipaddress.IPv6Address(data[38:54]))
+
+
+def l4_valid(pkt) -> bool:
+    return (TCP in pkt or UDP in pkt) and l4_checksum_ok(pkt)
+
+
+def test_fuzz6_keeps_the_invariants(lb6):
+    import random
+
+    from loader.testrun import test_run
+    from test_fuzz import mutations
+
+    rnd = random.Random(20261203)
+    backends = {b.ip6 for b in lb6.topo.backends}
+    l0 = lb6.topo.lb_client.ifindex
+    tally = {}
+    seeds = fuzz_seeds()
+    with lb6.lab.inside(lb6.topo.lb_ns):
+        for seed in seeds:
+            gen = mutations(seed, rnd)
+            for _ in range(FUZZ_PACKETS // len(seeds)):
+                data = next(gen)
+                res = test_run(lb6.dp.prog.fd, data, ingress_ifindex=l0)
+                tally[res.retval] = tally.get(res.retval, 0) + 1
+                assert res.retval != 0, data.hex()                     # XDP_ABORTED
+                src, dst = v6_addresses(data)
+                if res.retval == XDP_REDIRECT:
+                    out = Ether(res.data_out)
+                    assert dst in VIPS6 and out[IPv6].dst in backends, data.hex()
+                    assert not (dst == DENY_VIP6 and src != CLIENT6), f"denied crossed: {data.hex()}"
+                    assert l4_valid(out) == l4_valid(Ether(data)), data.hex()
+                elif dst not in VIPS6:
+                    assert res.retval == XDP_PASS and res.data_out == data, data.hex()
+    print(f"\nfuzz6: {sum(tally.values())} packets, verdicts {tally}")
+    assert tally.get(XDP_REDIRECT) and tally.get(XDP_DROP) and tally.get(XDP_PASS)
