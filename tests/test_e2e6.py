@@ -7,24 +7,11 @@ XDP hands it (gateway mode keeps the client's source)."""
 from __future__ import annotations
 
 import collections
-import os
-
-import pytest
 
 from lb.demo import curl_many
 from lbtest import daemons, stats
 
 VIP6 = "fd00:96::10"
-
-
-@pytest.fixture(scope="module")
-def lab6():
-    from lb.lab import Lab, build_lb_lab, start_backends
-
-    with Lab(ipv6=True) as lab:
-        topo = build_lb_lab(lab, 3)
-        start_backends(lab, topo)
-        yield lab, topo
 
 
 def with_ipv6_service(cfg: dict, topo) -> dict:

@@ -25,16 +25,6 @@ OTHER6 = "fd00:1::99"        # same link, no identity: "world"
 EXT_MAX = 4                  # IPV6_EXT_MAX (constants.h); test_ext_max_matches checks it
 
 
-@pytest.fixture(scope="module")
-def lab6():
-    from lb.lab import Lab, build_lb_lab, start_backends
-
-    with Lab(ipv6=True) as lab:
-        topo = build_lb_lab(lab, 3)
-        start_backends(lab, topo)
-        yield lab, topo
-
-
 def config6(topo) -> dict:
     cfg = lab_config(topo, fillers=0, bpffs=pin_dir(), socket=f"/run/xdplb/test6-{os.getpid()}.sock")
     b6 = [f"[{b.ip6}]:{topo.backend_port}" for b in topo.backends]
