@@ -98,6 +98,8 @@ EXPECTED_MAPS = {
     "nexthops": (MapType.LRU_PERCPU_HASH, 20, 32, 65536, 0),
     "neigh_requests": (MapType.LRU_HASH, 20, 4, 1024, 0),
     "affinity": (MapType.LRU_HASH, 24, 16, 262144, 0),
+    "fib_scratch": (MapType.PERCPU_ARRAY, 4, 64, 1, 0),
+    "nat_scratch": (MapType.PERCPU_ARRAY, 4, 48, 1, 0),
 }
 
 
