@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import api
+from .endpoint import host_port
 from .errors import headline, is_operational, problems
 
 console = Console()
@@ -144,11 +145,11 @@ def cmd_stats(args) -> int:
         t.add_column(col, justify="right" if col in ("packets", "bytes") else "left")
     shown = [s for s in st["services"] if s["packets"] or args.all]
     for s in shown:
-        t.add_row(s["name"] or "?", f"{s['vip']}:{s['port']}/{s['protocol']}", "", "",
+        t.add_row(s["name"] or "?", f"{host_port(s['vip'], s['port'])}/{s['protocol']}", "", "",
                   str(s["packets"]), str(s["bytes"]))
         for b in s["backends"]:
             state = b["state"] + (f" ({b['health']})" if b.get("health") == "down" else "")
-            t.add_row("", "", f"{b['address']}:{b['port']}", state, str(b["packets"]), str(b["bytes"]))
+            t.add_row("", "", host_port(b["address"], b["port"]), state, str(b["packets"]), str(b["bytes"]))
     console.print(t)
     if len(shown) < len(st["services"]):
         console.print(f"({len(st['services']) - len(shown)} services without traffic hidden; --all shows them)")
@@ -188,7 +189,7 @@ def cmd_flow(args) -> int:
     svc = f"{res['service']} " if res["service"] else ""
     why = f" {res['reason']}" if res["reason"] else ""
     via = f" in {res['encapsulated']['forwarding']}" if res.get("encapsulated") else ""
-    console.print(f"{who}{src}:{sport} => {svc}{dst}:{dport}{target} {args.proto} "
+    console.print(f"{who}{host_port(src, sport)} => {svc}{host_port(dst, dport)}{target} {args.proto} "
                   f"[bold]{res['verdict']}[/]{via}{why}", highlight=False)
     return 0
 

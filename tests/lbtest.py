@@ -255,3 +255,20 @@ def wait_for(cond, timeout: float = 20.0, what: str = "condition"):
             return v
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def ipv6_pair(lab, a: str = "m", b: str = "p") -> tuple[str, str]:
+    """Two namespaces of an `ipv6=True` lab joined by a veth (a0 in `a`,
+    a1 in `b`): a0 2001:db8:1::1/64 and 10.70.0.1/24, a1 2001:db8:1::2/64,
+    fe80::2/64 and 10.70.0.2/24. DAD is off so the addresses are usable at
+    once; no neighbour is resolved."""
+    ns_a, ns_b = lab.netns(a), lab.netns(b)
+    for ns in (ns_a, ns_b):
+        lab.sysctl(ns, "net.ipv6.conf.default.accept_dad", 0)
+        lab.sysctl(ns, "net.ipv6.conf.all.accept_dad", 0)
+    lab.veth(ns_a, "a0", ns_b, "a1")
+    for ns, ifname, cidrs in ((ns_a, "a0", ("2001:db8:1::1/64", "10.70.0.1/24")),
+                              (ns_b, "a1", ("2001:db8:1::2/64", "fe80::2/64", "10.70.0.2/24"))):
+        for cidr in cidrs:
+            lab.addr(ns, ifname, cidr)
+    return ns_a, ns_b

@@ -315,6 +315,35 @@ def test_probe_tcp_and_http_against_real_sockets():
         srv.shutdown()
 
 
+def test_probe_ipv6_backend_from_another_namespace():
+    """TCP and HTTP probes of an IPv6 backend over a veth, from the LB's
+    namespace (AF_INET6 sockets, nothing resolved beforehand): up, refused,
+    the HTTP status checked, and a link gone is a failure."""
+    from lb.lab import Lab
+    from lbtest import ipv6_pair
+
+    with Lab(prefix="xh6", ipv6=True) as lab_:
+        m, p = ipv6_pair(lab_)
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        srv = lab_.popen(p, backend_argv("b6", 8080, None) + ["--host", "2001:db8:1::2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+        ready, _, _ = select.select([srv.stdout], [], [], 10)
+        assert ready and srv.stdout.readline() == b"ready\n"
+
+        def target(port: int, **check) -> Target:
+            return Target("web", f"[2001:db8:1::2]:{port}", "2001:db8:1::2", port,
+                          HealthCheck.model_validate({"type": "tcp", "timeout": 0.4, **check}))
+
+        with lab_.inside(m):
+            run = lambda t: asyncio.run(probe(t))           # noqa: E731
+            assert run(target(8080)) is None
+            assert run(target(8081)) == "connection refused"
+            assert run(target(8080, type="http", path="/")) is None
+            assert run(target(8080, type="http", path="/nope")) == "HTTP 404, want 200"
+            lab_.run(p, ["ip", "link", "set", "a1", "down"])
+            assert run(target(8080)) in ("connect timeout", "connect error: no route to host")
+
+
 # ---- end to end: the real daemon in the lab ---------------------------------
 
 from lb.dataplane import Dataplane  # noqa: E402
