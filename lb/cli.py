@@ -123,7 +123,7 @@ def cmd_kubernetes(args) -> int:
         t.add_row(k, str(st[k]))
     sy = st["sync"]
     t.add_row("not served", f"{sy['not_served']} services (headless, other proxy, ExternalName); "
-              f"{sy['skipped_sctp']} SCTP ports; {sy['skipped_ipv6']} IPv6 addresses; "
+              f"{sy['skipped_sctp']} SCTP ports; {sy['skipped_family']} addresses of a family without a clusterIP; "
               f"{sy['conflicts']} address conflicts; {sy['rejected']} rejected")
     lat = st["receive_to_map_ms"]
     t.add_row("event -> map", f"p50 {lat['p50']} ms, p99 {lat['p99']} ms over {lat['n']} events")
