@@ -172,7 +172,7 @@ def cmd_stats(args) -> int:
 
 
 def cmd_flow(args) -> int:
-    from .flow import parse_endpoint
+    from .endpoint import parse_endpoint
 
     try:
         src, sport = parse_endpoint(args.src)

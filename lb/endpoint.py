@@ -34,11 +34,15 @@ def parse_address(text: str) -> IPAddress:
 
 def parse_endpoint(text: str) -> tuple[IPAddress, int]:
     """`a.b.c.d:port` or `[v6]:port` -> (address, port)."""
-    host, sep, port = text.rpartition(":")
+    if text.startswith("["):
+        host, sep, port = text.partition("]:")
+        host += "]"
+    elif text.count(":") > 1:
+        raise ValueError(f"{text!r}: an IPv6 address takes brackets before its port, as [2001:db8::1]:80")
+    else:
+        host, sep, port = text.rpartition(":")
     if not sep or not host:
         raise ValueError(f"{text!r}: expected ADDRESS:PORT ([ADDRESS]:PORT for IPv6)")
-    if ":" in host and not (host.startswith("[") and host.endswith("]")):
-        raise ValueError(f"{text!r}: an IPv6 address takes brackets before its port, as [2001:db8::1]:80")
     try:
         addr = parse_address(host)
     except ValueError as e:
@@ -46,4 +50,3 @@ def parse_endpoint(text: str) -> tuple[IPAddress, int]:
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{text!r}: port must be in 1..65535")
     return addr, int(port)
-

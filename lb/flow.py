@@ -16,7 +16,7 @@ from scapy.layers.l2 import Ether
 from loader.testrun import test_run
 
 from .dataplane import Dataplane
-from .endpoint import host_port, parse_address, parse_endpoint  # noqa: F401 (parse_endpoint: the CLI's)
+from .endpoint import host_port, parse_address
 from .reconcile import forwarding_name
 
 XDP_ACTIONS = {0: "ABORTED", 1: "DROP", 2: "PASS", 3: "TX", 4: "REDIRECT"}
