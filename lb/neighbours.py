@@ -93,9 +93,10 @@ def backend_addresses(dp, backends: np.ndarray | None = None) -> Addresses:
     state, family = backends["state"], backends["family"]
     live = (state == c.BACKEND_ACTIVE) | (state == c.BACKEND_DRAINING)
     v4 = backends["addr"][:, 0][live & (family == c.FAMILY_IPV4)]   # the address words only, not whole records
-    v6 = backends["addr"][live & (family == c.FAMILY_IPV6)]
-    return {IPV4: unique(v4.astype("<u4").byteswap()),      # network-order words -> host-order ints
-            IPV6: unique(words_to_values(v6, IPV6))}
+    v6 = IPV6.empty()
+    if len(v4) < np.count_nonzero(live):             # an IPv4-only config skips a pass over the records
+        v6 = unique(words_to_values(backends["addr"][live & (family == c.FAMILY_IPV6)], IPV6))
+    return {IPV4: unique(v4.astype("<u4").byteswap()), IPV6: v6}   # network-order words -> host-order ints
 
 
 def drain_requests(dp) -> list[NextHop]:
