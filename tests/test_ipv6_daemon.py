@@ -89,6 +89,12 @@ def test_ipv6_service_operations(v6_lab, bpf_object, tmp_path):
 
         answers = curl6(lab, client, 40)
         assert len(answers) == 40 and set(answers) == set(BACKENDS), answers
+        # A flush takes the backends' and the client's entries: the keeper
+        # re-creates the first at once, the client is re-resolved on demand.
+        lab.run(lb, ["ip", "-6", "neigh", "flush", "all"])
+        wait_for(lambda: d.call("status")["neighbours"]["readded"] >= 2, 2, "managed entries re-created")
+        answers = curl6(lab, client, 40)
+        assert len(answers) == 40 and set(answers) == set(BACKENDS), answers
 
         res = json.loads(xdplb(d, "flow", f"[{CLIENT}]:40000", f"[{VIP}]:80", "tcp", "--json").stdout)
         assert (res["verdict"], res["service"], res["identity"]) == ("FORWARDED", "web6", "frontend6"), res

@@ -489,3 +489,33 @@ def test_double_answers_as_the_real_apiserver(k8s, tmp_path):
     finally:
         double.close()
     assert not problems, json.dumps(problems, indent=1)
+
+
+def test_double_allocates_cluster_ips_by_family_as_the_real_apiserver(k8s):
+    """Both dual-stack: the same Services (default SingleStack, PreferDualStack,
+    RequireDualStack with IPv6 first, SingleStack IPv6) get the same
+    ipFamilies, ipFamilyPolicy and clusterIP families from the double as
+    from the real apiserver."""
+    _, _, cluster, _ = k8s
+    double = FakeApiServer().start()
+    specs = {"fam-default": {}, "fam-prefer": {"ipFamilyPolicy": "PreferDualStack"},
+             "fam-require6": {"ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv6", "IPv4"]},
+             "fam-only6": {"ipFamilies": ["IPv6"]}}
+
+    def families(spec: dict) -> tuple:
+        return (spec["ipFamilies"], spec["ipFamilyPolicy"], [":" in ip for ip in spec["clusterIPs"]],
+                spec["clusterIP"] == spec["clusterIPs"][0])
+
+    try:
+        for name, extra in specs.items():
+            obj = service(name, None, {"app": name}, 8080, **extra)
+            cluster.api.apply(obj)
+            double.apply(obj)
+        for name in specs:
+            real = families(cluster.api.get("Service", NS, name)["spec"])
+            dbl = families(double.get("Service", NS, name)["spec"])
+            assert dbl == real, (name, dbl, real)
+    finally:
+        double.close()
+        for name in specs:
+            cluster.api.delete("Service", NS, name)
