@@ -142,7 +142,9 @@ def cmd_stats(args) -> int:
         return 0
     t = Table(title="services")
     for col in ("service", "vip", "backend", "state", "packets", "bytes"):
-        t.add_column(col, justify="right" if col in ("packets", "bytes") else "left")
+        # An endpoint folds onto the next line in a narrow terminal, never cut ("[2001:db8::2]:8…").
+        t.add_column(col, justify="right" if col in ("packets", "bytes") else "left",
+                     overflow="fold" if col in ("vip", "backend") else "ellipsis")
     shown = [s for s in st["services"] if s["packets"] or args.all]
     for s in shown:
         t.add_row(s["name"] or "?", f"{host_port(s['vip'], s['port'])}/{s['protocol']}", "", "",
