@@ -23,7 +23,7 @@ import ipaddress
 import re
 import socket
 from collections.abc import Mapping
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -151,6 +151,39 @@ def _fast_ipv4(v: str) -> IPv4Address | None:
     return None
 
 
+# IPv4-compatible IPv6 addresses (::/96, deprecated by RFC 4291) are refused
+# as VIPs, backends and SNAT addresses: then an IPv6 address's int is never
+# below 2**32, and an address's int alone says its family (lb/reconcile.py
+# keys backends by it).
+_V4_COMPATIBLE = IPv6Network("::/96")
+
+
+def _ipv6_address(v: str) -> IPv6Address:
+    try:
+        ip = IPv6Address(v)
+    except ValueError:
+        raise ValueError(f"is not a valid IP address: {v!r}") from None
+    if ip in _V4_COMPATIBLE:
+        raise ValueError(f"{ip} is in ::/96 (IPv4-compatible addresses are not used)")
+    return ip
+
+
+def _ip_address(v: Any) -> Any:
+    """An IPv4 or IPv6 address."""
+    if isinstance(v, (IPv4Address, IPv6Address)):
+        return v
+    if isinstance(v, str) and (fast := _fast_ipv4(v)) is not None:
+        return fast
+    if not isinstance(v, str):
+        raise ValueError("must be an IP address string")
+    if ":" in v:
+        return _ipv6_address(v)
+    try:
+        return IPv4Address(v)
+    except ValueError:
+        raise ValueError(f"is not a valid IPv4 address: {v!r}") from None
+
+
 def _ipv4_address(v: Any) -> Any:
     if isinstance(v, IPv4Address):
         return v
@@ -159,31 +192,37 @@ def _ipv4_address(v: Any) -> Any:
     if not isinstance(v, str):
         raise ValueError("must be an IPv4 address string")
     if _is_ipv6(v):
-        raise ValueError(f"IPv6 is not supported yet ({v})")
+        raise ValueError(f"must be an IPv4 address (DSR tunnels are IPv4 only for now), not {v}")
     try:
         return IPv4Address(v)
     except ValueError:
         raise ValueError(f"is not a valid IPv4 address: {v!r}") from None
 
 
-def _ipv4_network(v: Any) -> Any:
-    if isinstance(v, IPv4Network):
+def _ip_network(v: Any) -> Any:
+    """An IPv4 or IPv6 CIDR, host bits clear."""
+    if isinstance(v, (IPv4Network, IPv6Network)):
         return v
     if not isinstance(v, str):
-        raise ValueError("must be an IPv4 CIDR string")
+        raise ValueError("must be a CIDR string")
     # No value in these messages: a CIDR is always named by its entry label.
-    if _is_ipv6(v):
-        raise ValueError("IPv6 is not supported yet")
+    kind = IPv6Network if ":" in v else IPv4Network
     try:
-        return IPv4Network(v)
+        return kind(v)
     except ValueError:
         pass
     try:
-        loose = IPv4Network(v, strict=False)
+        loose = kind(v, strict=False)
     except ValueError:
-        raise ValueError("not a valid IPv4 network") from None
+        raise ValueError(f"not a valid {'IPv6' if kind is IPv6Network else 'IPv4'} network") from None
     # The LPM trie would silently mask them off; say so instead.
     raise ValueError(f"host bits are set (did you mean {loose}?)")
+
+
+def _ipv4_network(v: Any) -> Any:
+    if isinstance(v, str) and _is_ipv6(v):
+        raise ValueError("must be an IPv4 prefix (DSR tunnels are IPv4 only for now)")
+    return _ip_network(v)
 
 
 def _lower(v: Any) -> Any:
@@ -293,8 +332,8 @@ Port = Annotated[int, Strict(), _int_range(1, 65535)]
 Weight = Annotated[int, Strict(), _int_range(1, 65535)]
 Uint32 = Annotated[int, Strict(), _int_range(0, 2**32 - 1)]
 Positive = Annotated[int, Strict(), _int_range(1, 2**32 - 1)]
-Address = Annotated[IPv4Address, BeforeValidator(_ipv4_address)]
-Network = Annotated[IPv4Network, BeforeValidator(_ipv4_network)]
+Address = Annotated[IPv4Address | IPv6Address, BeforeValidator(_ip_address)]
+Network = Annotated[IPv4Network | IPv6Network, BeforeValidator(_ip_network)]
 Protocol = Annotated[Literal["tcp", "udp"], BeforeValidator(_protocol)]
 Forwarding = Annotated[Literal["nat", "ipip", "gue"], BeforeValidator(_forwarding)]
 EncapSource = Annotated[IPv4Network, BeforeValidator(_encap_source)]
@@ -341,7 +380,8 @@ class _Model(BaseModel):
 
 
 class Backend(_Model):
-    """One backend: `"10.244.1.2:8080"` or a mapping with weight and state."""
+    """One backend: `"10.244.1.2:8080"`, `"[2001:db8::2]:8080"` or a
+    mapping with weight and state."""
 
     address: Address
     port: Port
@@ -359,8 +399,10 @@ class Backend(_Model):
         if m := _ADDRESS_PORT.fullmatch(data):          # the common case, without IPv6 probing
             return {"address": _fast_ipv4(m.group(1)), "port": int(m.group(2))}
         address, sep, port = data.rpartition(":")
-        if _is_ipv6(address) or _is_ipv6(data):
-            raise ValueError("IPv6 is not supported yet")
+        if address.startswith("[") and address.endswith("]"):
+            address = address[1:-1]
+        elif _is_ipv6(address) or _is_ipv6(data):
+            raise ValueError("an IPv6 backend goes in brackets, e.g. '[2001:db8::2]:8080'")
         if not sep or not address:
             raise ValueError("must be 'address:port'")
         # Leave a non-numeric port as a string so the field reports it.
@@ -368,8 +410,11 @@ class Backend(_Model):
 
     @property
     def key(self) -> str:
-        """Stable identity of the backend, e.g. ``10.244.1.2:8080``; also
-        what the Maglev permutation is derived from."""
+        """Stable identity of the backend, e.g. ``10.244.1.2:8080`` or
+        ``[2001:db8::2]:8080``; also what the Maglev permutation is derived
+        from."""
+        if self.address.version == 6:
+            return f"[{self.address}]:{self.port}"
         return f"{self.address}:{self.port}"
 
 
@@ -488,7 +533,7 @@ class Service(_Model):
         return self
 
     @property
-    def key(self) -> tuple[IPv4Address, int, str]:
+    def key(self) -> tuple[IPv4Address | IPv6Address, int, str]:
         """What the data plane looks the service up by: (vip, port, protocol)."""
         return (self.vip, self.port, self.protocol)
 
@@ -602,7 +647,10 @@ class Config(_Model):
 
     interfaces: tuple[IfName, ...]
     xdp_mode: Annotated[Literal["native", "generic"], BeforeValidator(_lower)] = "native"
-    snat_address: Address | None = None  # None: DNAT-only gateway mode (NAT services only)
+    # None: DNAT-only gateway mode (NAT services only). Either family: SNAT
+    # applies to the NAT services of its family, the others stay in gateway
+    # mode (lb_config holds one SNAT address).
+    snat_address: Address | None = None
     # Outer source of DSR tunnels (ipip/gue services): an address of this
     # LB, or a prefix routed to it whose host bits vary with the flow.
     encap_source: EncapSource | None = None
@@ -715,6 +763,11 @@ def _service_problems(svc: Service) -> list[str]:
         problems.append("health_check: a udp service needs health_check.port (a TCP port to probe)")
     if svc.dsr:
         problems += _dsr_problems(svc)
+    else:
+        # NAT rewrites addresses in place: one family end to end (no NAT64).
+        problems += [f"backends[{i}] '{b.key}': an IPv{b.address.version} backend of an "
+                     f"IPv{svc.vip.version} VIP (a service's VIP and its backends are of one family)"
+                     for i, b in enumerate(svc.backends) if b.address.version != svc.vip.version]
     return problems
 
 
@@ -724,6 +777,10 @@ def _dsr_problems(svc: Service) -> list[str]:
     problems = [f"backends[{i}] '{b.key}': forwarding {svc.forwarding} does not rewrite the port: "
                 f"the backend must serve the service's port {svc.port}"
                 for i, b in enumerate(svc.backends) if b.port != svc.port]
+    if svc.vip.version == 6:
+        problems.append(f"vip: forwarding {svc.forwarding} supports IPv4 only for now")
+    problems += [f"backends[{i}] '{b.key}': forwarding {svc.forwarding} supports IPv4 only for now"
+                 for i, b in enumerate(svc.backends) if b.address.version == 6]
     hc = svc.health_check
     if hc is not None and hc.type != "tcp":
         # DSR probes go through the tunnel as a bare SYN (lb/tunnel_probe.py).
@@ -749,7 +806,7 @@ def _cross_checks(cfg: Config) -> list[str]:
             problems.append(f"interfaces[{i}] '{name}': listed twice (also interfaces[{first_if[name]}])")
         first_if.setdefault(name, i)
 
-    cidr_owner: dict[IPv4Network, tuple[str, int]] = {}
+    cidr_owner: dict[IPv4Network | IPv6Network, tuple[str, int]] = {}
     for ident, nets in cfg.identities.items():
         for j, net in enumerate(nets):
             where = f"identities[{ident!r}][{j}] '{net}'"

@@ -66,6 +66,37 @@ def word_addr(word: int):
     return ipaddress.IPv4Address(int(word).to_bytes(4, "little"))
 
 
+def addr_words(ip) -> list[int]:
+    """An address of either family as the __u32[4] of maps.h: network order
+    in memory, IPv4 in word 0 and the rest zero."""
+    raw = ip.packed.ljust(16, b"\0")
+    return [int.from_bytes(raw[i:i + 4], "little") for i in range(0, 16, 4)]
+
+
+def words_addr(words, family: int, consts):
+    """The address that addr_words() wrote, by the record's `family`."""
+    import ipaddress
+
+    if family == consts.FAMILY_IPV6:
+        return ipaddress.IPv6Address(b"".join(int(w).to_bytes(4, "little") for w in words))
+    return word_addr(words[0])
+
+
+def set_addr(field, ip) -> None:
+    """Write `ip` into a ctypes __u32[4] field."""
+    field[:] = addr_words(ip)
+
+
+def is_ipv6_int(n: int) -> bool:
+    """An address int (ipaddress's `_ip`) of an IPv6 address: the config
+    refuses ::/96, so every IPv6 address is at least 2**32 (lb/config.py)."""
+    return n >> 32 != 0
+
+
+def family_of(ip, consts) -> int:
+    return consts.FAMILY_IPV6 if ip.version == 6 else consts.FAMILY_IPV4
+
+
 def htons(port: int) -> int:
     return int.from_bytes(int(port).to_bytes(2, "big"), "little")
 

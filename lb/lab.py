@@ -33,6 +33,8 @@ from pyroute2 import IPRoute, netns
 from pyroute2.ethtool import Ethtool
 from pyroute2.netlink.rtnl.ndmsg import states as NUD_STATES
 
+IFA_F_NODAD = 0x02  # <linux/if_addr.h>: no duplicate address detection
+
 NETNS_DIR = Path("/var/run/netns")
 DEFAULT_PREFIX = "xl"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -251,9 +253,12 @@ class Lab:
         self.ipr(ns).link("set", index=self.ifindex(ns, ifname), state="up")
 
     def addr(self, ns: str, ifname: str, cidr: str) -> None:
+        """Add an address; an IPv6 one without duplicate address detection
+        (nodad), so that it is usable at once."""
         ip, plen = cidr.split("/")
+        extra = {"flags": IFA_F_NODAD} if ":" in ip else {}
         self.ipr(ns).addr(
-            "add", index=self.ifindex(ns, ifname), address=ip, prefixlen=int(plen)
+            "add", index=self.ifindex(ns, ifname), address=ip, prefixlen=int(plen), **extra
         )
 
     def route(
@@ -266,7 +271,9 @@ class Lab:
         prefsrc: str | None = None,
     ) -> None:
         """Add/replace a route; dst_cidr may be "default"."""
-        spec: dict[str, Any] = {"dst": "0.0.0.0/0" if dst_cidr == "default" else dst_cidr}
+        if dst_cidr == "default":
+            dst_cidr = "::/0" if gateway and ":" in gateway else "0.0.0.0/0"
+        spec: dict[str, Any] = {"dst": dst_cidr}
         if gateway:
             spec["gateway"] = gateway
         if dev:
@@ -466,6 +473,8 @@ class Backend:
     gateway: str  # 10.244.<i>.1, the LB side
     iface: Iface  # eth0 in the backend ns
     lb_iface: Iface  # l<i> in the lb ns
+    ip6: str | None = None  # fd00:244:<i>::2 in a Lab(ipv6=True)
+    gateway6: str | None = None  # fd00:244:<i>::1
 
 
 @dataclass(frozen=True)
@@ -483,6 +492,11 @@ class LbTopology:
     lb_denied_ip: str = "192.0.2.1"
     vip_cidr: str = "10.96.0.0/12"
     snat_ip: str = "10.255.0.1"
+    # A Lab(ipv6=True) also has a ULA /64 per link (see build_lb_lab).
+    client_ip6: str = "fd00:1::10"
+    lb_client_ip6: str = "fd00:1::1"
+    vip6_cidr: str = "fd00:96::/64"
+    snat_ip6: str = "fd00:255::1"
     namespaces: list[str] = field(default_factory=list)
     lab: Lab | None = field(default=None, repr=False, compare=False)
 
@@ -501,6 +515,8 @@ def _iface(lab: Lab, ns: str, name: str, ip: str) -> Iface:
 
 def _forwarding_sysctls(lab: Lab, ns: str) -> None:
     lab.sysctl(ns, "net.ipv4.ip_forward", 1)
+    if lab.ipv6:
+        lab.sysctl(ns, "net.ipv6.conf.all.forwarding", 1)
     # A new netns copies the host's IPv4 conf (often rp_filter=2): reset it
     # before the veths exist so they inherit 0 from "default".
     for conf in ("all", "default"):
@@ -522,6 +538,12 @@ def build_lb_lab(
     lb l<i> 10.244.<i>.1/24                 <->  b<i> eth0 10.244.<i>.2/24
     lb lo 10.255.0.1/32 (SNAT); client routes 10.96.0.0/12 via 10.1.0.1;
     backends default-route via the lb (replies of DNAT-only mode come back).
+
+    In a Lab(ipv6=True) the same links also carry IPv6 (nodad, no static
+    neighbours: the LB's neighbour keeper resolves them):
+    client c0 fd00:1::10/64 <-> lb l0 fd00:1::1/64, routes fd00:96::/64 via it;
+    lb l<i> fd00:244:<i>::1/64 <-> b<i> eth0 fd00:244:<i>::2/64 (default via
+    the lb); lb lo fd00:255::1/128 (SNAT).
     """
     if not 1 <= n_backends <= 250:
         raise ValueError("n_backends must be 1..250")
@@ -535,6 +557,11 @@ def build_lb_lab(
     lab.addr(lb_ns, "l0", "192.0.2.1/24")
     lab.route(client_ns, "10.96.0.0/12", gateway="10.1.0.1", prefsrc="10.1.0.10")
     lab.addr(lb_ns, "lo", "10.255.0.1/32")
+    if lab.ipv6:
+        lab.addr(client_ns, "c0", "fd00:1::10/64")
+        lab.addr(lb_ns, "l0", "fd00:1::1/64")
+        lab.route(client_ns, "fd00:96::/64", gateway="fd00:1::1")
+        lab.addr(lb_ns, "lo", "fd00:255::1/128")
 
     backends = [_build_backend(lab, lb_ns, i) for i in range(1, n_backends + 1)]
     _rp_filter_off(lab, lb_ns, ["lo", "l0"] + [b.lb_iface.name for b in backends])
@@ -569,6 +596,12 @@ def _build_backend(lab: Lab, lb_ns: str, i: int) -> Backend:
     lab.addr(ns, "eth0", f"{ip}/24")
     lab.addr(lb_ns, lb_if, f"{gw}/24")
     lab.route(ns, "default", gateway=gw)
+    ip6 = gw6 = None
+    if lab.ipv6:
+        ip6, gw6 = f"fd00:244:{i:x}::2", f"fd00:244:{i:x}::1"
+        lab.addr(ns, "eth0", f"{ip6}/64")
+        lab.addr(lb_ns, lb_if, f"{gw6}/64")
+        lab.route(ns, "default", gateway=gw6)
     return Backend(
         name=f"b{i}",
         index=i,
@@ -577,6 +610,8 @@ def _build_backend(lab: Lab, lb_ns: str, i: int) -> Backend:
         gateway=gw,
         iface=_iface(lab, ns, "eth0", ip),
         lb_iface=_iface(lab, lb_ns, lb_if, gw),
+        ip6=ip6,
+        gateway6=gw6,
     )
 
 
@@ -584,8 +619,11 @@ def _build_backend(lab: Lab, lb_ns: str, i: int) -> Backend:
 # backend servers
 
 
-def backend_argv(name: str, port: int, udp_port: int | None) -> list[str]:
+def backend_argv(name: str, port: int, udp_port: int | None, host: str | None = None) -> list[str]:
+    """host None: the server's default (IPv4); "::" serves both families."""
     argv = [sys.executable, "-m", "lb.backend_server", "--name", name, "--port", str(port)]
+    if host:
+        argv += ["--host", host]
     if udp_port:
         argv += ["--udp-port", str(udp_port)]
     return argv
@@ -600,7 +638,7 @@ def start_backends(
     procs = [
         lab.popen(
             b.ns,
-            backend_argv(b.name, topo.backend_port, topo.udp_port),
+            backend_argv(b.name, topo.backend_port, topo.udp_port, "::" if lab.ipv6 else None),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,

@@ -27,14 +27,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 
 import numpy as np
 
 from . import gcpause, maglev
 from .alloc import IdAllocator, Reclaimer, RegionAllocator
 from .config import IPPROTO, Config, ConfigError, Service
-from .dataplane import Dataplane, addr_word, htons, ntohs, word_addr
+from .dataplane import Dataplane, addr_words, family_of, htons, is_ipv6_int, ntohs, set_addr, words_addr
 from .replies import ReplyIndex, addr_key
 
 log = logging.getLogger("xdplb.reconcile")
@@ -42,7 +42,9 @@ log = logging.getLogger("xdplb.reconcile")
 PROTOCOLS = IPPROTO                                  # IANA numbers, not ours
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
 
-SvcKey = tuple[IPv4Address, int, str]
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
+SvcKey = tuple[IPAddress, int, str]
 
 
 def forwarding_flags(c) -> dict[str, int]:
@@ -62,9 +64,10 @@ class CapacityError(ConfigError):
     """The config is valid but does not fit in the maps."""
 
 
-def bkey(address: IPv4Address, port: int) -> int:
+def bkey(address: IPAddress, port: int) -> int:
     """A backend's (address, port) as one int: cheap to hash at 200k backends.
-    (`_ip` is IPv4Address's int value; int() costs a method call per use.)"""
+    (`_ip` is the address's int value; int() costs a method call per use.
+    An IPv6 address's is at least 2**32, so the families never collide.)"""
     return (address._ip << 16) | port
 
 
@@ -73,7 +76,7 @@ class LiveBackend:
     id: int
     gen: int
     state: int
-    address: IPv4Address
+    address: IPAddress
     port: int
 
 
@@ -160,7 +163,7 @@ class _Backends:
     in numpy. 200k backends in per-object Python cost more than the work."""
 
     start: np.ndarray          # int64[len(plan) + 1]
-    addr: np.ndarray           # int64, host order
+    addr: np.ndarray           # int64, host order; object (Python ints) if any is IPv6
     port: np.ndarray           # int64
     weight: np.ndarray         # int64
     state: np.ndarray          # uint32: BACKEND_ACTIVE or BACKEND_DRAINING
@@ -191,8 +194,8 @@ class Reconciler:
         self.c = dp.consts
         self.reclaimer = reclaimer or Reclaimer()
         self.services: dict[SvcKey, LiveService] = {}
-        self.identities: dict[IPv4Network, int] = {}
-        self.vips: dict[IPv4Address, int] = {}
+        self.identities: dict[IPNetwork, int] = {}
+        self.vips: dict[IPAddress, int] = {}
         self.config: Config | None = None
         self.generation = 0
         self.pending_policy = 0       # old-generation entries awaiting a grace period
@@ -231,7 +234,8 @@ class Reconciler:
         dp, c = self.dp, self.c
         bview = dp.view("backends")
         for key, val in dp.maps["services"].items():
-            skey = (word_addr(key.vip[0]), ntohs(key.port), PROTOCOL_NAMES.get(key.proto, str(key.proto)))
+            skey = (words_addr(key.vip, key.family, c), ntohs(key.port),
+                    PROTOCOL_NAMES.get(key.proto, str(key.proto)))
             # SVC_F_REV_NAT follows the reply index, not the config.
             live = LiveService(skey, val.svc_id, val.ring_offset, val.ring_size, val.policy_gen,
                                int(val.flags) & ~c.SVC_F_REV_NAT, int(val.affinity_timeout_s))
@@ -248,7 +252,7 @@ class Reconciler:
                 bview["state"][bid] = c.BACKEND_FREE
                 continue
             b = LiveBackend(int(bid), int(rec["gen"]), int(rec["state"]),
-                            word_addr(rec["addr"][0]), ntohs(int(rec["port"])))
+                            words_addr(rec["addr"], int(rec["family"]), c), ntohs(int(rec["port"])))
             owner.backends[bkey(b.address, b.port)] = b
             self.backend_ids.reserve(int(bid))
         stale = []
@@ -262,10 +266,11 @@ class Reconciler:
         for key in stale:
             dp.maps["policy"].delete(key)
         for key, val in dp.maps["identities"].items():
-            net = IPv4Network((word_addr(key.addr[0]), key.prefixlen - 32))
+            addr = words_addr(key.addr, key.family, c)
+            net = ip_network((addr, key.prefixlen - 32))
             self.identities[net] = val.identity
         for key, val in dp.maps["vips"].items():
-            self.vips[word_addr(key.addr[0])] = val.services
+            self.vips[words_addr(key.addr, key.family, c)] = val.services
         self._recover_replies()
 
     def _recover_replies(self) -> None:
@@ -276,7 +281,7 @@ class Reconciler:
                    if not s.flags & self._dsr_flags for k in s.backends}
         on_map: dict = {}
         for key, val in self.dp.maps["reply_index"].items():
-            ak = addr_key(bkey(word_addr(key.addr[0]), ntohs(key.port)), key.proto)
+            ak = addr_key(bkey(words_addr(key.addr, key.family, self.c), ntohs(key.port)), key.proto)
             on_map[ak] = [int(i) for i in val.svc_id if i]
             for sid in on_map[ak]:
                 if (sid, ak) in members:
@@ -458,7 +463,7 @@ class Reconciler:
         if kept:
             j, i, g = zip(*kept)
             new[list(j)], ids[list(j)], gens[list(j)] = False, i, g
-        return _Backends(start=start, addr=np.array(addr, np.int64), port=np.array(port, np.int64),
+        return _Backends(start=start, addr=_int_array(addr), port=np.array(port, np.int64),
                          weight=np.fromiter([b.weight for b in flat], np.int64, n),
                          state=np.array(state, np.uint32), new=new, id=ids, gen=gens)
 
@@ -477,8 +482,16 @@ class Reconciler:
         # stalls for milliseconds when the other core is busy (measured:
         # one-service p99 0.315 ms, max 16.8 ms in parallel; 0.041 / 0.144 ms
         # serially); tests/test_reconcile.py checks the small paths.
-        fb.slots, fb.t_offsets, sizes = maglev.build_tables_ipv4(
-            fb.addr[active], fb.port[active], fb.weight[active], counts, sizes=want)
+        if fb.addr.dtype == object:      # IPv6 backends: by their keys, as Backend.key spells them
+            keys = [_backend_key(a, p) for a, p in zip(fb.addr[active].tolist(), fb.port[active].tolist())]
+            weights = fb.weight[active].tolist()
+            bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
+            fb.slots, fb.t_offsets, sizes = maglev.build_tables(
+                [list(zip(keys[b0:b1], weights[b0:b1])) for b0, b1 in zip(bounds, bounds[1:])],
+                sizes=want)
+        else:
+            fb.slots, fb.t_offsets, sizes = maglev.build_tables_ipv4(
+                fb.addr[active], fb.port[active], fb.weight[active], counts, sizes=want)
         fb.a_start = a_start
         for ch, size in zip(plan, sizes.tolist()):
             ch.ring_size = size
@@ -602,14 +615,14 @@ class Reconciler:
         for name, nets in cfg.identities.items():
             for net in nets:
                 if self.identities.get(net) != ids[name]:
-                    m.update(_ident_key(K, net, self.c.FAMILY_IPV4), V(identity=ids[name]))
+                    m.update(_ident_key(K, net, self.c), V(identity=ids[name]))
                     self.identities[net] = ids[name]
 
     def _remove_identities(self, cfg: Config) -> None:
         m = self.dp.maps["identities"]
         want = {net for nets in cfg.identities.values() for net in nets}
         for net in [n for n in self.identities if n not in want]:
-            m.delete(_ident_key(m.key_type, net, self.c.FAMILY_IPV4))
+            m.delete(_ident_key(m.key_type, net, self.c))
             del self.identities[net]
 
     def _write_config(self, cfg: Config) -> None:
@@ -619,8 +632,8 @@ class Reconciler:
         conf = maps["config"]
         want = conf.value_type()
         if cfg.snat_address is not None:
-            want.snat_addr[0] = addr_word(cfg.snat_address)
-            want.snat_family = c.FAMILY_IPV4
+            set_addr(want.snat_addr, cfg.snat_address)
+            want.snat_family = family_of(cfg.snat_address, c)
         want.snat_port_min = cfg.snat_ports.min
         want.snat_port_max = cfg.snat_ports.max
         want.hash_seed = cfg.hash_seed
@@ -634,7 +647,7 @@ class Reconciler:
         want.reject_burst = cfg.no_backend_reject.burst
         if cfg.encap_source is not None:
             src = cfg.encap_source
-            want.encap_v4.addr[0] = addr_word(src.network_address)
+            set_addr(want.encap_v4.addr, src.network_address)
             want.encap_v4.spread_mask = int(src.hostmask)
             want.encap_v4.family = c.FAMILY_IPV4
         want.gue_port = htons(cfg.gue_port)
@@ -666,9 +679,12 @@ class Reconciler:
             svc_ids = np.array([ch.svc_id for ch in plan], np.uint32)
             recs = np.zeros(len(new), dtype=bview.dtype)
             # Host-order ints, byte-swapped once: network order in memory.
-            recs["addr"][:, 0] = fb.addr[new].astype(np.uint32).byteswap()
+            if fb.addr.dtype == object:
+                _set_addrs(recs["addr"], recs["family"], fb.addr[new].tolist(), c)
+            else:
+                recs["addr"][:, 0] = fb.addr[new].astype(np.uint32).byteswap()
+                recs["family"] = c.FAMILY_IPV4
             recs["port"] = fb.port[new].astype(np.uint16).byteswap()
-            recs["family"] = c.FAMILY_IPV4
             recs["state"] = fb.state[new]
             recs["gen"] = fb.gen[new]
             owner = fb.owner()[new]
@@ -724,10 +740,14 @@ class Reconciler:
 
     def _svc_keys(self, svcs: list[Service]) -> np.ndarray:
         keys = np.zeros(len(svcs), self._dtypes["svc_key"])
-        keys["vip"][:, 0] = np.array([s.vip._ip for s in svcs], np.uint32).byteswap()
+        vips = [s.vip._ip for s in svcs]
+        if any(map(is_ipv6_int, vips)):
+            _set_addrs(keys["vip"], keys["family"], vips, self.c)
+        else:
+            keys["vip"][:, 0] = np.array(vips, np.uint32).byteswap()
+            keys["family"] = self.c.FAMILY_IPV4
         keys["port"] = np.array([s.port for s in svcs], np.uint16).byteswap()
         keys["proto"] = [PROTOCOLS[s.protocol] for s in svcs]
-        keys["family"] = self.c.FAMILY_IPV4
         return keys
 
     def _flags(self, ch: _Change) -> int:
@@ -741,9 +761,9 @@ class Reconciler:
         m = self.dp.maps["reply_index"]
         kdt = self._dtypes["backend_addr"]
         if len(d.keys):
-            m.update_batch(_backend_addrs(kdt, d.keys, self.c.FAMILY_IPV4), d.values)
+            m.update_batch(_backend_addrs(kdt, d.keys, self.c), d.values)
         if len(d.deletes):
-            m.delete_batch(_backend_addrs(kdt, d.deletes, self.c.FAMILY_IPV4))
+            m.delete_batch(_backend_addrs(kdt, d.deletes, self.c))
 
     def _flip(self, plan: list[_Change]) -> None:
         """The service records, in one batch."""
@@ -755,7 +775,7 @@ class Reconciler:
             keys = (sm.key_type * len(plan))()
             vals = (sm.value_type * len(plan))()
             for i, ch in enumerate(plan):
-                _svc_key(keys[i], ch.svc.key, self.c.FAMILY_IPV4)
+                _svc_key(keys[i], ch.svc.key, self.c)
                 v = vals[i]
                 v.svc_id = ch.svc_id
                 v.ring_offset = ch.ring_offset
@@ -777,7 +797,7 @@ class Reconciler:
         vals["affinity_timeout_s"] = [s.client_affinity_s or 0 for s in svcs]
         sm.update_batch(keys, vals)
 
-    def _vip_refs(self, vips: list[IPv4Address], delta: int) -> None:
+    def _vip_refs(self, vips: list[IPAddress], delta: int) -> None:
         """Count services per VIP address; one batch for many services."""
         if len(vips) < 8:
             for vip in vips:
@@ -791,8 +811,12 @@ class Reconciler:
         up = [(v, n) for v, n in touched.items() if n > 0]
         if up:
             keys = np.zeros(len(up), dtype=self._dtypes["vip_key"])
-            keys["addr"][:, 0] = np.array([v._ip for v, _ in up], np.uint32).byteswap()
-            keys["family"] = self.c.FAMILY_IPV4
+            ints = [v._ip for v, _ in up]
+            if any(map(is_ipv6_int, ints)):
+                _set_addrs(keys["addr"], keys["family"], ints, self.c)
+            else:
+                keys["addr"][:, 0] = np.array(ints, np.uint32).byteswap()
+                keys["family"] = self.c.FAMILY_IPV4
             vm.update_batch(keys, np.array([n for _, n in up], np.uint32))
         for v, n in touched.items():
             if n > 0:
@@ -800,10 +824,10 @@ class Reconciler:
             elif v in self.vips:
                 self._vip_ref(v, -self.vips[v])
 
-    def _vip_ref(self, vip: IPv4Address, delta: int) -> None:
+    def _vip_ref(self, vip: IPAddress, delta: int) -> None:
         vm = self.dp.maps["vips"]
-        key = vm.key_type(family=self.c.FAMILY_IPV4)
-        key.addr[0] = addr_word(vip)
+        key = vm.key_type(family=family_of(vip, self.c))
+        set_addr(key.addr, vip)
         n = self.vips.get(vip, 0) + delta
         if n > 0:
             vm.update(key, vm.value_type(services=n))
@@ -818,7 +842,7 @@ class Reconciler:
         for key in removed:
             live = self.services.pop(key)
             k = sm.key_type()
-            _svc_key(k, key, c.FAMILY_IPV4)
+            _svc_key(k, key, c)
             sm.delete(k)
             self._vip_ref(key[0], -1)
             self._retire_backends(live, live.backends.values())
@@ -923,37 +947,62 @@ def _zero_counters(m, ids: np.ndarray) -> None:
     m.update_batch(keys, values)
 
 
-def _backend_addrs(dtype: np.dtype, keys: np.ndarray, family: int) -> np.ndarray:
+def _int_array(ints: list[int]) -> np.ndarray:
+    """int64, or Python ints (object) when an IPv6 address is among them."""
+    if ints and any(map(is_ipv6_int, ints)):
+        return np.array(ints, dtype=object)
+    return np.array(ints, np.int64)
+
+
+def _ip(n: int) -> IPAddress:
+    return IPv6Address(n) if is_ipv6_int(n) else IPv4Address(n)
+
+
+def _backend_key(addr: int, port: int) -> str:
+    """Backend.key of an (address int, port): the Maglev permutation's input."""
+    return f"[{IPv6Address(addr)}]:{port}" if is_ipv6_int(addr) else f"{IPv4Address(addr)}:{port}"
+
+
+def _set_addrs(addrs: np.ndarray, families: np.ndarray, ints: list[int], c) -> None:
+    """Rows of __u32[4] addresses and their families from address ints."""
+    for i, n in enumerate(ints):
+        ip = _ip(n)
+        addrs[i] = addr_words(ip)
+        families[i] = family_of(ip, c)
+
+
+def _backend_addrs(dtype: np.dtype, keys: np.ndarray, c) -> np.ndarray:
     """reply_index keys from replies.addr_key() ints."""
-    if len(keys) <= 8:          # an update's few: struct, not four numpy passes (1 vs 6 us)
+    if len(keys) <= 8 or keys.dtype == object:  # few (1 vs 6 us), or IPv6: struct, not numpy
         f = dtype.fields
         a, p, pr, fa = f["addr"][1], f["port"][1], f["proto"][1], f["family"][1]
         buf = bytearray(len(keys) * dtype.itemsize)
         for i, k in enumerate(keys.tolist()):
             o = i * dtype.itemsize
-            struct.pack_into(">I", buf, o + a, k >> 24)              # network order in memory
+            ip = _ip(k >> 24)
+            buf[o + a:o + a + 16] = ip.packed.ljust(16, b"\0")     # network order in memory
             struct.pack_into(">H", buf, o + p, (k >> 8) & 0xFFFF)
-            buf[o + pr], buf[o + fa] = k & 0xFF, family
+            buf[o + pr], buf[o + fa] = k & 0xFF, family_of(ip, c)
         return np.frombuffer(buf, dtype=dtype)
     out = np.zeros(len(keys), dtype=dtype)
     out["addr"][:, 0] = (keys >> 24).astype(np.uint32).byteswap()     # network order in memory
     out["port"] = ((keys >> 8) & 0xFFFF).astype(np.uint16).byteswap()
     out["proto"] = keys & 0xFF
-    out["family"] = family
+    out["family"] = c.FAMILY_IPV4
     return out
 
 
-def _svc_key(k, key: SvcKey, family: int) -> None:
+def _svc_key(k, key: SvcKey, c) -> None:
     vip, port, proto = key
-    k.vip[0] = addr_word(vip)
+    set_addr(k.vip, vip)
     k.port = htons(port)
     k.proto = PROTOCOLS[proto]
-    k.family = family
+    k.family = family_of(vip, c)
 
 
-def _ident_key(K, net: IPv4Network, family: int):
-    k = K(prefixlen=32 + net.prefixlen, family=family)
-    k.addr[0] = addr_word(net.network_address)
+def _ident_key(K, net: IPNetwork, c):
+    k = K(prefixlen=32 + net.prefixlen, family=family_of(net, c))
+    set_addr(k.addr, net.network_address)
     return k
 
 

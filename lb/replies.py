@@ -24,9 +24,18 @@ import numpy as np
 
 
 def addr_key(bkey, proto):
-    """One int per (address, port, protocol): bkey() (48 bits) and the
-    protocol number. Ints, or int64 arrays of them."""
+    """One int per (address, port, protocol): bkey() (48 bits for IPv4, 152
+    for IPv6) and the protocol number. Ints, or arrays of them: int64, or
+    object when an IPv6 address is among them."""
     return (bkey << 8) | proto
+
+
+def _key_array(keys) -> np.ndarray:
+    """Keys as int64, or as Python ints (object) when one is too wide."""
+    a = np.asarray(keys)
+    if a.dtype == object and len(a) and max(a.tolist()) >> 63:
+        return a
+    return np.asarray(keys, np.int64) if a.dtype != object else np.array(a.tolist(), np.int64)
 
 
 @dataclass(slots=True)
@@ -90,7 +99,7 @@ class ReplyIndex:
     def add_many(self, svc_ids: np.ndarray, keys: np.ndarray) -> None:
         """add() for each pair; in one step when every key is new and
         distinct (a full sync)."""
-        keys, svc_ids = np.asarray(keys, np.int64), np.asarray(svc_ids, np.uint32)
+        keys, svc_ids = _key_array(keys), np.asarray(svc_ids, np.uint32)
         if not (self._single or self._shared or self._lazy):    # an empty index: a first sync
             ordered = np.sort(keys)
             if not (ordered[1:] == ordered[:-1]).any():
@@ -166,14 +175,14 @@ class ReplyIndex:
             v = np.zeros((len(writes), self.slots), np.uint32)
             for i, (_, listed) in enumerate(writes):
                 v[i, :len(listed)] = listed
-            parts_k.append(np.array([k for k, _ in writes], np.int64))
+            parts_k.append(_key_array([k for k, _ in writes]))
             parts_v.append(v)
         if len(parts_k) == 1:                        # no bulk part: nothing to join
             keys, values = parts_k[0], parts_v[0]
         else:
             keys = np.concatenate(parts_k) if parts_k else _NO_KEYS
             values = np.concatenate(parts_v) if parts_v else np.zeros((0, self.slots), np.uint32)
-        return Dirty(keys, values, np.array(deletes, np.int64))
+        return Dirty(keys, values, _key_array(deletes) if deletes else _NO_KEYS)
 
     def _flush_bulk(self) -> None:
         for k, _ in self._bulk:

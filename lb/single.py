@@ -19,7 +19,7 @@ import numpy as np
 
 from . import maglev
 from .config import Backend
-from .dataplane import addr_word, htons
+from .dataplane import addr_words, family_of, htons
 from .reconcile import PROTOCOLS, LiveBackend, Reconciler, _Change, _zero_counters
 from .replies import addr_key
 
@@ -46,6 +46,7 @@ class OneService:
         self.new: list[_New] = []
         self.active: list[LiveBackend | _New] = []      # the table's members, in the service's order
         self.rows: list[tuple[int, int, int]] = []      # their (address, port, weight)
+        self.members: list[Backend] = []                # their models
         self.slots: np.ndarray | None = None            # the table: indices into self.active
         self.table: np.ndarray | None = None            # the table as backend ids
         if self.ch is not None:
@@ -72,6 +73,7 @@ class OneService:
                     ch.state_changes.append((lb, state))
             if state == active:
                 self.active.append(member)
+                self.members.append(b)
                 self.rows.append((b.address._ip, b.port, b.weight))
         ch.new_count = len(self.new)
         if ch.live is not None:
@@ -80,7 +82,10 @@ class OneService:
     def _compute_ring(self) -> None:
         ch = self.ch
         ch.ring_size = maglev.table_size(len(self.active), current=ch.live.ring_size if ch.live else 0)
-        if self.rows:
+        if self.rows and ch.svc.vip.version == 6:     # by Backend.key, as the batch path
+            self.slots = maglev.build_table([(m.key, w) for m, (_, _, w) in zip(self.members, self.rows)],
+                                            ch.ring_size)
+        elif self.rows:
             self.slots = maglev.build_table_ipv4(self.rows, ch.ring_size)
 
     def allocate(self) -> None:
@@ -117,9 +122,10 @@ class OneService:
         bview = rec.dp.view("backends")
         size, base = bview.dtype.itemsize, bview.ctypes.data
         v = rec.dp.maps["backends"].value_type()       # zeroed, as the batch's records
-        v.family, v.svc_id = c.FAMILY_IPV4, ch.svc_id
+        v.svc_id = ch.svc_id
         for nb in self.new:
-            v.addr[0] = addr_word(nb.model.address)      # network order in memory
+            v.addr[:] = addr_words(nb.model.address)      # network order in memory
+            v.family = family_of(nb.model.address, c)
             v.port = htons(nb.model.port)
             v.state, v.gen = nb.state, nb.gen
             ctypes.memmove(base + nb.id * size, ctypes.addressof(v), size)

@@ -176,10 +176,11 @@ def test_mapping_backend_errors():
         ("10.0.0.1", "must be 'address:port'"),
         ("10.0.0.300:80", "address is not a valid IPv4 address"),
         ("10.0.0.1:http", "port must be an integer"),
-        ("[fd00::1]:80", "IPv6 is not supported yet"),
+        ("fd00::1:80", "an IPv6 backend goes in brackets, e.g. '[2001:db8::2]:8080'"),
         (5, "must be 'address:port' or a mapping"),
         ({"port": 80}, "address is required"),
-        ({"address": "fd00::1", "port": 80}, "IPv6 is not supported yet"),
+        ({"address": "fd00::1", "port": 80}, "an IPv6 backend of an IPv4 VIP"),
+        ("[::1.2.3.4]:80", "is in ::/96 (IPv4-compatible addresses are not used)"),
         ({"address": "10.0.0.1", "port": 80, "color": "red"}, "unknown key 'color'"),
         ({"address": "10.0.0.1", "port": True}, "port must be an integer"),
     ],
@@ -192,13 +193,27 @@ def test_backend_errors(backend, message):
     assert message in err
 
 
-def test_ipv6_vip_and_snat():
+def test_ipv6_vip_backends_and_snat():
     d = base()
     d["services"][0]["vip"] = "fd00::10"
+    d["services"][0]["backends"] = ["[fd00:1::2]:8080", {"address": "fd00:1::3", "port": 8080}]
     d["snat_address"] = "fd00::1"
-    errs = errors_of(d)
-    assert "services[0] 'web': vip: IPv6 is not supported yet (fd00::10)" in errs
-    assert "snat_address: IPv6 is not supported yet (fd00::1)" in errs
+    d["identities"] = {"v6": ["fd00:2::/64"]}
+    cfg = config_from_dict(d)
+    svc = cfg.services[0]
+    assert str(svc.vip) == "fd00::10" and str(cfg.snat_address) == "fd00::1"
+    assert [b.key for b in svc.backends] == ["[fd00:1::2]:8080", "[fd00:1::3]:8080"]
+    assert [str(n) for n in cfg.identities["v6"]] == ["fd00:2::/64"]
+    # The short form round-trips.
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_mixed_family_service_names_the_entry():
+    d = base()
+    d["services"][0]["vip"] = "fd00::10"
+    d["services"][0]["backends"] = ["[fd00:1::2]:8080", "10.0.0.2:8080"]
+    assert one_error(d) == ("services[0] 'web': backends[1] '10.0.0.2:8080': an IPv4 backend of an "
+                            "IPv6 VIP (a service's VIP and its backends are of one family)")
 
 
 def test_sctp_is_not_supported():
@@ -285,7 +300,7 @@ def test_identity_rules():
     assert "identities['world']: 'world' is reserved (every unmatched source) and cannot be defined" in errs
     assert "identities['Upper']: name must match [a-z0-9][a-z0-9._-]*" in errs
     assert "identities['frontend'][0] '10.1.0.1/24': host bits are set (did you mean 10.1.0.0/24?)" in errs
-    assert "identities['v6'][0] 'fd00::/64': IPv6 is not supported yet" in errs
+    assert not any("identities['v6']" in e for e in errs)
     assert "identities['junk'][0] 'nonsense': not a valid IPv4 network" in errs
 
 
@@ -651,7 +666,7 @@ def test_snat_does_not_stop_dsr_services():
     ("10.255.0.300", "encap_source is not a valid IPv4 address: '10.255.0.300'"),
     ("10.255.0.1/24", "encap_source: host bits are set (did you mean 10.255.0.0/24?)"),
     ("10.0.0.0/8", "encap_source: a prefix of at most 65536 addresses (/16 or longer), not /8"),
-    ("fd00::1", "encap_source: IPv6 is not supported yet (fd00::1)"),
+    ("fd00::1", "encap_source must be an IPv4 address (DSR tunnels are IPv4 only for now), not fd00::1"),
 ])
 def test_encap_source_errors(source, message):
     d = dsr()
@@ -668,3 +683,10 @@ def test_encap_source_prefix_and_gue_port_round_trip():
     assert config_from_dict(config_to_dict(cfg)) == cfg
     d["gue_port"] = 0
     assert one_error(d) == "gue_port must be in 1..65535"
+
+
+def test_dsr_with_ipv6_is_a_clear_error():
+    d = dsr(vip="fd00::20", backends=["[fd00:1::2]:8080"])
+    errs = errors_of(d)
+    assert "services[0] 'web': vip: forwarding ipip supports IPv4 only for now" in errs
+    assert "services[0] 'web': backends[0] '[fd00:1::2]:8080': forwarding ipip supports IPv4 only for now" in errs

@@ -179,10 +179,10 @@ def test_reply_keys_small_and_batch_paths_agree(rec):
     rng = random.Random(9)
     keys = np.array([addr_key((rng.randrange(2**32) << 16) | rng.randrange(65536), rng.choice([6, 17]))
                      for _ in range(9)], np.int64)
-    batch = _backend_addrs(dt, keys, rec.c.FAMILY_IPV4)
+    batch = _backend_addrs(dt, keys, rec.c)
     for i in range(0, 9, 3):
-        assert _backend_addrs(dt, keys[i:i + 3], rec.c.FAMILY_IPV4).tobytes() == batch[i:i + 3].tobytes()
-    assert _backend_addrs(dt, keys[:0], rec.c.FAMILY_IPV4).size == 0
+        assert _backend_addrs(dt, keys[i:i + 3], rec.c).tobytes() == batch[i:i + 3].tobytes()
+    assert _backend_addrs(dt, keys[:0], rec.c).size == 0
 
 
 def test_forwarding_flags_reply_index_and_a_change_of_forwarding(rec):

@@ -200,7 +200,7 @@ def _key(h, name: str):
     from lb.reconcile import _svc_key
     svc = next(s for s in h.cfg.services if s.name == name)
     k = h.dp.maps["services"].key_type()
-    _svc_key(k, svc.key, h.dp.consts.FAMILY_IPV4)
+    _svc_key(k, svc.key, h.dp.consts)
     return k
 
 

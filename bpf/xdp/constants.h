@@ -63,6 +63,11 @@ enum xdplb_limits {
 	 * of a running node: an upgrade adding one keeps every flow. */
 	DROP_REASON_SLOTS = 32,
 	COUNTER_SLOTS = 32,
+	/* IPv6 extension headers (hop-by-hop, routing, destination options)
+	 * walked before the L4 header; a VIP packet with more is dropped
+	 * (DROP_IPV6_EXT_CHAIN), as is any with a fragment header
+	 * (DROP_FRAGMENT). Bounded for the verifier and the per-packet cost. */
+	IPV6_EXT_MAX = 4,
 	/* svc_id and backend_id 0 are never allocated: 0 means "none". */
 	ID_NONE = 0,
 };
@@ -149,7 +154,10 @@ enum drop_reason {
 	/* DSR: no encapsulation source of the backend's family configured,
 	 * or no headroom for the outer headers (bpf_xdp_adjust_head). */
 	DROP_ENCAP = 18,
-	DROP_REASON_MAX = 19,
+	/* IPv6 VIP packet with more than IPV6_EXT_MAX extension headers
+	 * before its L4 header (parse.h). */
+	DROP_IPV6_EXT_CHAIN = 19,
+	DROP_REASON_MAX = 20,
 };
 
 /* flow_event.verdict (monitor.h). Only drops and the first packet of new

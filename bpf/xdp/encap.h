@@ -61,6 +61,7 @@
 struct encap {
 	const struct encap_source *src;
 	__u32 hash;                 /* per-flow entropy: outer source bits, GUE source port */
+	__u32 saddr;                /* outer source (outer_source_v4()), for the FIB */
 	__u16 inner_len;            /* the client's packet, IP header included */
 	__u16 overhead;             /* outer IP (+ UDP) header bytes */
 	__u8 family;                /* outer family: the backend's */
@@ -113,14 +114,16 @@ static __always_inline enum drop_reason encap_plan(const struct packet *pkt,
 {
 	e->family = b->family;
 	e->src = encap_source(cfg, e->family);
-	if (e->family != FAMILY_IPV4 || e->src->family != e->family)
+	/* Outer IPv6, and an IPv6 inner packet, are for later. */
+	if (e->family != FAMILY_IPV4 || e->src->family != e->family || !pkt->ip)
 		return DROP_ENCAP;
 	e->gue = (svc_flags & SVC_F_GUE) != 0;
 	e->overhead = outer_ip_len(e->family) + (e->gue ? sizeof(struct udphdr) : 0);
 	e->proto = e->gue ? IPPROTO_UDP : ipip_protocol(pkt->flow.family);
-	e->inner_len = bpf_ntohs(pkt->ip->tot_len);
+	e->inner_len = pkt->ip_len;
 	/* Only GUE's source port and a source prefix use it. */
 	e->hash = e->gue || e->src->spread_mask ? encap_hash(&pkt->flow, cfg->hash_seed) : 0;
+	e->saddr = outer_source_v4(e);
 	return DROP_NONE;
 }
 
@@ -128,10 +131,10 @@ static __always_inline enum drop_reason encap_plan(const struct packet *pkt,
  * about it: the length it will have, so that a route's MTU answers
  * FRAG_NEEDED. */
 static __always_inline int encap_next_hop(struct xdp_md *ctx, const struct packet *pkt,
-					  const struct encap *e, __u32 daddr,
+					  const struct encap *e, const __u32 *daddr,
 					  const struct lb_config *cfg, struct bpf_fib_lookup *fib)
 {
-	return next_hop_sized(ctx, pkt, outer_source_v4(e), daddr, e->inner_len + e->overhead,
+	return next_hop_sized(ctx, pkt, e->family, &e->saddr, daddr, e->inner_len + e->overhead,
 			      e->proto, cfg, fib);
 }
 
@@ -197,18 +200,19 @@ static __noinline int encap_push(struct xdp_md *ctx, struct packet *pkt,
 				 const struct encap *e, const struct backend *b,
 				 const struct lb_config *cfg)
 {
-	__u32 l2_len = (void *)pkt->ip - (void *)pkt->eth;   /* 14, or 18 with a VLAN tag */
+	__u32 l2_len;
 	/* Recomputed rather than read back: a value reloaded after the call
 	 * below would lose the bound the verifier needs. */
 	__u32 overhead = outer_ip_len(e->family) + (e->gue ? sizeof(struct udphdr) : 0);
-	__u8 tos = pkt->ip->tos;
+	__u8 tos = pkt->tos;
 	void *data, *data_end, *old;
 	__be16 *ether_type;
 	struct iphdr *ip;
 	struct udphdr *udp;
 
-	if (overhead > ENCAP_MAX_OVERHEAD)
-		return -1;      /* outer IPv6: not yet */
+	if (overhead > ENCAP_MAX_OVERHEAD || !pkt->ip)
+		return -1;      /* outer IPv6, inner IPv6: not yet */
+	l2_len = (void *)pkt->ip - (void *)pkt->eth;   /* 14, or 18 with a VLAN tag */
 	if (bpf_xdp_adjust_head(ctx, -(int)overhead))
 		return -1;
 	data = (void *)(long)ctx->data;
@@ -243,8 +247,6 @@ static __noinline int encap_push(struct xdp_md *ctx, struct packet *pkt,
 	}
 	pkt->eth = data;
 	pkt->ip = ip;
-	pkt->tcp = NULL;
-	pkt->udp = NULL;
 	return 0;
 }
 

@@ -20,6 +20,13 @@ struct flow_key {
 	__u16 pad;
 };
 
+/* Two addresses of maps.h (__u32[4], IPv4 in word 0 and the rest zero):
+ * the same address of the same family. */
+static __always_inline int addr_equal(const __u32 *a, const __u32 *b)
+{
+	return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3])) == 0;
+}
+
 /* Conntrack: client flow (client -> VIP) -> chosen backend. In gateway
  * mode it is also what a reply is checked against (reply.h). */
 struct ct_entry {

@@ -9,21 +9,43 @@
 #ifndef AF_INET
 #define AF_INET 2
 #endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
 
-/* Fill `fib` for a packet of `tot_len` bytes and L4 protocol `proto` that
- * will leave with (saddr, daddr). Returns the bpf_fib_lookup() result;
- * BPF_FIB_LKUP_RET_FRAG_NEEDED (with fib->mtu_result) when `tot_len`
- * exceeds the route's MTU. */
-static __always_inline int fib_route(struct xdp_md *ctx, const struct packet *pkt,
-				     __u32 saddr, __u32 daddr, __u16 tot_len, __u8 proto,
-				     struct bpf_fib_lookup *fib)
+/* Addresses are passed as pointers to the __u32[4] of maps.h: an IPv4
+ * address is word 0 (only that word is read), IPv6 all four. */
+static __always_inline void nexthop_key_of(struct nexthop_key *key, __u8 family,
+					   const __u32 *addr)
 {
-	fib->family = AF_INET;
-	fib->tos = pkt->ip->tos;
+	key->family = family;
+	if (family == FAMILY_IPV6)
+		__builtin_memcpy(key->addr, addr, sizeof(key->addr));
+	else
+		key->addr[0] = addr[0];
+}
+
+/* Fill `fib` for a packet of `family`, `tot_len` bytes and L4 protocol
+ * `proto` that will leave with (saddr, daddr). Returns the bpf_fib_lookup()
+ * result; BPF_FIB_LKUP_RET_FRAG_NEEDED (with fib->mtu_result) when
+ * `tot_len` exceeds the route's MTU. */
+static __always_inline int fib_route(struct xdp_md *ctx, const struct packet *pkt, __u8 family,
+				     const __u32 *saddr, const __u32 *daddr, __u16 tot_len,
+				     __u8 proto, struct bpf_fib_lookup *fib)
+{
+	if (family == FAMILY_IPV6) {
+		fib->family = AF_INET6;
+		fib->flowinfo = 0;
+		__builtin_memcpy(fib->ipv6_src, saddr, sizeof(fib->ipv6_src));
+		__builtin_memcpy(fib->ipv6_dst, daddr, sizeof(fib->ipv6_dst));
+	} else {
+		fib->family = AF_INET;
+		fib->tos = pkt->tos;
+		fib->ipv4_src = saddr[0];
+		fib->ipv4_dst = daddr[0];
+	}
 	fib->l4_protocol = proto;
 	fib->tot_len = tot_len;
-	fib->ipv4_src = saddr;
-	fib->ipv4_dst = daddr;
 	fib->ifindex = ctx->ingress_ifindex;
 	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
 }
@@ -35,23 +57,22 @@ static __always_inline int fib_route(struct xdp_md *ctx, const struct packet *pk
  * most one TTL late; a TTL of 0 turns the cache off. A cached answer checks
  * no MTU: on success fib->mtu_result is the egress device's MTU, or 0 if
  * not known (no cache), for callers whose packet grows (encap.h). */
-/* Cache a successful FIB answer for `daddr` until `now` + cfg->nexthop_ttl_ms,
+/* Cache a successful FIB answer for `daddr` until `expires_ns`,
  * with the egress device's MTU, which it also leaves in fib->mtu_result.
  * A subprogram: it runs once per destination and TTL, and its record in
  * the entry program's frame left too little of the verifier's 512 bytes. */
-static __noinline void nexthop_remember(struct xdp_md *ctx, __u32 daddr,
-					struct bpf_fib_lookup *fib,
-					const struct lb_config *cfg, __u64 now)
+static __noinline void nexthop_remember(struct xdp_md *ctx, __u8 family, const __u32 *daddr,
+					struct bpf_fib_lookup *fib, __u64 expires_ns)
 {
-	struct nexthop_key key = { .family = FAMILY_IPV4 };
+	struct nexthop_key key = {};
 	struct nexthop fresh = {};
 	__u32 mtu = 0;
 
 	/* Any length: only the MTU it reports is wanted (always set). */
 	if (bpf_check_mtu(ctx, fib->ifindex, &mtu, 0, 0) < 0)
 		mtu = 0;
-	key.addr[0] = daddr;
-	fresh.expires_ns = now + (__u64)cfg->nexthop_ttl_ms * 1000000;
+	nexthop_key_of(&key, family, daddr);
+	fresh.expires_ns = expires_ns;
 	fresh.ifindex = fib->ifindex;
 	fresh.mtu = mtu;
 	fib->mtu_result = mtu;
@@ -61,15 +82,16 @@ static __noinline void nexthop_remember(struct xdp_md *ctx, __u32 daddr,
 }
 
 static __always_inline int next_hop_sized(struct xdp_md *ctx, const struct packet *pkt,
-					  __u32 saddr, __u32 daddr, __u16 tot_len, __u8 proto,
-					  const struct lb_config *cfg, struct bpf_fib_lookup *fib)
+					  __u8 family, const __u32 *saddr, const __u32 *daddr,
+					  __u16 tot_len, __u8 proto, const struct lb_config *cfg,
+					  struct bpf_fib_lookup *fib)
 {
-	struct nexthop_key key = { .family = FAMILY_IPV4 };
+	struct nexthop_key key = {};
 	struct nexthop *nh;
 	__u64 now = 0;
 	int rc;
 
-	key.addr[0] = daddr;
+	nexthop_key_of(&key, family, daddr);
 	if (cfg->nexthop_ttl_ms) {
 		now = bpf_ktime_get_coarse_ns();
 		nh = bpf_map_lookup_elem(&nexthops, &key);
@@ -81,48 +103,55 @@ static __always_inline int next_hop_sized(struct xdp_md *ctx, const struct packe
 			return BPF_FIB_LKUP_RET_SUCCESS;
 		}
 	}
-	rc = fib_route(ctx, pkt, saddr, daddr, tot_len, proto, fib);
+	rc = fib_route(ctx, pkt, family, saddr, daddr, tot_len, proto, fib);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
 		fib->mtu_result = 0;
 		if (cfg->nexthop_ttl_ms && !dry_run)
-			nexthop_remember(ctx, daddr, fib, cfg, now);
+			nexthop_remember(ctx, family, daddr, fib,
+					 now + (__u64)cfg->nexthop_ttl_ms * 1000000);
 	}
 	return rc;
 }
 
 /* The next hop of the packet itself, rewritten to (saddr, daddr). */
 static __always_inline int next_hop(struct xdp_md *ctx, const struct packet *pkt,
-				    __u32 saddr, __u32 daddr, const struct lb_config *cfg,
-				    struct bpf_fib_lookup *fib)
+				    const __u32 *saddr, const __u32 *daddr,
+				    const struct lb_config *cfg, struct bpf_fib_lookup *fib)
 {
-	return next_hop_sized(ctx, pkt, saddr, daddr, bpf_ntohs(pkt->ip->tot_len),
-			      pkt->ip->protocol, cfg, fib);
+	return next_hop_sized(ctx, pkt, pkt->flow.family, saddr, daddr, pkt->ip_len,
+			      pkt->flow.proto, cfg, fib);
 }
 
 /* Did `pkt` come in by the interface the route from saddr to daddr leaves
  * by? From the next-hop cache while fresh, else from the FIB (NO_NEIGH
- * still names the device); nothing is cached here. A subprogram: called
- * where the entry program's stack has no room for a FIB request. */
+ * still names the device); nothing is cached here. A subprogram with its
+ * FIB request in fib_scratch: called where the entry program's stack has
+ * no room for one. */
 static __noinline int arrived_by_route(struct xdp_md *ctx, const struct packet *pkt,
-				       const struct lb_config *cfg, __u32 saddr, __u32 daddr)
+				       const struct lb_config *cfg, const __u32 *saddr,
+				       const __u32 *daddr)
 {
-	struct nexthop_key key = { .family = FAMILY_IPV4 };
-	struct bpf_fib_lookup fib = {};
-	__u32 ingress = ctx->ingress_ifindex, egress = 0;
+	struct nexthop_key key = {};
+	struct bpf_fib_lookup *fib;
+	__u32 ingress = ctx->ingress_ifindex, egress = 0, zero = 0;
 	struct nexthop *nh;
 	int rc;
 
-	key.addr[0] = daddr;
+	nexthop_key_of(&key, pkt->flow.family, daddr);
 	if (cfg->nexthop_ttl_ms) {
 		nh = bpf_map_lookup_elem(&nexthops, &key);
 		if (nh && nh->expires_ns > bpf_ktime_get_coarse_ns())
 			egress = nh->ifindex;
 	}
 	if (!egress) {
-		rc = fib_route(ctx, pkt, saddr, daddr, bpf_ntohs(pkt->ip->tot_len),
-			       pkt->ip->protocol, &fib);
+		fib = bpf_map_lookup_elem(&fib_scratch, &zero);
+		if (!fib)
+			return 0;
+		__builtin_memset(fib, 0, sizeof(*fib));
+		rc = fib_route(ctx, pkt, pkt->flow.family, saddr, daddr, pkt->ip_len,
+			       pkt->flow.proto, fib);
 		if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-			egress = fib.ifindex;
+			egress = fib->ifindex;
 	}
 	return egress && egress == ingress;
 }
@@ -143,7 +172,7 @@ static __noinline int arrived_by_route(struct xdp_md *ctx, const struct packet *
 static __always_inline enum drop_reason fib_verdict(int rc, const struct bpf_fib_lookup *fib,
 						    int source_rewritten)
 {
-	struct nexthop_key key = { .family = FAMILY_IPV4 };
+	struct nexthop_key key = {};
 	__u32 ifindex = fib->ifindex;
 
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
@@ -155,7 +184,10 @@ static __always_inline enum drop_reason fib_verdict(int rc, const struct bpf_fib
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
 		return DROP_MTU;
 	/* On NO_NEIGH the FIB left the next hop's address and interface. */
-	key.addr[0] = fib->ipv4_dst;
+	if (fib->family == AF_INET6)
+		nexthop_key_of(&key, FAMILY_IPV6, fib->ipv6_dst);
+	else
+		nexthop_key_of(&key, FAMILY_IPV4, &fib->ipv4_dst);
 	if (!dry_run)
 		bpf_map_update_elem(&neigh_requests, &key, &ifindex, BPF_ANY);
 	return DROP_NO_NEIGH;

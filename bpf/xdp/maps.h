@@ -451,6 +451,24 @@ struct {
 	__type(value, struct token_bucket);
 } flood_bucket SEC(".maps");
 
+/* Per-CPU room for the records of subprograms whose frame, added to the
+ * entry program's, would pass the verifier's 512 bytes: a FIB request
+ * (forward.h) and a reverse-NAT entry (nat.h). Not state: written and read
+ * within one call. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bpf_fib_lookup);
+} fib_scratch SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct nat_entry);
+} nat_scratch SEC(".maps");
+
 /* Per-CPU token bucket of the no-backend rejects (reject.h). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -51,10 +51,11 @@ static __always_inline __u16 csum_of(void *p, __u32 len)
 	return ~csum_fold32(bpf_csum_diff(NULL, 0, p, len, 0));
 }
 
-/* Only untagged frames are answered (a reply would need the tag rebuilt). */
+/* Only untagged IPv4 frames are answered (a reply would need the tag
+ * rebuilt; ICMPv6 answers are for later). */
 static __always_inline int icmp_answerable(const struct packet *pkt)
 {
-	return (void *)pkt->ip == (void *)(pkt->eth + 1);
+	return pkt->ip && (void *)pkt->ip == (void *)(pkt->eth + 1);
 }
 
 /* Turn the frame, in place, into an ICMP destination unreachable with

@@ -58,7 +58,8 @@ static __noinline __u32 reply_picked(const struct lb_config *cfg, const struct f
 	if (svc->affinity_timeout_s)
 		now = bpf_ktime_get_ns();
 	b = pick_backend(svc, flow, hash, now, &backend_id);
-	if (!b || backend_id == ID_NONE || b->addr[0] != from->addr[0] || b->port != from->port)
+	if (!b || backend_id == ID_NONE || !addr_equal(b->addr, from->addr) ||
+	    b->port != from->port)
 		return ID_NONE;
 	return backend_id;
 }
@@ -139,7 +140,7 @@ static __always_inline int reply_without_state(struct xdp_md *ctx, const struct 
 		picked_svc = svc_id;
 		picked_backend = backend_id;
 	}
-	if (!picked || !arrived_by_route(ctx, pkt, cfg, reply->dst[0], reply->src[0]))
+	if (!picked || !arrived_by_route(ctx, pkt, cfg, reply->dst, reply->src))
 		return 0;
 	/* The route check stands in for the entry's interface. */
 	reply_fill(nat, reply, picked, picked_svc, picked_backend, ctx->ingress_ifindex);
@@ -183,7 +184,7 @@ static __always_inline int reply_from_index(struct xdp_md *ctx, const struct pac
 		if (!sk)
 			continue;
 		b = reply_state(&flow, svc_id, &ct);
-		if (!b || b->addr[0] != reply->src[0] || b->port != reply->sport)
+		if (!b || !addr_equal(b->addr, reply->src) || b->port != reply->sport)
 			continue;
 		reply_fill(nat, reply, sk, svc_id, ct->backend_id, ct->ifindex);
 		return 1;

@@ -8,7 +8,10 @@
  *            -> XDP_REDIRECT (the backend answers the client itself)
  *   replies to translated flows -> reply index + conntrack (gateway mode)
  *         or reverse NAT (SNAT) -> FIB -> out
- *   everything else -> XDP_PASS, untouched
+ *   everything else (neighbour discovery, ICMP, ...) -> XDP_PASS, untouched
+ *
+ * IPv4 and IPv6 take the same path: the family is a parameter of each
+ * step (parse.h, nat.h, forward.h), not a second program.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -44,8 +47,9 @@ const volatile struct {
 } btf_anchor;
 
 /* Record the decision for the `flow` command (dry-run copy only). */
-static __always_inline void probe_record(enum drop_reason reason, __u32 identity, __u32 svc_id,
-					 __u32 backend_id, __u32 ct_hit, __u32 reply)
+static __always_inline void probe_record(const struct packet *pkt, enum drop_reason reason,
+					 __u32 identity, __u32 svc_id, __u32 backend_id, __u32 ct_hit,
+					 __u32 reply)
 {
 	__u32 zero = 0;
 	struct probe_result *p;
@@ -61,13 +65,13 @@ static __always_inline void probe_record(enum drop_reason reason, __u32 identity
 	p->backend_id = backend_id;
 	p->ct_hit = ct_hit;
 	p->reply = reply;
-	p->family = FAMILY_IPV4;
+	p->family = pkt->flow.family;
 }
 
 static __always_inline int drop(struct xdp_md *ctx, struct packet *pkt, __u32 identity,
 				__u32 svc_id, enum drop_reason reason)
 {
-	probe_record(reason, identity, svc_id, ID_NONE, 0, 0);
+	probe_record(pkt, reason, identity, svc_id, ID_NONE, 0, 0);
 	monitor_drop(ctx, pkt, identity, svc_id, reason);
 	return drop_packet(identity, svc_id, reason, pkt->len);
 }
@@ -96,7 +100,7 @@ static __always_inline int too_big(struct xdp_md *ctx, struct packet *pkt, __u32
 {
 	int verdict = drop(ctx, pkt, identity, svc_id, DROP_ENCAP_MTU);
 
-	if (!(pkt->ip->frag_off & bpf_htons(IP_DF)) ||
+	if (!pkt->ip || !(pkt->ip->frag_off & bpf_htons(IP_DF)) ||
 	    !frag_needed_in_place(ctx, pkt, fib->mtu_result))
 		return verdict;
 	count_global(CNT_FRAG_NEEDED, pkt->len);
@@ -114,9 +118,9 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 	struct ct_entry ct = {};
 	struct ct_entry *cte;
 	struct encap enc;
-	__u32 hop_saddr;
+	const __u32 *hop_saddr;
 	__u16 hop_len;
-	__u8 hop_proto;
+	__u8 hop_proto, hop_family;
 	struct backend *b = NULL;
 	struct rewrite rw;
 	__u32 identity = IDENTITY_UNKNOWN;
@@ -127,8 +131,9 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 
 	if (!cfg)
 		return count_verdict(XDP_ABORTED, pkt->len);
-	/* SNAT applies to NAT services only: DSR replies never cross the LB. */
-	snat = cfg->snat_family != FAMILY_NONE && !(svc.flags & SVC_F_ENCAP);
+	/* SNAT applies to NAT services of the SNAT address's family (the
+	 * others are in gateway mode): DSR replies never cross the LB. */
+	snat = cfg->snat_family == pkt->flow.family && !(svc.flags & SVC_F_ENCAP);
 
 	/* Policy first: a denied source costs no conntrack or backend work. */
 	if (dry_run || (svc.flags & SVC_F_HAS_POLICY))
@@ -177,25 +182,28 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 		ct.nat_port = 0;
 	}
 
-	rw.saddr = snat ? cfg->snat_addr[0] : pkt->flow.src[0];
+	rw.saddr = snat ? cfg->snat_addr : pkt->flow.src;
 	rw.sport = snat ? ct.nat_port : pkt->flow.sport;
-	rw.daddr = b->addr[0];
+	rw.daddr = b->addr;
 	rw.dport = b->port;
 
 	/* The next hop of the packet as it will leave: rewritten (NAT), or
 	 * in its tunnel (DSR, encap.h), from an LB address and longer. */
 	hop_saddr = rw.saddr;
-	hop_len = bpf_ntohs(pkt->ip->tot_len);
-	hop_proto = pkt->ip->protocol;
+	hop_len = pkt->ip_len;
+	hop_proto = pkt->flow.proto;
+	hop_family = pkt->flow.family;
 	if (svc.flags & SVC_F_ENCAP) {
 		why = encap_plan(pkt, b, cfg, svc.flags, &enc);
 		if (why != DROP_NONE)
 			return drop(ctx, pkt, identity, svc.svc_id, why);
-		hop_saddr = outer_source_v4(&enc);
+		hop_saddr = &enc.saddr;
 		hop_len += enc.overhead;
 		hop_proto = enc.proto;
+		hop_family = enc.family;
 	}
-	rc = next_hop_sized(ctx, pkt, hop_saddr, rw.daddr, hop_len, hop_proto, cfg, &fib);
+	rc = next_hop_sized(ctx, pkt, hop_family, hop_saddr, rw.daddr, hop_len, hop_proto, cfg,
+			    &fib);
 	if (svc.flags & SVC_F_ENCAP) {
 		why = encap_verdict(ctx, rc, &fib, &enc);
 		if (why == DROP_ENCAP_MTU)
@@ -233,11 +241,11 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 
 	if (!ct_hit && !stateless)
 		monitor_forward(ctx, pkt, cfg, identity, svc.svc_id, ct.backend_id, b);
-	probe_record(DROP_NONE, identity, svc.svc_id, ct.backend_id, ct_hit, 0);
+	probe_record(pkt, DROP_NONE, identity, svc.svc_id, ct.backend_id, ct_hit, 0);
 	if (svc.flags & SVC_F_ENCAP)
 		count_global(svc.flags & SVC_F_GUE ? CNT_ENCAP_GUE : CNT_ENCAP_IPIP, pkt->len);
 	else
-		rewrite_packet(pkt, &rw);
+		rewrite_packet(ctx, pkt, &rw);
 	counter_add(&svc_stats, svc.svc_id, pkt->len);
 	counter_add(&backend_stats, ct.backend_id, pkt->len);
 	return transmit(ctx, pkt, &fib, rc);
@@ -260,17 +268,17 @@ static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt,
 
 	if (!cfg)
 		return count_verdict(XDP_ABORTED, pkt->len);
-	rw.saddr = nat.vip[0];
+	rw.saddr = nat.vip;
 	rw.sport = nat.vip_port;
-	rw.daddr = nat.client[0];
+	rw.daddr = nat.client;
 	rw.dport = nat.client_port;
 	rc = next_hop(ctx, pkt, rw.saddr, rw.daddr, cfg, &fib);
 	why = fib_verdict(rc, &fib, 1);      /* a reply leaves from the VIP */
 	if (why != DROP_NONE)
 		return drop(ctx, pkt, IDENTITY_UNKNOWN, nat.svc_id, why);
 
-	probe_record(DROP_NONE, IDENTITY_UNKNOWN, nat.svc_id, nat.backend_id, 0, 1);
-	rewrite_packet(pkt, &rw);
+	probe_record(pkt, DROP_NONE, IDENTITY_UNKNOWN, nat.svc_id, nat.backend_id, 0, 1);
+	rewrite_packet(ctx, pkt, &rw);
 	count_global(CNT_REPLY, pkt->len);
 	return transmit(ctx, pkt, &fib, rc);
 }
@@ -282,8 +290,8 @@ static __always_inline int handle_other(struct xdp_md *ctx, struct packet *pkt)
 	struct nat_entry reply = {};
 	struct nat_entry *nat;
 
-	/* SNAT mode has no gateway flows: its replies are all in rev_nat. */
-	if (cfg && cfg->snat_family == FAMILY_NONE && reply_from_index(ctx, pkt, cfg, &reply))
+	/* SNAT has no gateway flows: its family's replies are all in rev_nat. */
+	if (cfg && cfg->snat_family != pkt->flow.family && reply_from_index(ctx, pkt, cfg, &reply))
 		return handle_reply(ctx, pkt, &reply, cfg);
 	nat = bpf_map_lookup_elem(&rev_nat, &pkt->flow);
 	if (nat)
@@ -300,7 +308,7 @@ int xdplb_main(struct xdp_md *ctx)
 	struct svc_value *svc;
 	int res = parse_packet(ctx, &pkt);
 
-	if (res == PARSE_NOT_IPV4 || res == PARSE_NO_IP_HEADER)
+	if (res == PARSE_NOT_IP || res == PARSE_NO_IP_HEADER)
 		return count_verdict(XDP_PASS, pkt.len);
 	if (res != PARSE_OK) {
 		if (is_vip(&pkt.flow))
