@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -53,7 +54,7 @@ def cmd_apply(args) -> int:
     if args.json:
         _print_json(res)
     else:
-        console.print(f"applied {args.file}: {res}")
+        console.print(escape(f"applied {args.file}: {res}"))
     return 0
 
 
@@ -104,7 +105,7 @@ def _print_unhealthy(h: dict | None, limit: int = 50) -> None:
         t.add_column(col, no_wrap=col in ("backend", "since"))
     for b in rows[:limit]:
         since = time.strftime("%H:%M:%S", time.localtime(b["last_change"]))
-        t.add_row(b["service"], b["backend"], "up" if b["up"] else "down",
+        t.add_row(b["service"], escape(b["backend"]), "up" if b["up"] else "down",
                   "yes" if b["in_rotation"] else "no", str(b["failures"]), b["last_error"] or "", since)
     console.print(t)
     if len(rows) > limit:
@@ -147,11 +148,11 @@ def cmd_stats(args) -> int:
                      overflow="fold" if col in ("vip", "backend") else "ellipsis")
     shown = [s for s in st["services"] if s["packets"] or args.all]
     for s in shown:
-        t.add_row(s["name"] or "?", f"{host_port(s['vip'], s['port'])}/{s['protocol']}", "", "",
+        t.add_row(s["name"] or "?", escape(f"{host_port(s['vip'], s['port'])}/{s['protocol']}"), "", "",
                   str(s["packets"]), str(s["bytes"]))
         for b in s["backends"]:
             state = b["state"] + (f" ({b['health']})" if b.get("health") == "down" else "")
-            t.add_row("", "", host_port(b["address"], b["port"]), state, str(b["packets"]), str(b["bytes"]))
+            t.add_row("", "", escape(host_port(b["address"], b["port"])), state, str(b["packets"]), str(b["bytes"]))
     console.print(t)
     if len(shown) < len(st["services"]):
         console.print(f"({len(st['services']) - len(shown)} services without traffic hidden; --all shows them)")
@@ -191,8 +192,9 @@ def cmd_flow(args) -> int:
     svc = f"{res['service']} " if res["service"] else ""
     why = f" {res['reason']}" if res["reason"] else ""
     via = f" in {res['encapsulated']['forwarding']}" if res.get("encapsulated") else ""
-    console.print(f"{who}{host_port(src, sport)} => {svc}{host_port(dst, dport)}{target} {args.proto} "
-                  f"[bold]{res['verdict']}[/]{via}{why}", highlight=False)
+    # escape(): "[fd00::1]:80" would otherwise be read as rich markup and vanish.
+    console.print(escape(f"{who}{host_port(src, sport)} => {svc}{host_port(dst, dport)}{target} {args.proto} ")
+                  + f"[bold]{res['verdict']}[/]" + escape(f"{via}{why}"), highlight=False)
     return 0
 
 
@@ -212,7 +214,7 @@ def cmd_service(args) -> int:
     if args.json:
         _print_json(res)
     else:
-        console.print(f"{args.action}: {res}")
+        console.print(escape(f"{args.action}: {res}"))
     return 0
 
 
