@@ -272,3 +272,29 @@ def ipv6_pair(lab, a: str = "m", b: str = "p") -> tuple[str, str]:
         for cidr in cidrs:
             lab.addr(ns, ifname, cidr)
     return ns_a, ns_b
+
+
+_K8S_DAEMONS = itertools.count()
+
+
+@contextlib.contextmanager
+def k8s_daemon(topo, workdir: Path, objects: list[dict] = ()):
+    """The apiserver double in the LB's namespace (holding `objects`) and
+    `xdplb run` in Kubernetes mode on it, started; both stopped after."""
+    from k8s_apiserver import FakeApiServer
+
+    api = FakeApiServer(netns=topo.lb_ns, bookmark_interval=0.5).start()
+    if objects:
+        api.apply_many(list(objects))
+    bpffs = pin_dir()
+    cfg = {"interfaces": [i.name for i in topo.lb_ifaces], "bpffs": bpffs,
+           "api_socket": f"/run/xdplb/k8s-{os.getpid()}-{next(_K8S_DAEMONS)}.sock", "metrics_address": False,
+           "kubernetes": {"kubeconfig": str(api.kubeconfig(workdir / "kubeconfig")), "node_name": "node-a"}}
+    d = DaemonProcess(cfg, workdir, topo.lb_ns)
+    try:
+        d.start()
+        yield api, d
+    finally:
+        d.kill(signal.SIGKILL)
+        Dataplane.detach(Path(bpffs), purge=True)
+        api.close()

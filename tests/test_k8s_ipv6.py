@@ -8,17 +8,12 @@ in one family's slice moves only that family's service."""
 from __future__ import annotations
 
 import collections
-import os
-import signal
-from pathlib import Path
 
 import pytest
 
-from k8s_apiserver import FakeApiServer
-from lb.dataplane import Dataplane
 from lb.demo import DaemonProcess, curl_many
 from lb.lab import Lab, build_lb_lab, start_backends
-from lbtest import pin_dir
+from lbtest import k8s_daemon
 from test_k8s_e2e import READY, TERMINATING, applied
 
 pytestmark = pytest.mark.root
@@ -36,23 +31,11 @@ def slice_(family: str, addresses: list[tuple[str, dict]], port: int) -> dict:
 
 @pytest.fixture(scope="module")
 def k8s6(bpf_object, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("k8s-ipv6")
     with Lab(ipv6=True) as lab:
         topo = build_lb_lab(lab, 3)
         start_backends(lab, topo)
-        api = FakeApiServer(netns=topo.lb_ns, bookmark_interval=0.5).start()
-        bpffs = pin_dir()
-        cfg = {"interfaces": [i.name for i in topo.lb_ifaces], "bpffs": bpffs,
-               "api_socket": f"/run/xdplb/k8s6-{os.getpid()}.sock", "metrics_address": False,
-               "kubernetes": {"kubeconfig": str(api.kubeconfig(tmp / "kubeconfig")), "node_name": "node-a"}}
-        d = DaemonProcess(cfg, tmp, topo.lb_ns)
-        try:
-            d.start()
+        with k8s_daemon(topo, tmp_path_factory.mktemp("k8s-ipv6")) as (api, d):
             yield lab, topo, api, d
-        finally:
-            d.kill(signal.SIGKILL)
-            Dataplane.detach(Path(bpffs), purge=True)
-            api.close()
 
 
 def backends(d: DaemonProcess, name: str) -> dict[str, str]:
