@@ -494,6 +494,7 @@ class LbTopology:
     snat_ip: str = "10.255.0.1"
     # A Lab(ipv6=True) also has a ULA /64 per link (see build_lb_lab).
     client_ip6: str = "fd00:1::10"
+    denied_client_ip6: str = "fd00:2::10"
     lb_client_ip6: str = "fd00:1::1"
     vip6_cidr: str = "fd00:96::/64"
     snat_ip6: str = "fd00:255::1"
@@ -541,7 +542,8 @@ def build_lb_lab(
 
     In a Lab(ipv6=True) the same links also carry IPv6 (nodad, no static
     neighbours: the LB's neighbour keeper resolves them):
-    client c0 fd00:1::10/64 <-> lb l0 fd00:1::1/64, routes fd00:96::/64 via it;
+    client c0 fd00:1::10/64 + fd00:2::10/64 <-> lb l0 fd00:1::1/64 + fd00:2::1/64,
+    routes fd00:96::/64 via it;
     lb l<i> fd00:244:<i>::1/64 <-> b<i> eth0 fd00:244:<i>::2/64 (default via
     the lb); lb lo fd00:255::1/128 (SNAT).
     """
@@ -559,7 +561,9 @@ def build_lb_lab(
     lab.addr(lb_ns, "lo", "10.255.0.1/32")
     if lab.ipv6:
         lab.addr(client_ns, "c0", "fd00:1::10/64")
+        lab.addr(client_ns, "c0", "fd00:2::10/64")
         lab.addr(lb_ns, "l0", "fd00:1::1/64")
+        lab.addr(lb_ns, "l0", "fd00:2::1/64")
         lab.route(client_ns, "fd00:96::/64", gateway="fd00:1::1")
         lab.addr(lb_ns, "lo", "fd00:255::1/128")
 

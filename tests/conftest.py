@@ -44,6 +44,18 @@ def lab():
         yield lab, topo
 
 
+@pytest.fixture(scope="module")
+def lab6():
+    """The same lab with IPv6 on every link too (lb/lab.py: a ULA /64 per
+    link, nodad, no static neighbours) and servers of both families."""
+    from lb.lab import Lab, build_lb_lab, start_backends
+
+    with Lab(ipv6=True) as lab:
+        topo = build_lb_lab(lab, 3)
+        start_backends(lab, topo)
+        yield lab, topo
+
+
 @pytest.fixture
 def daemon_factory(lab, bpf_object, tmp_path):
     """Start `xdplb run` in the lab's lb namespace; always stop and detach."""

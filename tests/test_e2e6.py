@@ -7,24 +7,11 @@ XDP hands it (gateway mode keeps the client's source)."""
 from __future__ import annotations
 
 import collections
-import os
-
-import pytest
 
 from lb.demo import curl_many
 from lbtest import daemons, stats
 
 VIP6 = "fd00:96::10"
-
-
-@pytest.fixture(scope="module")
-def lab6():
-    from lb.lab import Lab, build_lb_lab, start_backends
-
-    with Lab(ipv6=True) as lab:
-        topo = build_lb_lab(lab, 3)
-        start_backends(lab, topo)
-        yield lab, topo
 
 
 def with_ipv6_service(cfg: dict, topo) -> dict:
@@ -36,7 +23,7 @@ def with_ipv6_service(cfg: dict, topo) -> dict:
     return cfg
 
 
-def test_curl6_balanced_through_gateway_vip(lab6, bpf_object, tmp_path):
+def test_curl6_balanced_through_gateway_vip_and_denied_identity(lab6, bpf_object, tmp_path):
     lab, topo = lab6
     with daemons(topo, tmp_path) as start:
         d = start(edit=lambda cfg: with_ipv6_service(cfg, topo))
@@ -45,7 +32,12 @@ def test_curl6_balanced_through_gateway_vip(lab6, bpf_object, tmp_path):
         counts = collections.Counter(answers)
         for b in topo.backends:                  # binomial, sd 2.7%: +-10% is > 3.5 sd
             assert 0.233 <= counts[b.name] / 300 <= 0.433, counts
-        web6 = next(s for s in stats(d)["services"] if s["name"] == "web6")
+        # A denied identity (fd00:2::/64 is in no identity: world) gets nothing.
+        assert curl_many(lab, topo, f"http://[{VIP6}]/", 5, topo.denied_client_ip6, timeout=1.0) == []
+        st = stats(d)
+        web6 = next(s for s in st["services"] if s["name"] == "web6")
         assert web6["packets"] > 300
+        drops = [x for x in st["drop_detail"] if x["service"] == "web6" and x["reason"] == "policy"]
+        assert drops and drops[0]["packets"] >= 5
         # IPv4 beside it, in the same daemon, unchanged.
         assert len(curl_many(lab, topo, "http://10.96.0.10/", 5, topo.client_ip)) == 5

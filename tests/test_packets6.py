@@ -9,7 +9,7 @@ import socket
 import time
 
 import pytest
-from scapy.layers.inet6 import (ICMPv6ND_NS, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
+from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6ND_NS, IPerror6, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
                                 IPv6ExtHdrHopByHop, IPv6ExtHdrRouting)
 from scapy.layers.inet import TCP, UDP
 from scapy.layers.l2 import Ether
@@ -20,19 +20,10 @@ from lbtest import XDP_DROP, XDP_PASS, XDP_REDIRECT, Harness, pin_dir
 VIP6 = "fd00:96::10"
 UDP_VIP6 = "fd00:96::53"
 DENY_VIP6 = "fd00:96::20"
+EMPTY_VIP6 = "fd00:96::30"
 CLIENT6 = "fd00:1::10"
 OTHER6 = "fd00:1::99"        # same link, no identity: "world"
 EXT_MAX = 4                  # IPV6_EXT_MAX (constants.h); test_ext_max_matches checks it
-
-
-@pytest.fixture(scope="module")
-def lab6():
-    from lb.lab import Lab, build_lb_lab, start_backends
-
-    with Lab(ipv6=True) as lab:
-        topo = build_lb_lab(lab, 3)
-        start_backends(lab, topo)
-        yield lab, topo
 
 
 def config6(topo) -> dict:
@@ -45,6 +36,7 @@ def config6(topo) -> dict:
          "backends": [f"[{b.ip6}]:{topo.udp_port}" for b in topo.backends]},
         {"name": "only6", "vip": DENY_VIP6, "port": 80, "protocol": "tcp", "backends": b6,
          "allow": ["clients6"]},
+        {"name": "empty6", "vip": EMPTY_VIP6, "port": 80, "protocol": "tcp", "backends": []},
     ]
     return cfg
 
@@ -190,6 +182,23 @@ def test_neighbour_discovery_and_non_vip_pass(lb6):
     other = tcp6(CLIENT6, 45000, "fd00:1::1", 22)
     rc, out = lb6.run(other)
     assert rc == XDP_PASS and bytes(out) == bytes(other)
+
+
+def test_no_backend_answered_with_icmpv6_port_unreachable(lb6):
+    pkt = tcp6(CLIENT6, 48000, EMPTY_VIP6, 80)
+    before = lb6.drop_count("no_backend")
+    rc, out = lb6.run(pkt)
+    assert rc == XDP_REDIRECT and lb6.drop_count("no_backend") == before + 1
+    assert (out[Ether].src, out[Ether].dst) == (pkt[Ether].dst, pkt[Ether].src)
+    assert (out[IPv6].src, out[IPv6].dst, out[IPv6].nh, out[IPv6].hlim) == (EMPTY_VIP6, CLIENT6, 58, 64)
+    assert (out[ICMPv6DestUnreach].type, out[ICMPv6DestUnreach].code) == (1, 4)
+    # The quote: the client's IPv6 header and its ports, byte for byte.
+    assert bytes(out[ICMPv6DestUnreach].payload) == bytes(pkt[IPv6])[:48]
+    assert out[IPerror6].src == CLIENT6
+    fresh = Ether(bytes(out))
+    del fresh[ICMPv6DestUnreach].cksum
+    assert Ether(bytes(fresh))[ICMPv6DestUnreach].cksum == out[ICMPv6DestUnreach].cksum
+    assert len(bytes(out)) == 14 + 40 + 8 + 48
 
 
 def test_gateway_reply_translated_back(lb6):

@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
  * Rejecting new flows to a service without active backends: the frame is
- * turned, in place, into an ICMP destination unreachable / port unreachable
- * from the VIP and sent back out of the interface it came in on,
+ * turned, in place, into an ICMP (ICMPv6) destination unreachable / port
+ * unreachable from the VIP and sent back out of the interface it came in on,
  * as kube-proxy's REJECT rule does. A TCP client in SYN_SENT then fails at
  * once with ECONNREFUSED instead of retrying for a minute.
  *
@@ -45,23 +45,75 @@ struct icmp_unreach {
 #define REJECT_PREPEND (sizeof(struct iphdr) + sizeof(struct icmp_unreach))
 #define REJECT_FRAME_LEN (ETH_HLEN + REJECT_PREPEND + REJECT_QUOTE_LEN)
 
+/* ICMPv6 (RFC 4443): destination unreachable / port unreachable, and packet
+ * too big with the MTU in the second word. The answer quotes the IPv6
+ * header and the 8 bytes after it (the ports when there are no extension
+ * headers): as much as the RFC asks of a router is more than a client
+ * needs to match its socket, and a fixed length keeps the checksum one
+ * call. */
+#define ICMP6_TYPE_DEST_UNREACH 1
+#define ICMP6_TYPE_PACKET_TOO_BIG 2
+#define ICMP6_CODE_PORT_UNREACH 4
+#define IPPROTO_ICMP6 58
+#define REJECT6_QUOTE_LEN (sizeof(struct ipv6hdr) + 8)
+#define REJECT6_PREPEND (sizeof(struct ipv6hdr) + sizeof(struct icmp_unreach))
+#define REJECT6_FRAME_LEN (ETH_HLEN + REJECT6_PREPEND + REJECT6_QUOTE_LEN)
+
 /* The one's-complement checksum of `len` bytes (a multiple of 4). */
 static __always_inline __u16 csum_of(void *p, __u32 len)
 {
 	return ~csum_fold32(bpf_csum_diff(NULL, 0, p, len, 0));
 }
 
-/* Only untagged IPv4 frames are answered (a reply would need the tag
- * rebuilt; ICMPv6 answers are for later). */
+/* Only untagged frames are answered (a reply would need the tag rebuilt). */
 static __always_inline int icmp_answerable(const struct packet *pkt)
 {
-	return pkt->ip && (void *)pkt->ip == (void *)(pkt->eth + 1);
+	if (pkt->ip)
+		return (void *)pkt->ip == (void *)(pkt->eth + 1);
+	return pkt->ip6 && (void *)pkt->ip6 == (void *)(pkt->eth + 1);
+}
+
+/* The ICMPv6 answer's headers, in front of the quoted packet (`quoted`,
+ * its IPv6 header): from the address the client tried, to the client. An
+ * IPv4 `code` names the error: port unreachable, or fragmentation needed
+ * (then packet too big, `info` the MTU). */
+static __always_inline void icmp6_fill(struct ipv6hdr *ip6, const struct ipv6hdr *quoted,
+				       __u8 code, __u32 info)
+{
+	struct icmp_unreach *icmp = (void *)(ip6 + 1);
+	__u64 sum;
+
+	ip6->version = 6;
+	ip6->priority = 0;
+	__builtin_memset(ip6->flow_lbl, 0, sizeof(ip6->flow_lbl));
+	ip6->payload_len = bpf_htons(sizeof(*icmp) + REJECT6_QUOTE_LEN);
+	ip6->nexthdr = IPPROTO_ICMP6;
+	ip6->hop_limit = 64;
+	__builtin_memcpy(&ip6->saddr, &quoted->daddr, sizeof(ip6->saddr));
+	__builtin_memcpy(&ip6->daddr, &quoted->saddr, sizeof(ip6->daddr));
+
+	if (code == ICMP_CODE_PORT_UNREACH) {
+		icmp->type = ICMP6_TYPE_DEST_UNREACH;
+		icmp->code = ICMP6_CODE_PORT_UNREACH;
+	} else {
+		icmp->type = ICMP6_TYPE_PACKET_TOO_BIG;
+		icmp->code = 0;
+	}
+	icmp->checksum = 0;
+	icmp->info = info;
+	/* The pseudo-header: both addresses, the length and next header. */
+	sum = (__u32)bpf_csum_diff(NULL, 0, (void *)&ip6->saddr, 32, 0);
+	sum += bpf_htonl(sizeof(*icmp) + REJECT6_QUOTE_LEN) + bpf_htonl(IPPROTO_ICMP6);
+	sum += (__u32)bpf_csum_diff(NULL, 0, (void *)icmp, sizeof(*icmp) + REJECT6_QUOTE_LEN, 0);
+	sum = (sum & 0xffffffff) + (sum >> 32);
+	sum = (sum & 0xffffffff) + (sum >> 32);
+	icmp->checksum = ~csum_fold32((__u32)sum);
 }
 
 /* Turn the frame, in place, into an ICMP destination unreachable with
  * `code` and `info` (the header's second word, network order) from the
  * packet's destination to its source, quoting its IP header and first 8
- * bytes. 1: ctx now holds it, to send back out of the ingress device; 0:
+ * bytes; for IPv6 the ICMPv6 equivalent (icmp6_fill). 1: ctx now holds it, to send back out of the ingress device; 0:
  * not done (dry run, a VLAN-tagged frame, or no headroom), drop the
  * packet. Shared by the no-backend reject and DSR's fragmentation needed;
  * a subprogram, so that its frame is not part of the entry program's. */
@@ -73,23 +125,28 @@ static __noinline int icmp_unreach_in_place(struct xdp_md *ctx, struct packet *p
 	struct icmp_unreach *icmp;
 	void *data, *data_end;
 	__u8 smac[ETH_ALEN], dmac[ETH_ALEN];
-	__u32 saddr, daddr;
-	int len;
+	__u32 saddr = 0, daddr = 0;
+	int len, v6, prepend, frame_len;
 
 	if (dry_run || !icmp_answerable(pkt))
 		return 0;
 	__builtin_memcpy(smac, pkt->eth->h_source, ETH_ALEN);
 	__builtin_memcpy(dmac, pkt->eth->h_dest, ETH_ALEN);
-	saddr = pkt->ip->saddr;
-	daddr = pkt->ip->daddr;
+	v6 = pkt->ip6 != NULL;
+	if (pkt->ip) {
+		saddr = pkt->ip->saddr;
+		daddr = pkt->ip->daddr;
+	}
 	len = pkt->len;
+	prepend = v6 ? REJECT6_PREPEND : REJECT_PREPEND;
+	frame_len = v6 ? REJECT6_FRAME_LEN : REJECT_FRAME_LEN;
 
 	/* Room for the new IP and ICMP headers in front. The original IP
 	 * header then starts exactly where the quote belongs, so it is never
 	 * copied: only the Ethernet header moves and the tail is cut. */
-	if (bpf_xdp_adjust_head(ctx, -(int)REJECT_PREPEND))
+	if (bpf_xdp_adjust_head(ctx, -prepend))
 		return 0;
-	if (bpf_xdp_adjust_tail(ctx, (int)REJECT_FRAME_LEN - (len + (int)REJECT_PREPEND)))
+	if (bpf_xdp_adjust_tail(ctx, frame_len - (len + prepend)))
 		return 0;
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
@@ -99,6 +156,13 @@ static __noinline int icmp_unreach_in_place(struct xdp_md *ctx, struct packet *p
 	eth = data;
 	__builtin_memcpy(eth->h_dest, smac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, dmac, ETH_ALEN);
+	if (v6) {
+		if (data + REJECT6_FRAME_LEN > data_end)
+			return 0;
+		eth->h_proto = bpf_htons(ETH_P_IPV6);
+		icmp6_fill((void *)(eth + 1), data + ETH_HLEN + REJECT6_PREPEND, code, info);
+		return 1;
+	}
 	eth->h_proto = bpf_htons(ETH_P_IP);
 
 	ip = (void *)(eth + 1);
