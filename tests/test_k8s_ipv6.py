@@ -64,3 +64,43 @@ def test_dual_stack_service_over_both_families(k8s6):
     counts = collections.Counter(curl_many(lab, topo, f"http://[{VIP6}]/", 30, topo.client_ip6))
     assert sum(counts.values()) == 30 and b[0].name not in counts, counts
     assert d.call("kubernetes", since=10**9)["sync"]["skipped_family"] == 0
+
+
+def test_networkpolicy_over_ipv6_by_dual_stack_pod_identity(k8s6):
+    """Pods with an IPv4 and an IPv6 podIP are one identity holding both
+    addresses; a NetworkPolicy admitting the client's pods lets its IPv6
+    address through the IPv6 VIP, and the intruder's IPv6 address is
+    dropped at XDP as `policy`."""
+    lab, topo, api, d = k8s6
+    b, port = topo.backends, topo.backend_port
+
+    def pod(name: str, ips: tuple[str, str], labels: dict) -> dict:
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "shop", "labels": labels},
+                "status": {"phase": "Running", "podIP": ips[0], "podIPs": [{"ip": ip} for ip in ips]}}
+
+    def np_slice(family: str, ips: list[str]) -> dict:
+        s = slice_(family, [(ip, READY) for ip in ips], port)
+        s["metadata"].update(name=f"npweb-{family.lower()}", labels={"kubernetes.io/service-name": "npweb"})
+        return s
+
+    api.apply_many([pod("client", (topo.client_ip, topo.client_ip6), {"app": "client"}),
+                    pod("intruder", (topo.denied_client_ip, topo.denied_client_ip6), {"app": "intruder"}),
+                    *[pod(f"np-{x.name}", (x.ip, x.ip6), {"app": "npweb"}) for x in b],
+                    {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "npweb", "namespace": "shop"},
+                     "spec": {"ipFamilyPolicy": "PreferDualStack", "clusterIPs": ["10.96.0.14", "fd00:96::14"],
+                              "selector": {"app": "npweb"},
+                              "ports": [{"name": "p", "port": 80, "targetPort": port, "protocol": "TCP"}]}},
+                    np_slice("IPv4", [x.ip for x in b])])
+    applied(d, api.apply(np_slice("IPv6", [x.ip6 for x in b])))
+    url = "http://[fd00:96::14]/"
+    assert len(curl_many(lab, topo, url, 2, topo.denied_client_ip6)) == 2          # no policy yet
+    applied(d, api.apply({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                          "metadata": {"name": "npweb-from-client", "namespace": "shop"},
+                          "spec": {"podSelector": {"matchLabels": {"app": "npweb"}}, "policyTypes": ["Ingress"],
+                                   "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}]}]}}),
+            kinds=("NetworkPolicy",))
+    assert len(curl_many(lab, topo, url, 5, topo.client_ip6)) == 5
+    assert curl_many(lab, topo, url, 3, topo.denied_client_ip6, timeout=1.0) == []
+    denied = [x for x in d.call("stats")["drop_detail"]
+              if x["reason"] == "policy" and x["service"] == "shop.npweb.p.tcp.cluster.fd00-96--14"]
+    assert denied and denied[0]["packets"] >= 3 and denied[0]["identity"].startswith("pod.shop."), denied
