@@ -30,11 +30,14 @@ cache (`nexthops`) still holds: the clients XDP is talking to now. Entries it cr
 deleted by it. Entries that are left when the daemon stops stay (the data
 plane keeps forwarding, and the kernel keeps them fresh).
 
-Next hops come from the routing tables (main, then default) by longest
-prefix match over one dump, as the FIB would answer (route get costs 0.6 ms
-per address through pyroute2: a minute for 100k backends). With policy
-routing rules besides the three default ones, each address is asked of the
-kernel with `route get` instead, which honours them.
+Both families alike: IPv6 next hops (link-local gateways included, kept
+per interface) are resolved by NDP through the same managed entries, and
+the keeper reads and watches the IPv6 routes and rules as IPv4's. Next hops
+come from the routing tables (main, then default) of the address's family
+(lb/routes.py) by longest prefix match over one dump, as the FIB would
+answer (route get costs 0.6 ms per address through pyroute2: a minute for
+100k backends). With policy routing rules besides the default ones, each
+address is asked of the kernel with `route get` instead, which honours them.
 """
 
 from __future__ import annotations
