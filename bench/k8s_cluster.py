@@ -45,6 +45,9 @@ WITH_KUBE_PROXY = BINARIES + ("kube-proxy",)       # the bench's (bench/kubeprox
 TOKEN = "xdplb-test-admin-token"
 CONTROLLERS = "endpointslice-controller,endpointslice-mirroring-controller,serviceaccount-controller"
 SERVICE_CIDR = "10.96.0.0/16"
+# Dual-stack: IPv4 first (a Service without ipFamilies is IPv4), then IPv6
+# (the apiserver takes at most 2^20 addresses of an IPv6 range: /108 or longer).
+DUAL_STACK_SERVICE_CIDR = f"{SERVICE_CIDR},fd00:10:96::/112"
 
 # Where each kind lives in the API: (group-version path, plural, namespaced).
 RESOURCES = {
@@ -185,9 +188,10 @@ class Cluster:
     namespace that the apiserver binds and advertises."""
 
     def __init__(self, lab: Lab, ns: str, address: str, workdir: Path,
-                 bin_dir: Path = BIN_DIR, nice: int = 10) -> None:
+                 bin_dir: Path = BIN_DIR, nice: int = 10, service_cidr: str = SERVICE_CIDR) -> None:
         self.lab, self.ns, self.address, self.dir, self.bin = lab, ns, address, workdir, bin_dir
         self.nice = nice
+        self.service_cidr = service_cidr          # --service-cluster-ip-range: one or two families
         self.procs: dict[str, subprocess.Popen] = {}
         self.api = Api(lab, ns, address)
         self.kubeconfig = workdir / "kubeconfig"
@@ -345,7 +349,7 @@ class Cluster:
                 "--secure-port", "6443", "--cert-dir", str(self.dir / "certs"),
                 "--token-auth-file", str(self.dir / "tokens.csv"),
                 "--authorization-mode", "RBAC",
-                "--service-cluster-ip-range", SERVICE_CIDR,
+                "--service-cluster-ip-range", self.service_cidr,
                 "--service-account-issuer", "https://kubernetes.default.svc",
                 "--service-account-key-file", str(self.dir / "sa.pub"),
                 "--service-account-signing-key-file", str(self.dir / "sa.key"),

@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from . import api
+from .endpoint import host_port
 from .errors import headline, is_operational, problems
 
 console = Console()
@@ -52,7 +54,7 @@ def cmd_apply(args) -> int:
     if args.json:
         _print_json(res)
     else:
-        console.print(f"applied {args.file}: {res}")
+        console.print(escape(f"applied {args.file}: {res}"))
     return 0
 
 
@@ -103,7 +105,7 @@ def _print_unhealthy(h: dict | None, limit: int = 50) -> None:
         t.add_column(col, no_wrap=col in ("backend", "since"))
     for b in rows[:limit]:
         since = time.strftime("%H:%M:%S", time.localtime(b["last_change"]))
-        t.add_row(b["service"], b["backend"], "up" if b["up"] else "down",
+        t.add_row(b["service"], escape(b["backend"]), "up" if b["up"] else "down",
                   "yes" if b["in_rotation"] else "no", str(b["failures"]), b["last_error"] or "", since)
     console.print(t)
     if len(rows) > limit:
@@ -122,7 +124,7 @@ def cmd_kubernetes(args) -> int:
         t.add_row(k, str(st[k]))
     sy = st["sync"]
     t.add_row("not served", f"{sy['not_served']} services (headless, other proxy, ExternalName); "
-              f"{sy['skipped_sctp']} SCTP ports; {sy['skipped_ipv6']} IPv6 addresses; "
+              f"{sy['skipped_sctp']} SCTP ports; {sy['skipped_family']} addresses of a family without a clusterIP; "
               f"{sy['conflicts']} address conflicts; {sy['rejected']} rejected")
     lat = st["receive_to_map_ms"]
     t.add_row("event -> map", f"p50 {lat['p50']} ms, p99 {lat['p99']} ms over {lat['n']} events")
@@ -141,14 +143,16 @@ def cmd_stats(args) -> int:
         return 0
     t = Table(title="services")
     for col in ("service", "vip", "backend", "state", "packets", "bytes"):
-        t.add_column(col, justify="right" if col in ("packets", "bytes") else "left")
+        # An endpoint folds onto the next line in a narrow terminal, never cut ("[2001:db8::2]:8…").
+        t.add_column(col, justify="right" if col in ("packets", "bytes") else "left",
+                     overflow="fold" if col in ("vip", "backend") else "ellipsis")
     shown = [s for s in st["services"] if s["packets"] or args.all]
     for s in shown:
-        t.add_row(s["name"] or "?", f"{s['vip']}:{s['port']}/{s['protocol']}", "", "",
+        t.add_row(s["name"] or "?", escape(f"{host_port(s['vip'], s['port'])}/{s['protocol']}"), "", "",
                   str(s["packets"]), str(s["bytes"]))
         for b in s["backends"]:
             state = b["state"] + (f" ({b['health']})" if b.get("health") == "down" else "")
-            t.add_row("", "", f"{b['address']}:{b['port']}", state, str(b["packets"]), str(b["bytes"]))
+            t.add_row("", "", escape(host_port(b["address"], b["port"])), state, str(b["packets"]), str(b["bytes"]))
     console.print(t)
     if len(shown) < len(st["services"]):
         console.print(f"({len(st['services']) - len(shown)} services without traffic hidden; --all shows them)")
@@ -171,7 +175,7 @@ def cmd_stats(args) -> int:
 
 
 def cmd_flow(args) -> int:
-    from .flow import parse_endpoint
+    from .endpoint import parse_endpoint
 
     try:
         src, sport = parse_endpoint(args.src)
@@ -188,8 +192,9 @@ def cmd_flow(args) -> int:
     svc = f"{res['service']} " if res["service"] else ""
     why = f" {res['reason']}" if res["reason"] else ""
     via = f" in {res['encapsulated']['forwarding']}" if res.get("encapsulated") else ""
-    console.print(f"{who}{src}:{sport} => {svc}{dst}:{dport}{target} {args.proto} "
-                  f"[bold]{res['verdict']}[/]{via}{why}", highlight=False)
+    # escape(): "[fd00::1]:80" would otherwise be read as rich markup and vanish.
+    console.print(escape(f"{who}{host_port(src, sport)} => {svc}{host_port(dst, dport)}{target} {args.proto} ")
+                  + f"[bold]{res['verdict']}[/]" + escape(f"{via}{why}"), highlight=False)
     return 0
 
 
@@ -209,7 +214,7 @@ def cmd_service(args) -> int:
     if args.json:
         _print_json(res)
     else:
-        console.print(f"{args.action}: {res}")
+        console.print(escape(f"{args.action}: {res}"))
     return 0
 
 

@@ -25,6 +25,7 @@ from . import api, flow, monitor, stats
 from .config import Config, ConfigError, config_from_dict, load_config, parse_config
 from .bpffs import ensure_bpffs
 from .dataplane import UNPINNED_MAPS, Dataplane, default_object_path
+from .endpoint import host_port
 from .errors import describe, is_operational
 from .health import HealthChecker, Transition
 from .metrics import Metrics, map_fill
@@ -554,7 +555,7 @@ class Daemon:
             table = self._services()
             holder = table.holder(svc)
             if holder is not None and holder != svc.name:
-                raise api.ApiError(f"service rejected, nothing changed: {svc.vip}:{svc.port}/"
+                raise api.ApiError(f"service rejected, nothing changed: {host_port(svc.vip, svc.port)}/"
                                    f"{svc.protocol} is already service {holder!r}")
             old = table.get(svc.name)
             # A new key: the old record goes in the same apply (one capacity
@@ -661,7 +662,7 @@ class Daemon:
             svc = self._services().get(name)
             live = self.rec.services.get(svc.key) if svc is not None else None
             for lb_ in (live.backends.values() if live else ()):
-                rotation[(name, f"{lb_.address}:{lb_.port}")] = lb_.state == active
+                rotation[(name, host_port(lb_.address, lb_.port))] = lb_.state == active
         for b in backends:
             b["in_rotation"] = rotation.get((b["service"], b["backend"]))
         return {**self.health.summary(), "backends": backends}
@@ -671,7 +672,7 @@ class Daemon:
         states = self.health.states()
         for s in res["services"]:
             for b in s["backends"]:
-                up = states.get((s["name"], f"{b['address']}:{b['port']}"))
+                up = states.get((s["name"], host_port(b["address"], b["port"])))
                 b["health"] = None if up is None else ("up" if up else "down")
         return res
 
@@ -695,8 +696,11 @@ class Daemon:
             if self._dry is None:
                 self._dry = Dataplane.open(self.cfg, self.object_path, dry_run=True, share_with=self.dp)
             ifindex = req.get("ifindex") or self.ifindexes[0]
-            return flow.probe(self._dry, self.rec, req["src"], int(req["sport"]), req["dst"],
-                              int(req["dport"]), proto, ingress_ifindex=ifindex)
+            try:
+                return flow.probe(self._dry, self.rec, req["src"], int(req["sport"]), req["dst"],
+                                  int(req["dport"]), proto, ingress_ifindex=ifindex)
+            except ValueError as e:            # an address of neither family, or of two
+                raise api.ApiError(f"flow: {e}") from None
 
     def _api_upgrade(self, req: dict) -> dict:
         """Swap in a new build of the program: the new object reuses the

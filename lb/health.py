@@ -49,6 +49,7 @@ from typing import Any
 
 from . import gcpause
 from .config import GUE_PORT_DEFAULT, Config, HealthCheck, HealthCheckLimits, Service
+from .endpoint import host_port
 from .tunnel_probe import syn_through_tunnel
 
 __all__ = ["BackendHealth", "HealthChecker", "MAX_IN_FLIGHT", "Target", "Transition", "probe"]
@@ -69,8 +70,8 @@ class Target:
     """What to probe for one backend of one service."""
 
     service: str
-    backend: str            # the config's "ip:port"
-    host: str
+    backend: str            # the config's "ip:port" (IPv6: "[ip]:port")
+    host: str               # the address alone
     port: int               # the probed port: health_check.port or the backend's
     check: HealthCheck
     # DSR services (ipip, gue): the probe is a SYN to vip:port through the
@@ -140,7 +141,7 @@ async def probe(target: Target) -> str | None:
         return await syn_through_tunnel(target.host, target.vip, target.port, target.forwarding,
                                         target.gue_port, check.timeout)
     loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in target.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
     stage = "connect"
@@ -150,7 +151,7 @@ async def probe(target: Target) -> str | None:
             if check.type == "tcp":
                 return None
             stage = "http"
-            request = (f"GET {check.path} HTTP/1.0\r\nHost: {target.host}:{target.port}\r\n"
+            request = (f"GET {check.path} HTTP/1.0\r\nHost: {host_port(target.host, target.port)}\r\n"
                        f"User-Agent: xdplb-health\r\nConnection: close\r\n\r\n")
             await loop.sock_sendall(sock, request.encode())
             head = b""
@@ -273,7 +274,10 @@ class HealthChecker:
         new = {}
         for b in svc.backends:
             k = b.key                   # formats the address: once, not three times
-            new[k] = Target(svc.name, k, k.rpartition(":")[0], hc.port or b.port, hc, *tunnel)
+            host = k.rpartition(":")[0]
+            if host.startswith("["):    # "[2001:db8::2]:8080"
+                host = host[1:-1]
+            new[k] = Target(svc.name, k, host, hc.port or b.port, hc, *tunnel)
         for bk, t in new.items():
             if old.get(bk) != t:
                 self._pending[(svc.name, bk)] = t

@@ -41,6 +41,8 @@ from loader.errors import ENOTSUPP, error_for, last_errno
 from loader.maps import Map
 from loader.stats import prog_info
 
+from .endpoint import host_text
+
 XDP_ACTIONS = frozenset({"pass", "tx", "redirect", "drop", "aborted"})   # the kernel's verdicts
 HASHED = frozenset({L.MapType.HASH, L.MapType.LRU_HASH, L.MapType.PERCPU_HASH,
                     L.MapType.LRU_PERCPU_HASH, L.MapType.LPM_TRIE, L.MapType.DEVMAP_HASH})
@@ -269,10 +271,10 @@ class DaemonCollector:
         yield from families(s, states)
 
 
-def _ip_text():
-    """str() of an address, memoized for one scrape (backends repeat, and
+def _memo(fn):
+    """`fn` of an address, memoized for one scrape (backends repeat, and
     IPv4Address.__str__ is the costliest step at 20k services)."""
-    return functools.lru_cache(maxsize=None)(str)
+    return functools.lru_cache(maxsize=None)(fn)
 
 
 def families(s: Snapshot, health: dict | None) -> Iterator[Metric]:
@@ -284,13 +286,13 @@ def families(s: Snapshot, health: dict | None) -> Iterator[Metric]:
     bpk = CounterMetricFamily("xdplb_backend_packets", "Packets forwarded to the backend.", labels=b_labels)
     bby = CounterMetricFamily("xdplb_backend_bytes", "Bytes forwarded to the backend.", labels=b_labels)
     svc_counts, b_counts = s.svc_counts.tolist(), s.backend_counts.tolist()
-    ip = _ip_text()
+    ip, host = _memo(str), _memo(host_text)          # host: "[2001:db8::2]" before a port
     for sid, name, vip, port, proto, backends in s.services:
         values = [name, ip(vip), str(port), proto]
         pk.add_metric(values, svc_counts[sid][0])
         by.add_metric(values, svc_counts[sid][1])
         for bid, addr, bport, state in backends:
-            values = [name, f"{ip(addr)}:{bport}", s.backend_states.get(state, str(state))]
+            values = [name, f"{host(addr)}:{bport}", s.backend_states.get(state, str(state))]
             bpk.add_metric(values, b_counts[bid][0])
             bby.add_metric(values, b_counts[bid][1])
     yield pk

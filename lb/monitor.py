@@ -34,6 +34,7 @@ from loader import BpfError, Btf, Layouts, Map, RingBuffer
 from . import api
 from .bpffs import ensure_bpffs
 from .dataplane import Constants, default_object_path
+from .endpoint import host_port
 
 EVENTS_MAP = "events"
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
@@ -84,15 +85,15 @@ class FlowEvent:
     dst: str
     dport: int
     proto: str
-    backend: str | None           # the rewritten destination "ip:port"
+    backend: str | None           # the rewritten destination "ip:port" or "[ipv6]:port"
     backend_id: int
     ifindex: int
     len: int
 
     def line(self) -> str:
         ports = self.proto in ("tcp", "udp")
-        src = f"{self.src}:{self.sport}" if ports else self.src
-        dst = f"{self.dst}:{self.dport}" if ports else self.dst
+        src = host_port(self.src, self.sport) if ports else self.src
+        dst = host_port(self.dst, self.dport) if ports else self.dst
         svc = f"{self.service} " if self.service else ""
         target = f" -> {self.backend}" if self.backend else ""
         why = f" {self.reason}" if self.reason else ""
@@ -153,7 +154,7 @@ class Decoder:
             src=_addr(e.src, e.family, c), sport=_port(e.sport),
             dst=_addr(e.dst, e.family, c), dport=_port(e.dport),
             proto=PROTO_NAMES.get(e.proto, str(e.proto)),
-            backend=(f"{_addr(e.backend_addr, e.family, c)}:{_port(e.backend_port)}"
+            backend=(host_port(_addr(e.backend_addr, e.family, c), _port(e.backend_port))
                      if forwarded else None),
             backend_id=e.backend_id, ifindex=e.ifindex, len=e.len)
 

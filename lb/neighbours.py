@@ -30,11 +30,14 @@ cache (`nexthops`) still holds: the clients XDP is talking to now. Entries it cr
 deleted by it. Entries that are left when the daemon stops stay (the data
 plane keeps forwarding, and the kernel keeps them fresh).
 
-Next hops come from the routing tables (main, then default) by longest
-prefix match over one dump, as the FIB would answer (route get costs 0.6 ms
-per address through pyroute2: a minute for 100k backends). With policy
-routing rules besides the three default ones, each address is asked of the
-kernel with `route get` instead, which honours them.
+Both families alike: IPv6 next hops (link-local gateways included, kept
+per interface) are resolved by NDP through the same managed entries, and
+the keeper reads and watches the IPv6 routes and rules as IPv4's. Next hops
+come from the routing tables (main, then default) of the address's family
+(lb/routes.py) by longest prefix match over one dump, as the FIB would
+answer (route get costs 0.6 ms per address through pyroute2: a minute for
+100k backends). With policy routing rules besides the default ones, each
+address is asked of the kernel with `route get` instead, which honours them.
 """
 
 from __future__ import annotations
@@ -49,13 +52,15 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
 from typing import Callable, Iterable
 
 import numpy as np
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ndmsg import NUD_FAILED, NUD_INCOMPLETE, NUD_NOARP, NUD_PERMANENT
+
+from .routes import (DEFAULT_TABLE, FAMILIES, IPV4, IPV6, MAIN_TABLE, RTN_UNICAST, Family, NextHop,  # noqa: F401
+                     Route, RouteTable, family_of, no_addresses, unique, words_to_values)
 
 log = logging.getLogger("xdplb.neighbours")
 
@@ -65,143 +70,63 @@ NEIGH_PROTOCOL = 0x58
 NTF_EXT_MANAGED = 1 << 0                 # NDA_FLAGS_EXT (include/uapi/linux/neighbour.h)
 NTF_USE = 0x01                           # ndm_flags: resolve this entry now
 NUD_VALID_STATES = 0x02 | 0x04 | 0x08 | 0x10 | NUD_PERMANENT | NUD_NOARP  # REACHABLE..PROBE
-DEFAULT_RULE_PRIORITIES = frozenset({0, 32766, 32767})   # local, main, default
-MAIN_TABLE, DEFAULT_TABLE = 254, 253
+DEFAULT_RULE_PRIORITIES = frozenset({0, 32766, 32767})   # local, main, default (IPv6: no default)
 
 # Netlink multicast groups and message types (linux/rtnetlink.h).
-RTMGRP_NEIGH, RTMGRP_IPV4_ROUTE, RTMGRP_IPV4_RULE = 0x4, 0x40, 0x80
+RTMGRP_NEIGH, RTMGRP_IPV4_ROUTE, RTMGRP_IPV4_RULE, RTMGRP_IPV6_ROUTE = 0x4, 0x40, 0x80, 0x400
+RTMGRP_IPV6_RULE = 1 << (19 - 1)         # RTNLGRP_IPV6_RULE has no legacy RTMGRP_ constant
 RTM_NEWROUTE, RTM_DELROUTE, RTM_DELNEIGH, RTM_NEWRULE, RTM_DELRULE = 24, 25, 29, 32, 33
-RTN_UNICAST = 1
+Addresses = dict[Family, np.ndarray]     # per family: IPv4 host-order uint32, IPv6 ints
 
 
-@dataclass(frozen=True, order=True)
-class NextHop:
-    ifindex: int
-    address: str           # "" in a route: on-link, the destination is its own next hop
+def _families(dp) -> dict[int, Family]:
+    """The data plane's family numbers (constants.h) -> Family."""
+    return {dp.consts.FAMILY_IPV4: IPV4, dp.consts.FAMILY_IPV6: IPV6}
 
 
-@dataclass
-class Route:
-    prefix: int            # host-order IPv4 network address
-    plen: int
-    metric: int
-    hops: tuple[NextHop, ...]
-    table: int = MAIN_TABLE
-
-
-def _ip_int(text: str) -> int:
-    return int(IPv4Address(text))
-
-
-class RouteTable:
-    """Longest-prefix match over the main and default tables of one dump."""
-
-    def __init__(self, routes: Iterable[Route]):
-        # plen -> prefix -> best route: the main table's before the default
-        # table's (the rules' order), then the lowest metric.
-        self.by_plen: dict[int, dict[int, Route]] = {}
-        for r in routes:
-            best = self.by_plen.setdefault(r.plen, {}).get(r.prefix)
-            if best is None or (r.table != DEFAULT_TABLE, -r.metric) > (best.table != DEFAULT_TABLE, -best.metric):
-                self.by_plen[r.plen][r.prefix] = r
-        self.plens = sorted(self.by_plen, reverse=True)
-
-    @classmethod
-    def dump(cls, ipr: IPRoute) -> "RouteTable":
-        routes: list[Route] = []
-        for table in (MAIN_TABLE, DEFAULT_TABLE):
-            for msg in ipr.get_routes(family=socket.AF_INET, table=table):
-                if msg["type"] != RTN_UNICAST:
-                    continue
-                plen = msg["dst_len"]
-                dst = msg.get_attr("RTA_DST")
-                prefix = _ip_int(dst) if dst else 0
-                routes.append(Route(prefix, plen, msg.get_attr("RTA_PRIORITY") or 0, _hops(msg), table))
-        return cls(routes)
-
-    def lookup(self, addrs: np.ndarray) -> list[tuple[NextHop, ...]]:
-        """Next hops of every address (host-order uint32); () where no route."""
-        out: list[tuple[NextHop, ...] | None] = [None] * len(addrs)
-        todo = np.arange(len(addrs))
-        for plen in self.plens:
-            if not len(todo):
-                break
-            mask = (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF if plen else 0
-            table = self.by_plen[plen]
-            masked = (addrs[todo] & np.uint32(mask)).tolist()
-            left = []
-            for i, net in zip(todo.tolist(), masked):
-                r = table.get(net)
-                if r is None:
-                    left.append(i)
-                else:
-                    out[i] = tuple(h if h.address else NextHop(h.ifindex, str(IPv4Address(int(addrs[i]))))
-                                   for h in r.hops)
-            todo = np.asarray(left, dtype=np.int64)
-        return [o or () for o in out]
-
-    def gateways(self, ifindexes: Iterable[int]) -> set[NextHop]:
-        want = set(ifindexes)
-        return {h for routes in self.by_plen.values() for r in routes.values()
-                for h in r.hops if h.address and h.ifindex in want}
-
-
-def _hops(msg) -> tuple[NextHop, ...]:
-    """A route's next hops: its gateway(s) (several for a multipath route),
-    or the interface alone for an on-link route."""
-    mp = msg.get_attr("RTA_MULTIPATH")
-    if mp:
-        return tuple(NextHop(nh["oif"], nh.get_attr("RTA_GATEWAY") or "") for nh in mp if nh["oif"])
-    oif = msg.get_attr("RTA_OIF")
-    return (NextHop(oif, msg.get_attr("RTA_GATEWAY") or ""),) if oif else ()
-
-
-def backend_addresses(dp, backends: np.ndarray | None = None) -> np.ndarray:
-    """Distinct IPv4 addresses (host order) of the backend records that
-    carry packets (active or draining), from the mmap()ed `backends` map of
-    a Dataplane: `backends` if the caller took dp.view("backends") already.
+def backend_addresses(dp, backends: np.ndarray | None = None) -> Addresses:
+    """Distinct addresses per family of the backend records that carry
+    packets (active or draining), from the mmap()ed `backends` map of a
+    Dataplane: `backends` if the caller took dp.view("backends") already.
     The caller keeps `dp` open meanwhile, or holds that view (which keeps
     the map's memory mapped)."""
     c = dp.consts
     if backends is None:
         backends = dp.view("backends")
-    state = backends["state"]
-    live = ((state == c.BACKEND_ACTIVE) | (state == c.BACKEND_DRAINING)) & (backends["family"] == c.FAMILY_IPV4)
-    words = backends["addr"][:, 0][live].astype("<u4")     # the address words only, not whole records
-    return _unique(words.byteswap())        # network-order words -> host-order ints
-
-
-def _unique(values: np.ndarray) -> np.ndarray:
-    """np.unique(values) of a 1-D integer array by sorting: numpy 2.4's
-    np.unique (and np.union1d) took 13 ms for 60k uint32 where this takes
-    0.3 ms (at 20k services, on every pass of the neighbour keeper)."""
-    s = np.sort(values)
-    return s[np.concatenate(([True], s[1:] != s[:-1]))] if len(s) else s
+    state, family = backends["state"], backends["family"]
+    live = (state == c.BACKEND_ACTIVE) | (state == c.BACKEND_DRAINING)
+    v4 = backends["addr"][:, 0][live & (family == c.FAMILY_IPV4)]   # the address words only, not whole records
+    v6 = IPV6.empty()
+    if len(v4) < np.count_nonzero(live):             # an IPv4-only config skips a pass over the records
+        v6 = unique(words_to_values(backends["addr"][live & (family == c.FAMILY_IPV6)], IPV6))
+    return {IPV4: unique(v4.astype("<u4").byteswap()), IPV6: v6}   # network-order words -> host-order ints
 
 
 def drain_requests(dp) -> list[NextHop]:
     """The next hops the program asked for (neigh_requests), removed from
     the map. The caller keeps `dp` open meanwhile."""
     m = dp.maps["neigh_requests"]
+    families = _families(dp)
     out = []
     for key, ifindex in list(m.items()):
         m.delete(key)
-        if key.family == dp.consts.FAMILY_IPV4:
-            out.append(NextHop(int(getattr(ifindex, "value", ifindex)),
-                               str(IPv4Address(int(key.addr[0]).to_bytes(4, "little")))))
+        fam = families.get(key.family)
+        if fam is not None:
+            raw = b"".join(int(w).to_bytes(4, "little") for w in key.addr)[:fam.bits // 8]
+            out.append(NextHop(int(getattr(ifindex, "value", ifindex)), str(fam.address(raw))))
     return out
 
 
-def recent_destinations(dp) -> np.ndarray:
-    """IPv4 destinations (host order) whose next hop some CPU has cached and
-    not yet expired (the `nexthops` map): the clients and backends XDP is
+def recent_destinations(dp) -> Addresses:
+    """Destinations per family whose next hop some CPU has cached and not
+    yet expired (the `nexthops` map): the clients and backends XDP is
     forwarding to now. The caller keeps `dp` open meanwhile."""
     from .metrics import read_batch        # the batch reader of per-CPU maps
 
     m = dp.maps["nexthops"]
     got = read_batch(m)
     if got is None or not len(got[0]):
-        return np.empty(0, np.uint32)
+        return no_addresses()
     keys, values = got
     words = np.ascontiguousarray(keys).view("<u4").reshape(len(keys), -1)  # addr[4], family
     stride = -(-m.value_size // 8) * 8
@@ -209,8 +134,8 @@ def recent_destinations(dp) -> np.ndarray:
     expires = np.ascontiguousarray(per_cpu[:, :, :8]).view("<u8").reshape(len(values), -1).max(axis=1)
     # bpf_ktime_get_coarse_ns() is CLOCK_MONOTONIC_COARSE.
     now = time.clock_gettime_ns(getattr(time, "CLOCK_MONOTONIC_COARSE", 6))
-    live = (words[:, 4] == dp.consts.FAMILY_IPV4) & (expires > now)
-    return _unique(words[live, 0].byteswap())
+    return {fam: unique(words_to_values(words[(words[:, 4] == number) & (expires > now), :4], fam))
+            for number, fam in _families(dp).items()}
 
 
 @dataclass
@@ -225,6 +150,67 @@ class KeeperStatus:
     last_error: str | None = None
 
 
+class _FamilyHops:
+    """The next hops of one family's backend addresses. Only the addresses
+    that came or went since the last pass cost Python work: 200k backends
+    stay cheap at every kick."""
+
+    def __init__(self, family: Family):
+        self.family = family
+        self.routes: RouteTable | None = None
+        self.policy_routing = False
+        self.hops_of: dict[int, tuple[NextHop, ...]] = {}    # backend address -> next hops
+        self.known = family.empty()                           # its keys, sorted
+        self.no_route = 0
+
+    def update(self, ipr: IPRoute, addrs: np.ndarray, refs: Counter) -> None:
+        """Follow `addrs` (sorted, distinct), counting next hops in `refs`."""
+        if self.routes is None:
+            self.policy_routing = any(
+                (r.get_attr("FRA_PRIORITY") or 0) not in DEFAULT_RULE_PRIORITIES
+                for r in ipr.get_rules(family=self.family.af))
+            self.routes = RouteTable.dump(ipr, self.family)
+            self._forget(self.known, refs)
+        self._forget(np.setdiff1d(self.known, addrs, assume_unique=True), refs)
+        new = np.setdiff1d(addrs, self.known, assume_unique=True)
+        if not len(new):
+            return
+        hops = self._route_get(ipr, new.tolist()) if self.policy_routing else self.routes.lookup(new)
+        for a, hs in zip(new.tolist(), hops):
+            self.hops_of[a] = hs
+            refs.update(hs)
+            self.no_route += not hs
+        self.known = np.sort(np.concatenate((self.known, new)))   # disjoint: np.union1d's unique costs 14 ms
+
+    def _forget(self, addrs: np.ndarray, refs: Counter) -> None:
+        for a in addrs.tolist():
+            hs = self.hops_of.pop(a)
+            refs.subtract(hs)
+            self.no_route -= not hs
+            for h in hs:
+                if refs[h] <= 0:
+                    del refs[h]
+        if len(addrs):
+            self.known = np.setdiff1d(self.known, addrs, assume_unique=True)
+
+    def _route_get(self, ipr: IPRoute, addrs: list[int]) -> list[tuple[NextHop, ...]]:
+        """The kernel's answer for each address, which honours policy routing."""
+        out = []
+        for a in addrs:
+            dst = self.family.text(a)
+            try:
+                msg = ipr.route("get", dst=dst, family=self.family.af)[0]
+            except NetlinkError:
+                out.append(())
+                continue
+            if msg["type"] != RTN_UNICAST:
+                out.append(())
+                continue
+            gw = msg.get_attr("RTA_GATEWAY")
+            out.append((NextHop(msg.get_attr("RTA_OIF"), gw or dst),))
+        return out
+
+
 class NeighbourKeeper:
     """One managed neighbour entry per next hop the data plane forwards to.
 
@@ -237,9 +223,9 @@ class NeighbourKeeper:
     sockets stay there whichever thread uses them. Passes are at least
     `spacing` seconds apart, however often it is kicked."""
 
-    def __init__(self, addresses: Callable[[], np.ndarray], ifindexes: Callable[[], Iterable[int]],
+    def __init__(self, addresses: Callable[[], Addresses], ifindexes: Callable[[], Iterable[int]],
                  requests: Callable[[], list[NextHop]] = list,
-                 recent: Callable[[], np.ndarray] = lambda: np.empty(0, np.uint32), *,
+                 recent: Callable[[], Addresses] = no_addresses, *,
                  interval: float = 1.0, spacing: float = 0.1, poll: float = 0.05):
         self._addresses = addresses
         self._ifindexes = ifindexes
@@ -257,12 +243,8 @@ class NeighbourKeeper:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._routes: RouteTable | None = None
-        self._policy_routing = False
-        self._hops_of: dict[int, tuple[NextHop, ...]] = {}   # backend address -> next hops
-        self._known = np.empty(0, np.uint32)                   # its keys, sorted
+        self._backends = {f: _FamilyHops(f) for f in FAMILIES}
         self._refs: Counter[NextHop] = Counter()               # next hop -> backend addresses
-        self._no_route = 0
         self._mine: set[NextHop] = set()                       # entries we made or adopted
         self.status = KeeperStatus()
         self._unresolved_logged: set[str] = set()
@@ -316,66 +298,32 @@ class NeighbourKeeper:
 
     def _reconcile(self) -> set[NextHop]:
         self.status.passes += 1
-        if self._routes is None:
-            self._policy_routing = any(
-                (r.get_attr("FRA_PRIORITY") or 0) not in DEFAULT_RULE_PRIORITIES
-                for r in self.ipr.get_rules(family=socket.AF_INET))
-            self._routes = RouteTable.dump(self.ipr)
-            self._forget(self._known)
-        # Only the backend addresses that came or went since the last pass
-        # cost Python work: 200k backends stay cheap at every kick.
         addrs = self._addresses()
-        self._forget(np.setdiff1d(self._known, addrs, assume_unique=True))
-        new = np.setdiff1d(addrs, self._known, assume_unique=True)
-        if len(new):
-            hops = self._route_get(new.tolist()) if self._policy_routing else self._routes.lookup(new)
-            for a, hs in zip(new.tolist(), hops):
-                self._hops_of[a] = hs
-                self._refs.update(hs)
-                self._no_route += not hs
-            self._known = np.sort(np.concatenate((self._known, new)))     # disjoint: np.union1d's unique costs 14 ms
-        self.status.no_route = self._no_route
-        wanted = self._routes.gateways(self._ifindexes()) | set(self._refs)
+        ifindexes = list(self._ifindexes())
+        wanted: set[NextHop] = set()
+        for fam, backends in self._backends.items():
+            backends.update(self.ipr, addrs.get(fam, fam.empty()), self._refs)
+            wanted |= backends.routes.gateways(ifindexes)
+        self.status.no_route = sum(b.no_route for b in self._backends.values())
+        wanted |= set(self._refs)
         self._apply(wanted)
         return wanted
 
-    def _forget(self, addrs: np.ndarray) -> None:
-        for a in addrs.tolist():
-            hs = self._hops_of.pop(a)
-            self._refs.subtract(hs)
-            self._no_route -= not hs
-            for h in hs:
-                if self._refs[h] <= 0:
-                    del self._refs[h]
-        if len(addrs):
-            self._known = np.setdiff1d(self._known, addrs, assume_unique=True)
-
-    def _route_get(self, addrs: list[int]) -> list[tuple[NextHop, ...]]:
-        out = []
-        for a in addrs:
-            dst = str(IPv4Address(a))
-            try:
-                msg = self.ipr.route("get", dst=dst)[0]
-            except NetlinkError:
-                out.append(())
-                continue
-            if msg["type"] != RTN_UNICAST:
-                out.append(())
-                continue
-            gw = msg.get_attr("RTA_GATEWAY")
-            out.append((NextHop(msg.get_attr("RTA_OIF"), gw or dst),))
-        return out
+    def _routes_changed(self) -> None:
+        for backends in self._backends.values():
+            backends.routes = None
 
     def _table(self) -> dict[NextHop, tuple[int, bool, int]]:
-        """(ifindex, address) -> (state, managed, protocol) of every IPv4 entry."""
+        """(ifindex, address) -> (state, managed, protocol) of every entry."""
         out = {}
-        for n in self.ipr.get_neighbours(family=socket.AF_INET):
-            dst = n.get_attr("NDA_DST")
-            if dst is None:
-                continue
-            out[NextHop(n["ifindex"], dst)] = (
-                n["state"], bool((n.get_attr("NDA_FLAGS_EXT") or 0) & NTF_EXT_MANAGED),
-                n.get_attr("NDA_PROTOCOL") or 0)
+        for fam in FAMILIES:
+            for n in self.ipr.get_neighbours(family=fam.af):
+                dst = n.get_attr("NDA_DST")
+                if dst is None:
+                    continue
+                out[NextHop(n["ifindex"], dst)] = (
+                    n["state"], bool((n.get_attr("NDA_FLAGS_EXT") or 0) & NTF_EXT_MANAGED),
+                    n.get_attr("NDA_PROTOCOL") or 0)
         return out
 
     def _apply(self, wanted: set[NextHop]) -> None:
@@ -394,7 +342,7 @@ class NeighbourKeeper:
             self._set(hop)
         for hop in sorted(self._mine - wanted):
             with _quiet(errno.ENOENT):
-                self.ipr.neigh("del", dst=hop.address, ifindex=hop.ifindex)
+                self.ipr.neigh("del", dst=hop.address, ifindex=hop.ifindex, family=family_of(hop.address).af)
             self._mine.discard(hop)
         self.status.managed = len(self._mine)
 
@@ -403,6 +351,7 @@ class NeighbourKeeper:
             # State NONE and no address: the kernel resolves it now and
             # keeps it resolved (an existing entry keeps its address).
             self.ipr.neigh("replace", dst=hop.address, ifindex=hop.ifindex, state=0,
+                           family=family_of(hop.address).af,
                            NDA_FLAGS_EXT=NTF_EXT_MANAGED, NDA_PROTOCOL=NEIGH_PROTOCOL)
         except NetlinkError as e:
             self.status.last_error = f"{hop.address} dev {_ifname(hop.ifindex)}: {e}"
@@ -435,27 +384,29 @@ class NeighbourKeeper:
     def _resolve_once(self, hop: NextHop) -> None:
         """NTF_USE: a plain entry, resolved now, aged as usual (not kept)."""
         with _quiet(NetlinkError):
-            self.ipr.neigh("replace", dst=hop.address, ifindex=hop.ifindex, state=0, flags=NTF_USE)
+            self.ipr.neigh("replace", dst=hop.address, ifindex=hop.ifindex, state=0, flags=NTF_USE,
+                           family=family_of(hop.address).af)
 
     def refresh_recent(self) -> int:
         """Re-resolve, once, every on-link destination XDP forwards to now
         whose kernel entry is gone (after a flush or the kernel's garbage
         collection), before the next-hop cache's copy expires."""
-        addrs = self._recent()
-        if not len(addrs):
+        recent = self._recent()
+        if not any(len(a) for a in recent.values()):
             return 0
         n = 0
         with self._lock:
             valid = {hop.address for hop, (state, _, _) in self._table().items()
                      if state & NUD_VALID_STATES}
-            todo = [a for a in addrs.tolist() if str(IPv4Address(a)) not in valid]
-            if self._routes is None:
+            if any(b.routes is None for b in self._backends.values()):
                 self._reconcile()
-            for a, hops in zip(todo, self._routes.lookup(np.asarray(todo, np.uint32))):
-                for hop in hops:
-                    if hop.address == str(IPv4Address(a)):     # on-link; gateways are kept
-                        self._resolve_once(hop)
-                        n += 1
+            for fam, addrs in recent.items():
+                todo = [a for a in addrs.tolist() if fam.text(a) not in valid]
+                for a, hops in zip(todo, self._backends[fam].routes.lookup(fam.array(todo))):
+                    for hop in hops:
+                        if hop.address == fam.text(a):     # on-link; gateways are kept
+                            self._resolve_once(hop)
+                            n += 1
             self.status.refreshed += n
         return n
 
@@ -485,7 +436,7 @@ class NeighbourKeeper:
             if self._events.fileno() in ready:
                 routes_changed, neigh_deleted = _drain(self._events)
                 if routes_changed:
-                    self._routes = None
+                    self._routes_changed()
                 if not (routes_changed or neigh_deleted or self._wake_r in ready):
                     continue               # only entries being added or updated
             self._stop.wait(max(0.0, last + self.spacing - time.monotonic()))
@@ -516,7 +467,7 @@ def _subscribe() -> socket.socket:
     s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
                       socket.NETLINK_ROUTE)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-    s.bind((0, RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_RULE))
+    s.bind((0, RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_RULE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV6_RULE))
     return s
 
 

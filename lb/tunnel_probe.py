@@ -22,8 +22,13 @@ answer from the VIP) is not ours. An ICMP error on the tunnel socket
 (protocol or port unreachable: nothing decapsulates) is a failure at once;
 silence is a timeout.
 
-Raw sockets need CAP_NET_RAW. Only IPv4 for now; the family is the
-address's, so IPv6 (IPIP6, GUE over IPv6) adds branches here, not a module.
+Both families, each the address's: the outer header is the backend's
+family (a raw AF_INET6 socket of protocol 4 or 41 for ipip: IPv4 or IPv6
+in IPv6; GUE over UDP/IPv6), the inner one the VIP's. An IPv6 raw socket
+delivers the TCP segment without its IPv6 header: its filter matches the
+ports, and the VIP is checked on the sender's address.
+
+Raw sockets need CAP_NET_RAW.
 """
 
 from __future__ import annotations
@@ -38,14 +43,17 @@ import struct
 __all__ = ["syn_through_tunnel", "inner_segment", "answer_filter"]
 
 SO_ATTACH_FILTER = 26
-IPPROTO_IPIP = 4
+IPPROTO_IPIP, IPPROTO_IPV6 = 4, 41        # ipip: the inner header's protocol (IPv4, IPv6)
 TCP_SYN, TCP_RST, TCP_ACK = 0x02, 0x04, 0x10
 # Source ports of probes: the Linux default ephemeral range. One per probe
 # in flight (two probes to one VIP:port differ only by it).
 PORT_RANGE = (32768, 60999)
 _ports_in_use: set[int] = set()
 # Errors the tunnel socket reports for an ICMP error from the backend.
+# ICMPv6 has no protocol unreachable: an unknown next header is a parameter
+# problem (code 1), which the kernel reports as EPROTO.
 _UNREACHABLE = {errno.ECONNREFUSED: "port unreachable", errno.ENOPROTOOPT: "protocol unreachable",
+                errno.EPROTO: "protocol unreachable",
                 errno.EHOSTUNREACH: "host unreachable", errno.ENETUNREACH: "network unreachable"}
 
 
@@ -58,15 +66,25 @@ def _checksum(data: bytes) -> int:
     return ~s & 0xFFFF
 
 
+def _family(addr: str) -> int:
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
 def inner_segment(src: str, sport: int, vip: str, port: int, seq: int, ident: int,
                   flags: int = TCP_SYN) -> bytes:
-    """An IPv4 header and a TCP segment without options or data (a SYN, or
-    the RST that ends a probe) from src:sport to vip:port, both checksums
-    set: what a client would send to the VIP."""
-    saddr, daddr = socket.inet_aton(src), socket.inet_aton(vip)
+    """An IP header (the VIP's family) and a TCP segment without options or
+    data (a SYN, or the RST that ends a probe) from src:sport to vip:port,
+    checksums set: what a client would send to the VIP."""
+    af = _family(vip)
+    saddr, daddr = socket.inet_pton(af, src), socket.inet_pton(af, vip)
     tcp = struct.pack("!HHIIBBHHH", sport, port, seq, 0, 5 << 4, flags, 64240 if flags & TCP_SYN else 0, 0, 0)
-    pseudo = saddr + daddr + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
+    length = struct.pack("!I", len(tcp)) if af == socket.AF_INET6 else struct.pack("!H", len(tcp))
+    pseudo = (saddr + daddr + length + b"\0\0\0" + bytes([socket.IPPROTO_TCP]) if af == socket.AF_INET6
+              else saddr + daddr + b"\0" + bytes([socket.IPPROTO_TCP]) + length)
     tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
+    if af == socket.AF_INET6:             # flow label: the ident, so probes differ
+        return struct.pack("!IHBB16s16s", 6 << 28 | ident, len(tcp), socket.IPPROTO_TCP, 64,
+                           saddr, daddr) + tcp
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), ident, 0x4000, 64,
                      socket.IPPROTO_TCP, 0, saddr, daddr)
     ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
@@ -74,8 +92,21 @@ def inner_segment(src: str, sport: int, vip: str, port: int, seq: int, ident: in
 
 
 def answer_filter(vip: str, port: int, src: str, sport: int) -> bytes:
-    """Classic BPF for a raw IPv4 TCP socket: only segments from vip:port
-    to src:sport (the socket sees every TCP segment the host receives)."""
+    """Classic BPF for a raw TCP socket: only segments from vip:port to
+    src:sport (the socket sees every TCP segment the host receives). An
+    IPv6 raw socket's filter sees the segment without the IPv6 header:
+    there it matches the ports (the caller checks the sender)."""
+    if _family(vip) == socket.AF_INET6:
+        prog = [
+            (0x28, 0, 0, 0),            # 0 ldh [0]: TCP source port
+            (0x15, 0, 3, port),         # 1 jeq port, else to 5
+            (0x28, 0, 0, 2),            # 2 ldh [2]: TCP destination port
+            (0x15, 0, 1, sport),        # 3 jeq sport, else to 5
+            (0x06, 0, 0, 0xFFFF),       # 4 ret: accept
+            (0x06, 0, 0, 0),            # 5 ret 0: drop
+        ]
+        return b"".join(struct.pack("HBBI", *ins) for ins in prog)
+
     def word(addr: str) -> int:
         return struct.unpack("!I", socket.inet_aton(addr))[0]
 
@@ -104,7 +135,7 @@ def _attach_filter(sock: socket.socket, code: bytes) -> None:
 def _source_towards(host: str) -> str:
     """The address this host sends from towards `host` (a route lookup;
     connecting a UDP socket sends nothing)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(_family(host), socket.SOCK_DGRAM) as s:
         s.connect((host, 9))
         return s.getsockname()[0]
 
@@ -118,13 +149,14 @@ def _take_port() -> int:
     raise OSError(errno.EADDRINUSE, "no free probe source port")
 
 
-def _tunnel_socket(mode: str, backend: str, gue_port: int) -> socket.socket:
+def _tunnel_socket(mode: str, backend: str, vip: str, gue_port: int) -> socket.socket:
     """Connected, so that an ICMP error from the backend is reported on it."""
     if mode == "ipip":
-        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_IPIP)
+        inner = IPPROTO_IPV6 if _family(vip) == socket.AF_INET6 else IPPROTO_IPIP
+        s = socket.socket(_family(backend), socket.SOCK_RAW, inner)
         s.connect((backend, 0))
     elif mode == "gue":
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(_family(backend), socket.SOCK_DGRAM)
         s.connect((backend, gue_port))
     else:
         raise ValueError(f"not a tunnel: {mode!r}")
@@ -132,10 +164,11 @@ def _tunnel_socket(mode: str, backend: str, gue_port: int) -> socket.socket:
     return s
 
 
-def _verdict(segment: bytes, seq: int) -> str | None | bool:
+def _verdict(segment: bytes, seq: int, ip_header: bool = True) -> str | None | bool:
     """None: the SYN-ACK we wait for; a string: why the probe failed; False:
-    not an answer to our SYN (keep waiting)."""
-    ihl = (segment[0] & 0x0F) * 4
+    not an answer to our SYN (keep waiting). `segment` starts with its IPv4
+    header, or (ip_header False: an IPv6 raw socket) with the TCP header."""
+    ihl = (segment[0] & 0x0F) * 4 if ip_header else 0
     if len(segment) < ihl + 14:
         return False
     ack, flags = struct.unpack_from("!I", segment, ihl + 8)[0], segment[ihl + 13]
@@ -146,10 +179,19 @@ def _verdict(segment: bytes, seq: int) -> str | None | bool:
     return None if flags & TCP_SYN else False
 
 
-async def _answer(rx: socket.socket, seq: int) -> str | None:
+async def _answer(rx: socket.socket, seq: int, vip: str) -> str | None:
     loop = asyncio.get_running_loop()
+    if rx.family == socket.AF_INET:
+        while True:
+            verdict = _verdict(await loop.sock_recv(rx, 256), seq)
+            if verdict is not False:
+                return verdict
+    want = socket.inet_pton(socket.AF_INET6, vip)
     while True:
-        verdict = _verdict(await loop.sock_recv(rx, 256), seq)
+        segment, sender = await loop.sock_recvfrom(rx, 256)
+        if socket.inet_pton(socket.AF_INET6, sender[0].split("%")[0]) != want:
+            continue
+        verdict = _verdict(segment, seq, ip_header=False)
         if verdict is not False:
             return verdict
 
@@ -167,22 +209,24 @@ async def _tunnel_error(tx: socket.socket, mode: str) -> str:
 async def syn_through_tunnel(backend: str, vip: str, port: int, mode: str, gue_port: int,
                              timeout: float) -> str | None:
     """Probe `vip`:`port` on `backend` through its `mode` tunnel (ipip or
-    gue). None if the backend answered with a SYN-ACK, else why not."""
+    gue). None if the backend answered with a SYN-ACK, else why not. The
+    probe's source is this host's address towards the backend, or, when
+    the VIP is of the other family (IPv4 in IPv6), towards the VIP."""
     sport = _take_port()
     seq, ident = random.getrandbits(32), random.getrandbits(16)
     rx = tx = None
     tasks: list[asyncio.Task] = []
     try:
-        src = _source_towards(backend)
+        src = _source_towards(backend if _family(backend) == _family(vip) else vip)
         try:
-            rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+            rx = socket.socket(_family(vip), socket.SOCK_RAW, socket.IPPROTO_TCP)
             _attach_filter(rx, answer_filter(vip, port, src, sport))
             rx.setblocking(False)
-            tx = _tunnel_socket(mode, backend, gue_port)
+            tx = _tunnel_socket(mode, backend, vip, gue_port)
         except PermissionError:
             return "raw sockets not permitted (DSR health checks need CAP_NET_RAW)"
         tx.send(inner_segment(src, sport, vip, port, seq, ident))
-        tasks = [asyncio.ensure_future(_answer(rx, seq)), asyncio.ensure_future(_tunnel_error(tx, mode))]
+        tasks = [asyncio.ensure_future(_answer(rx, seq, vip)), asyncio.ensure_future(_tunnel_error(tx, mode))]
         done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if not done:
             return "SYN timeout"

@@ -35,6 +35,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -78,7 +79,7 @@ class _Store:
 
 class FakeApiServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, bookmark_interval: float = 1.0,
-                 netns: str | None = None, service_cidr: str = "10.96.0.0/16") -> None:
+                 netns: str | None = None, service_cidr: str = "10.96.0.0/16,fd00:10:96::/112") -> None:
         self.rv = 0
         self.cond = threading.Condition()          # guards everything below
         # One condition per kind on the same lock: a write wakes only the
@@ -97,8 +98,12 @@ class FakeApiServer:
         self.fail_watches = 0          # answer this many watch requests with HTTP 500
         self.expire_continue = 0       # answer this many continue requests with 410
         self._closing = False
-        self._cip = ipaddress.IPv4Network(service_cidr).hosts()
-        next(self._cip)
+        # --service-cluster-ip-range: one CIDR, or two of both families (dual-stack).
+        self._cip: dict[str, Iterator] = {}
+        for cidr in service_cidr.split(","):
+            net = ipaddress.ip_network(cidr.strip())
+            self._cip[f"IPv{net.version}"] = hosts = net.hosts()
+            next(hosts)
         self._node_ports = itertools.count(30000)
         self.requests: list[str] = []
         server = self
@@ -215,8 +220,8 @@ class FakeApiServer:
         """What the apiserver fills in: clusterIP(s) and nodePorts."""
         spec = obj.setdefault("spec", {})
         ospec = (old or {}).get("spec", {})
-        if spec.get("type") != "ExternalName" and not spec.get("clusterIP"):
-            spec["clusterIP"] = ospec.get("clusterIP") or str(next(self._cip))
+        if spec.get("type") != "ExternalName" and spec.get("clusterIP") != "None":
+            self._allocate_cluster_ips(spec, ospec)
         if spec.get("clusterIP") and not spec.get("clusterIPs"):
             spec["clusterIPs"] = [spec["clusterIP"]]
         if spec.get("type") in ("NodePort", "LoadBalancer"):
@@ -225,6 +230,26 @@ class FakeApiServer:
                 p.setdefault("protocol", "TCP")
                 if not p.get("nodePort"):
                     p["nodePort"] = oldp.get((p.get("port"), p["protocol"])) or next(self._node_ports)
+
+    def _allocate_cluster_ips(self, spec: dict, ospec: dict) -> None:
+        """As the apiserver: ipFamilyPolicy SingleStack (default) takes one
+        family (ipFamilies[0], else the cluster's first), PreferDualStack
+        and RequireDualStack every family the cluster has, in ipFamilies'
+        order; given or earlier clusterIPs are kept; ipFamilies, the
+        policy and clusterIP (= clusterIPs[0]) are filled in."""
+        def family(ip: str) -> str:
+            return f"IPv{ipaddress.ip_address(ip).version}"
+
+        have = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
+        before = ospec.get("clusterIPs") or []
+        policy = spec.get("ipFamilyPolicy") or ("PreferDualStack" if len(have) > 1 else "SingleStack")
+        order = list(dict.fromkeys([*(spec.get("ipFamilies") or []), *map(family, have),
+                                    *map(family, before), *self._cip]))
+        want = order[:1] if policy == "SingleStack" else [f for f in order if f in self._cip]
+        old = {family(ip): ip for ip in before}
+        given = {family(ip): ip for ip in have}
+        ips = [given.get(f) or old.get(f) or str(next(self._cip[f])) for f in want]
+        spec.update(clusterIP=ips[0], clusterIPs=ips, ipFamilies=want, ipFamilyPolicy=policy)
 
     def _log(self, kind: str, typ: str, obj: dict) -> None:
         st = self.stores[kind]

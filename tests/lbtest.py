@@ -255,3 +255,46 @@ def wait_for(cond, timeout: float = 20.0, what: str = "condition"):
             return v
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def ipv6_pair(lab, a: str = "m", b: str = "p") -> tuple[str, str]:
+    """Two namespaces of an `ipv6=True` lab joined by a veth (a0 in `a`,
+    a1 in `b`): a0 2001:db8:1::1/64 and 10.70.0.1/24, a1 2001:db8:1::2/64,
+    fe80::2/64 and 10.70.0.2/24. DAD is off so the addresses are usable at
+    once; no neighbour is resolved."""
+    ns_a, ns_b = lab.netns(a), lab.netns(b)
+    for ns in (ns_a, ns_b):
+        lab.sysctl(ns, "net.ipv6.conf.default.accept_dad", 0)
+        lab.sysctl(ns, "net.ipv6.conf.all.accept_dad", 0)
+    lab.veth(ns_a, "a0", ns_b, "a1")
+    for ns, ifname, cidrs in ((ns_a, "a0", ("2001:db8:1::1/64", "10.70.0.1/24")),
+                              (ns_b, "a1", ("2001:db8:1::2/64", "fe80::2/64", "10.70.0.2/24"))):
+        for cidr in cidrs:
+            lab.addr(ns, ifname, cidr)
+    return ns_a, ns_b
+
+
+_K8S_DAEMONS = itertools.count()
+
+
+@contextlib.contextmanager
+def k8s_daemon(topo, workdir: Path, objects: list[dict] = ()):
+    """The apiserver double in the LB's namespace (holding `objects`) and
+    `xdplb run` in Kubernetes mode on it, started; both stopped after."""
+    from k8s_apiserver import FakeApiServer
+
+    api = FakeApiServer(netns=topo.lb_ns, bookmark_interval=0.5).start()
+    if objects:
+        api.apply_many(list(objects))
+    bpffs = pin_dir()
+    cfg = {"interfaces": [i.name for i in topo.lb_ifaces], "bpffs": bpffs,
+           "api_socket": f"/run/xdplb/k8s-{os.getpid()}-{next(_K8S_DAEMONS)}.sock", "metrics_address": False,
+           "kubernetes": {"kubeconfig": str(api.kubeconfig(workdir / "kubeconfig")), "node_name": "node-a"}}
+    d = DaemonProcess(cfg, workdir, topo.lb_ns)
+    try:
+        d.start()
+        yield api, d
+    finally:
+        d.kill(signal.SIGKILL)
+        Dataplane.detach(Path(bpffs), purge=True)
+        api.close()

@@ -8,6 +8,7 @@ import collections
 import copy
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -313,6 +314,83 @@ def test_probe_tcp_and_http_against_real_sockets():
         assert run(_target(port, type="http", path="/other", expect_status=503)) is None
         assert run(_target(mute, type="http")) == "http timeout"
         srv.shutdown()
+
+
+def test_probe_ipv6_backend_from_another_namespace():
+    """TCP and HTTP probes of an IPv6 backend over a veth, from the LB's
+    namespace (AF_INET6 sockets, nothing resolved beforehand): up, refused,
+    the HTTP status checked, and a link gone is a failure."""
+    from lb.lab import Lab
+    from lbtest import ipv6_pair
+
+    with Lab(prefix="xh6", ipv6=True) as lab_:
+        m, p = ipv6_pair(lab_)
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        srv = lab_.popen(p, backend_argv("b6", 8080, None) + ["--host", "2001:db8:1::2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+        ready, _, _ = select.select([srv.stdout], [], [], 10)
+        assert ready and srv.stdout.readline() == b"ready\n"
+
+        def target(port: int, **check) -> Target:
+            return Target("web", f"[2001:db8:1::2]:{port}", "2001:db8:1::2", port,
+                          HealthCheck.model_validate({"type": "tcp", "timeout": 0.4, **check}))
+
+        with lab_.inside(m):
+            run = lambda t: asyncio.run(probe(t))           # noqa: E731
+            assert run(target(8080)) is None
+            assert run(target(8081)) == "connection refused"
+            assert run(target(8080, type="http", path="/")) is None
+            assert run(target(8080, type="http", path="/nope")) == "HTTP 404, want 200"
+            lab_.run(p, ["ip", "link", "set", "a1", "down"])
+            assert run(target(8080)) in ("connect timeout", "connect error: no route to host")
+
+
+def test_dsr_probes_to_an_ipv6_backend_go_through_its_tunnel(bpf_object):
+    """DSR health probes of an IPv6 backend running the project's
+    decapsulation: a SYN to the VIP in IPv6-in-IPv6 (ipip), in GUE over
+    IPv6, and an IPv4 VIP's SYN in IPv6 (ipip), each answered with a
+    SYN-ACK from the VIP straight to the LB; a closed port is refused; once
+    the decapsulation is detached, every probe fails though the backend's
+    own address still accepts connections."""
+    from lb.lab import REPO_ROOT, Lab
+    from lb.tunnel_probe import syn_through_tunnel
+    from lbtest import ipv6_pair, pin_dir
+
+    vip6, vip4, backend = "2001:db8:96::a", "10.96.9.9", "2001:db8:1::2"
+    with Lab(prefix="xt6", ipv6=True) as lab_:
+        m, p = ipv6_pair(lab_)
+        lab_.route(m, "10.96.9.0/24", gateway="10.70.0.2")   # the IPv4 VIP's probe source: 10.70.0.1
+        pins = pin_dir()
+
+        def backend_cli(*args: str) -> None:
+            lab_.run(p, [sys.executable, "-m", "lb.cli", "backend", *args, "--bpffs", pins],
+                     timeout=60, check=True, cwd=REPO_ROOT)
+
+        backend_cli("attach", "a1", f"--vip={vip6}", f"--vip={vip4}")
+        try:
+            env = dict(os.environ, PYTHONPATH=str(ROOT))
+            srv = lab_.popen(p, backend_argv("b6", 8080, None) + ["--host", "::"], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+            ready, _, _ = select.select([srv.stdout], [], [], 10)
+            assert ready and srv.stdout.readline() == b"ready\n"
+
+            def run(vip: str, port: int, mode: str) -> str | None:
+                with lab_.inside(m):
+                    return asyncio.run(syn_through_tunnel(backend, vip, port, mode, 6080, 1.0))
+
+            assert run(vip6, 8080, "ipip") is None
+            assert run(vip6, 8080, "gue") is None
+            assert run(vip4, 8080, "ipip") is None
+            assert run(vip6, 8081, "ipip") == "connection refused"
+            backend_cli("detach", "a1")
+            assert re.search("protocol unreachable|timeout", run(vip6, 8080, "ipip"))
+            assert re.search("port unreachable|timeout", run(vip6, 8080, "gue"))
+            with lab_.inside(m):
+                plain = Target("web", f"[{backend}]:8080", backend, 8080,
+                               HealthCheck.model_validate({"type": "tcp", "timeout": 0.4}))
+                assert asyncio.run(probe(plain)) is None
+        finally:
+            backend_cli("detach", "a1", "--purge")
 
 
 # ---- end to end: the real daemon in the lab ---------------------------------

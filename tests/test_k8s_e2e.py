@@ -6,7 +6,6 @@ UDP to the lab's backend servers."""
 from __future__ import annotations
 
 import collections
-import os
 import re
 import signal
 import sys
@@ -15,10 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from k8s_apiserver import FakeApiServer
-from lb.dataplane import Dataplane
 from lb.demo import DaemonProcess, curl_many
-from lbtest import pin_dir
+from lbtest import k8s_daemon
 
 pytestmark = pytest.mark.root
 
@@ -54,21 +51,8 @@ TERMINATING = {"ready": False, "serving": True, "terminating": True}
 def k8s(lab, bpf_object, tmp_path_factory):
     """The double in the LB namespace, and a daemon in Kubernetes mode."""
     lab_, topo = lab
-    tmp = tmp_path_factory.mktemp("k8s-e2e")
-    api = FakeApiServer(netns=topo.lb_ns, bookmark_interval=0.5).start()
-    api.apply(node())
-    bpffs = pin_dir()
-    cfg = {"interfaces": [i.name for i in topo.lb_ifaces], "bpffs": bpffs,
-           "api_socket": f"/run/xdplb/k8s-{os.getpid()}.sock", "metrics_address": False,
-           "kubernetes": {"kubeconfig": str(api.kubeconfig(tmp / "kubeconfig")), "node_name": "node-a"}}
-    d = DaemonProcess(cfg, tmp, topo.lb_ns)
-    try:
-        d.start()
+    with k8s_daemon(topo, tmp_path_factory.mktemp("k8s-e2e"), [node()]) as (api, d):
         yield lab_, topo, api, d
-    finally:
-        d.kill(signal.SIGKILL)
-        Dataplane.detach(Path(bpffs), purge=True)
-        api.close()
 
 
 def applied(d: DaemonProcess, rv: int, kinds=("Service", "EndpointSlice"), timeout: float = 20) -> None:

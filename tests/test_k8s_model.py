@@ -13,6 +13,7 @@ import pytest
 
 from k8s_apiserver import load_manifests
 from lb.config import Service
+from lb.endpoint import host_port
 from lb.sources import k8s_model as m
 from lb.sources.kubernetes import to_service
 
@@ -41,18 +42,24 @@ class World:
         slices = [s for s in self.by["EndpointSlice"].values() if s.service_key == (ns, name)]
         return m.translate(svc, slices, self.node, self.node_name, self.view)
 
-    def entry(self, name: str, kind: str, proto: str = "tcp") -> m.Entry:
-        found = [e for e in self.tr(name).entries if f".{kind}." in e.name and e.protocol == proto]
+    def entry_at(self, name: str, vip: str, proto: str = "tcp") -> m.Entry:
+        found = [e for e in self.tr(name).entries if str(e.vip) == vip and e.protocol == proto]
+        assert len(found) == 1, [e.name for e in self.tr(name).entries]
+        return found[0]
+
+    def entry(self, name: str, kind: str, proto: str = "tcp", version: int = 4) -> m.Entry:
+        found = [e for e in self.tr(name).entries
+                 if f".{kind}." in e.name and e.protocol == proto and e.vip.version == version]
         assert len(found) == 1, [e.name for e in self.tr(name).entries]
         return found[0]
 
 
 def active(e: m.Entry) -> set[str]:
-    return {f"{a}:{p}" for a, p, s in e.backends if s == "active"}
+    return {host_port(a, p) for a, p, s in e.backends if s == "active"}
 
 
 def draining(e: m.Entry) -> set[str]:
-    return {f"{a}:{p}" for a, p, s in e.backends if s == "draining"}
+    return {host_port(a, p) for a, p, s in e.backends if s == "draining"}
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +74,112 @@ def test_clusterip_serves_ready_endpoints_on_target_port(w):
     assert isinstance(to_service(e), Service)            # a valid config.Service
 
 
-def test_dual_stack_serves_ipv4_and_reports_ipv6(w):
+def test_dual_stack_serves_both_families_with_their_own_slices(w):
+    """A PreferDualStack Service: one xdplb service per clusterIP, each with
+    the endpoints of its family's EndpointSlice (addressType)."""
     tr = w.tr("dns")
-    vips = {str(e.vip) for e in tr.entries}
-    assert vips == {"10.96.0.10"}
-    assert tr.ipv6 == 2                                  # the IPv6 clusterIP, for tcp and udp
-    assert any("fd00:10:96::a" in r and "IPv4 only" in r for r in tr.skipped)
-    # The IPv6 slice's endpoint never becomes a backend.
-    assert all("fd00" not in str(a) for e in tr.entries for a, _, _ in e.backends)
+    assert {str(e.vip) for e in tr.entries} == {"10.96.0.10", "fd00:10:96::a"}
+    v6 = w.entry_at("dns", "fd00:10:96::a", "tcp")
+    assert v6.name == "shop.dns.dns-tcp.tcp.cluster.fd00-10-96--a"   # an xdplb name: no colons
+    assert active(v6) == {"[fd00:244::10]:5353"}
+    assert w.entry_at("dns", "fd00:10:96::a", "udp").backends == ()   # the IPv6 slice lists no dns-udp
+    assert all(a.version == 4 for e in tr.entries if e.vip.version == 4 for a, _, _ in e.backends)
+    assert tr.other_family == 0
+
+
+def _service(name: str, cluster_ips: list[str], **spec) -> dict:
+    return {"kind": "Service", "apiVersion": "v1", "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"clusterIP": cluster_ips[0], "clusterIPs": cluster_ips,
+                     "ipFamilies": [("IPv6" if ":" in ip else "IPv4") for ip in cluster_ips],
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP",
+                                "nodePort": 30090}], **spec}}
+
+
+def _slice(name: str, service: str, family: str, *addresses: tuple[str, bool, str]) -> dict:
+    return {"kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
+            "metadata": {"name": name, "namespace": "shop", "labels": {m.SERVICE_NAME_LABEL: service}},
+            "addressType": family, "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [a], "conditions": {"ready": ready}, "nodeName": node}
+                          for a, ready, node in addresses]}
+
+
+DUAL = [
+    _service("dual", ["10.96.9.1", "fd00:10:96::91"], type="LoadBalancer", ipFamilyPolicy="RequireDualStack",
+             externalIPs=["10.96.9.2", "2001:db8:9::2"], externalTrafficPolicy="Local"),
+    _slice("dual-v4", "dual", "IPv4", ("10.244.1.91", True, "node-a"), ("10.244.2.91", True, "node-b")),
+    _slice("dual-v6", "dual", "IPv6", ("fd00:244:1::91", True, "node-a"), ("fd00:244:2::91", True, "node-b"),
+           ("fd00:244:1::92", False, "node-a")),
+    _service("only4", ["10.96.9.4"], externalIPs=["2001:db8:9::4", "10.96.9.5"]),
+    _slice("only4-v6", "only4", "IPv6", ("fd00:244:1::94", True, "node-a")),
+    _service("only6", ["fd00:10:96::96"], type="NodePort"),
+    _slice("only6-v6", "only6", "IPv6", ("fd00:244:1::96", True, "node-a")),
+]
+
+
+def test_dual_stack_nodeport_external_ips_and_traffic_policy_per_family():
+    """RequireDualStack LoadBalancer with externalTrafficPolicy: Local: the
+    NodePort on this node's address of each family, external IPs of both
+    families, node-local endpoints of the VIP's family only; a not-ready
+    IPv6 endpoint drains."""
+    w = World("semantics.yaml", extra=DUAL)
+    tr = w.tr("dual")
+    by_vip = {(str(e.vip), e.port): e for e in tr.entries}
+    assert set(by_vip) == {("10.96.9.1", 80), ("fd00:10:96::91", 80), ("10.96.200.1", 30090),
+                           ("10.96.200.2", 30090), ("fd00::a", 30090), ("10.96.9.2", 80), ("2001:db8:9::2", 80)}
+    assert active(by_vip[("fd00:10:96::91", 80)]) == {"[fd00:244:1::91]:8080", "[fd00:244:2::91]:8080"}
+    assert draining(by_vip[("fd00:10:96::91", 80)]) == {"[fd00:244:1::92]:8080"}
+    for vip in (("fd00::a", 30090), ("2001:db8:9::2", 80)):         # Local: node-a's endpoints
+        assert active(by_vip[vip]) == {"[fd00:244:1::91]:8080"}
+    assert active(by_vip[("10.96.9.2", 80)]) == {"10.244.1.91:8080"}
+    assert by_vip[("fd00::a", 30090)].name == "shop.dual.http.tcp.node.fd00--a"
+    assert tr.skipped == [] and tr.other_family == 0
+
+
+def test_single_stack_serves_only_its_family():
+    """kube-proxy serves a family only for a Service with a clusterIP of it:
+    an IPv6 externalIP of an IPv4-only Service is not served (logged and
+    counted), its stray IPv6 slice is ignored; an IPv6-only NodePort
+    Service listens on this node's IPv6 address only."""
+    w = World("semantics.yaml", extra=DUAL)
+    tr = w.tr("only4")
+    assert {str(e.vip) for e in tr.entries} == {"10.96.9.4", "10.96.9.5"}
+    assert tr.other_family == 1
+    assert any("2001:db8:9::4" in r and "no clusterIP of this address family" in r for r in tr.skipped)
+    assert all(a.version == 4 for e in tr.entries for a, _, _ in e.backends)
+    tr6 = w.tr("only6")
+    assert {(str(e.vip), e.port) for e in tr6.entries} == {("fd00:10:96::96", 80), ("fd00::a", 30090)}
+    assert all(active(e) == {"[fd00:244:1::96]:8080"} for e in tr6.entries)
+
+
+def test_dual_stack_pods_and_ipv6_blocks_are_identities():
+    """A dual-stack pod's identity holds its /32 and its /128; an IPv6
+    ipBlock is an identity of its own; an IPv4 block never admits the
+    dual-stack pod (its identity cannot be split by family)."""
+    pod = {"kind": "Pod", "apiVersion": "v1",
+           "metadata": {"name": "client6", "namespace": "shop", "labels": {"app": "client6"}},
+           "status": {"phase": "Running", "podIPs": [{"ip": "10.244.1.99"}, {"ip": "fd00:244:1::99"}]}}
+    pol = {"kind": "NetworkPolicy", "apiVersion": "networking.k8s.io/v1",
+           "metadata": {"name": "v6", "namespace": "shop"},
+           "spec": {"podSelector": {"matchLabels": {"app": "dual"}},
+                    "ingress": [{"from": [{"ipBlock": {"cidr": "2001:db8:77::/48",
+                                                       "except": ["2001:db8:77:1::/64"]}},
+                                          {"ipBlock": {"cidr": "10.244.0.0/16"}},
+                                          {"podSelector": {"matchLabels": {"app": "client6"}}}]}]}}
+    dual_pods = [{"kind": "Pod", "apiVersion": "v1",
+                  "metadata": {"name": f"dual-{i}", "namespace": "shop", "labels": {"app": "dual"}},
+                  "status": {"phase": "Running", "podIPs": [{"ip": v4}, {"ip": v6}]}}
+                 for i, (v4, v6) in enumerate([("10.244.1.91", "fd00:244:1::91"),
+                                               ("10.244.2.91", "fd00:244:2::91")])]
+    w = World("semantics.yaml", extra=DUAL + [pod, pol] + dual_pods)
+    name = m.pod_identity("shop", (("app", "client6"),))
+    assert [str(n) for n in w.identities[name]] == ["10.244.1.99/32", "fd00:244:1::99/128"]
+    assert str(w.identities["cidr.2001-db8-77---48"][0]) == "2001:db8:77::/48"
+    assert "cidr.2001-db8-77-1---64" in w.identities
+    allow = set(w.entry_at("dual", "fd00:10:96::91", "tcp").allow)
+    assert {"cidr.2001-db8-77---48", name} <= allow
+    assert "cidr.2001-db8-77-1---64" not in allow
+    # The IPv4 /16 admits its CIDR identity, not the dual-stack pods inside it.
+    assert "cidr.10.244.0.0-16" in allow and m.pod_identity("shop", (("app", "dual"),)) not in allow
 
 
 def test_tcp_and_udp_ports_are_separate_services(w):

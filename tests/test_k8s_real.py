@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.k8s_cluster import ApiError, Cluster
+from bench.k8s_cluster import DUAL_STACK_SERVICE_CIDR, ApiError, Cluster
 from k8s_apiserver import FakeApiServer
 from lb.dataplane import Dataplane
 from lb.demo import DaemonProcess, curl_many
@@ -58,8 +58,8 @@ def pod(name: str, labels: dict, node_name: str, port: int) -> dict:
                                      "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}]}]}}
 
 
-def pod_status(ip: str, ready: bool) -> dict:
-    return {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": ip,
+def pod_status(ip: str, ready: bool, *more_ips: str) -> dict:
+    return {"phase": "Running", "podIP": ip, "podIPs": [{"ip": a} for a in (ip, *more_ips)], "hostIP": ip,
             "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
 
 
@@ -74,7 +74,7 @@ def service(name: str, ip: str | None, selector: dict | None, target, **spec) ->
 
 
 def xdplb_name(name: str, ip: str) -> str:
-    return f"{NS}.{name}.p.tcp.cluster.{ip}"
+    return f"{NS}.{name}.p.tcp.cluster.{ip.replace(':', '-')}"
 
 
 def backends_of(d: DaemonProcess, name: str) -> dict[str, str] | None:
@@ -104,7 +104,7 @@ def k8s(lab, bpf_object, tmp_path_factory):
     addresses are the lab's backend servers."""
     lab_, topo = lab
     tmp = tmp_path_factory.mktemp("k8s-real")
-    cluster = Cluster(lab_, topo.lb_ns, API_ADDRESS, tmp / "cluster")
+    cluster = Cluster(lab_, topo.lb_ns, API_ADDRESS, tmp / "cluster", service_cidr=DUAL_STACK_SERVICE_CIDR)
     d = None
     bpffs = pin_dir()
     try:
@@ -248,6 +248,42 @@ def test_networkpolicy_from_real_pods_enforced_at_xdp(k8s):
               if x["reason"] == "policy" and x["service"] == xdplb_name("np", "10.96.0.14")]
     assert policy and policy[0]["identity"].startswith(f"pod.{NS}.")
     api.delete("NetworkPolicy", NS, "backend-from-client")
+
+
+def test_dual_stack_services_from_the_real_apiserver_and_controller(k8s):
+    """A dual-stack apiserver (--service-cluster-ip-range of both families)
+    allocates a PreferDualStack Service an IPv4 and an IPv6 clusterIP; the
+    real EndpointSlice controller writes one slice per family from the
+    Pods' podIPs; xdplb serves each clusterIP with its own family's
+    endpoints, and a not-ready Pod drains in both. A SingleStack IPv6
+    Service gets only its IPv6 service. (No traffic: the lab is IPv4.)"""
+    _, _, cluster, d = k8s
+    api = cluster.api
+    pods = {"du1": ("10.244.90.1", "fd00:244::91"), "du2": ("10.244.90.2", "fd00:244::92")}
+    for name, (v4, v6) in pods.items():
+        api.apply(pod(name, {"role": "dual"}, NODE_A, 8080))
+        api.set_status("Pod", NS, name, pod_status(v4, True, v6))
+    api.apply(service("dual", None, {"role": "dual"}, "http", ipFamilyPolicy="PreferDualStack"))
+    api.apply(service("only6", None, {"role": "dual"}, "http", ipFamilies=["IPv6"]))
+    spec = api.get("Service", NS, "dual")["spec"]
+    assert spec["ipFamilies"] == ["IPv4", "IPv6"] and len(spec["clusterIPs"]) == 2, spec
+    v4_vip, v6_vip = spec["clusterIPs"]
+    only6 = api.get("Service", NS, "only6")["spec"]["clusterIPs"]
+    assert len(only6) == 1 and ":" in only6[0]
+    wait_backends(d, xdplb_name("dual", v4_vip), {v4: "active" for v4, _ in pods.values()})
+    wait_backends(d, xdplb_name("dual", v6_vip), {v6: "active" for _, v6 in pods.values()})
+    wait_backends(d, xdplb_name("only6", only6[0]), {v6: "active" for _, v6 in pods.values()})
+    slices = api.get("EndpointSlice", NS, query="labelSelector=kubernetes.io/service-name%3Ddual")["items"]
+    assert sorted(s["addressType"] for s in slices) == ["IPv4", "IPv6"]
+    names = {s["name"] for s in d.call("stats")["services"]}
+    assert not [n for n in names if n.startswith(f"{NS}.only6.") and n != xdplb_name("only6", only6[0])]
+    api.set_status("Pod", NS, "du1", pod_status(pods["du1"][0], False, pods["du1"][1]))
+    wait_backends(d, xdplb_name("dual", v6_vip), {"fd00:244::91": "draining", "fd00:244::92": "active"})
+    wait_backends(d, xdplb_name("dual", v4_vip), {"10.244.90.1": "draining", "10.244.90.2": "active"})
+    for name in ("dual", "only6"):
+        api.delete("Service", NS, name)
+    for name in pods:
+        api.delete("Pod", NS, name, grace_s=0)
 
 
 def test_relist_after_compaction_and_apiserver_restart_under_traffic(k8s):
@@ -453,3 +489,33 @@ def test_double_answers_as_the_real_apiserver(k8s, tmp_path):
     finally:
         double.close()
     assert not problems, json.dumps(problems, indent=1)
+
+
+def test_double_allocates_cluster_ips_by_family_as_the_real_apiserver(k8s):
+    """Both dual-stack: the same Services (default SingleStack, PreferDualStack,
+    RequireDualStack with IPv6 first, SingleStack IPv6) get the same
+    ipFamilies, ipFamilyPolicy and clusterIP families from the double as
+    from the real apiserver."""
+    _, _, cluster, _ = k8s
+    double = FakeApiServer().start()
+    specs = {"fam-default": {}, "fam-prefer": {"ipFamilyPolicy": "PreferDualStack"},
+             "fam-require6": {"ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv6", "IPv4"]},
+             "fam-only6": {"ipFamilies": ["IPv6"]}}
+
+    def families(spec: dict) -> tuple:
+        return (spec["ipFamilies"], spec["ipFamilyPolicy"], [":" in ip for ip in spec["clusterIPs"]],
+                spec["clusterIP"] == spec["clusterIPs"][0])
+
+    try:
+        for name, extra in specs.items():
+            obj = service(name, None, {"app": name}, 8080, **extra)
+            cluster.api.apply(obj)
+            double.apply(obj)
+        for name in specs:
+            real = families(cluster.api.get("Service", NS, name)["spec"])
+            dbl = families(double.get("Service", NS, name)["spec"])
+            assert dbl == real, (name, dbl, real)
+    finally:
+        double.close()
+        for name in specs:
+            cluster.api.delete("Service", NS, name)

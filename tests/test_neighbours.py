@@ -5,6 +5,7 @@ plane never hands the kernel a packet it would drop as a martian."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 
 import numpy as np
@@ -13,18 +14,18 @@ from scapy.layers.inet import IP
 
 from lb.demo import WEB_VIP, curl_many, lab_config
 from lb.lab import Lab, build_lb_lab, start_backends
-from lb.neighbours import (NEIGH_PROTOCOL, NTF_EXT_MANAGED, NextHop, RouteTable, backend_addresses,
-                          drain_requests, recent_destinations)
-from lbtest import XDP_DROP, XDP_REDIRECT, Harness, pin_dir, stats, tcp, wait_for
+from lb.neighbours import (IPV4, IPV6, NEIGH_PROTOCOL, NTF_EXT_MANAGED, NextHop, RouteTable,
+                          backend_addresses, drain_requests, recent_destinations)
+from lbtest import XDP_DROP, XDP_REDIRECT, Harness, ipv6_pair, pin_dir, stats, tcp, wait_for
 
 CLIENT = "10.1.0.10"
 CLIENT_AS_INT = 0x0A01000A
 
 
-def lb_neighbours(lab: Lab, ns: str) -> dict[str, tuple[int, bool, int]]:
+def lb_neighbours(lab: Lab, ns: str, family: int = 2) -> dict[str, tuple[int, bool, int]]:
     """address -> (state, managed, protocol) in the LB's neighbour table."""
     out = {}
-    for n in lab.ipr(ns).get_neighbours(family=2):
+    for n in lab.ipr(ns).get_neighbours(family=family):
         dst = n.get_attr("NDA_DST")
         if dst:
             out[dst] = (n["state"], bool((n.get_attr("NDA_FLAGS_EXT") or 0) & NTF_EXT_MANAGED),
@@ -156,7 +157,7 @@ def test_keeper_follows_backends_and_routes(lab, bpf_object):
             hops = routes.lookup(np.array([0x0AFA0007, 0x0AF40102], dtype=np.uint32))
             assert hops[0] == (NextHop(b1.lb_iface.ifindex, b1.ip),)
             assert hops[1] == (NextHop(b1.lb_iface.ifindex, "10.244.1.2"),)   # on-link: itself
-            addrs = backend_addresses(h.dp)
+            addrs = backend_addresses(h.dp)[IPV4]
             assert 0x0AFA0007 in addrs.tolist() and 0x0AFA0008 in addrs.tolist()
             table = lb_neighbours(lab_, topo.lb_ns)
             assert table[b1.ip][1]                       # the gateway is managed
@@ -187,7 +188,7 @@ def test_a_flushed_client_is_resolved_again_before_its_cached_next_hop_expires(l
         b = next(b for b in topo.backends if b.ip == out[IP].dst)
         reply = tcp(b.ip, topo.backend_port, CLIENT, 50400, flags="SA")
         assert h.run(reply, ifname=b.lb_iface.name)[0] == XDP_REDIRECT     # the client is cached now
-        assert CLIENT_AS_INT in recent_destinations(h.dp).tolist()
+        assert CLIENT_AS_INT in recent_destinations(h.dp)[IPV4].tolist()
         lab_.ipr(topo.lb_ns).neigh("del", dst=CLIENT, ifindex=topo.lb_client.ifindex)
         wait_for(lambda: CLIENT in lb_neighbours(lab_, topo.lb_ns)
                  and lb_neighbours(lab_, topo.lb_ns)[CLIENT][0] & 0x1E,
@@ -218,7 +219,7 @@ def test_multipath_routes_keep_every_path_resolved():
                                                          {"gateway": "10.50.2.2", "oif": b0}])
         ipr.route("add", dst="0.0.0.0/0", gateway="10.50.1.9")
         with lab.inside(ns):
-            keeper = NeighbourKeeper(lambda: np.array([0x0A3C0101], dtype=np.uint32), lambda: [a0])
+            keeper = NeighbourKeeper(lambda: {IPV4: np.array([0x0A3C0101], dtype=np.uint32)}, lambda: [a0])
         try:
             routes = RouteTable.dump(keeper.ipr)
             assert routes.lookup(np.array([0x0A3C0101], dtype=np.uint32)) == \
@@ -248,3 +249,77 @@ def test_route_table_prefers_main_then_metric_then_longest_prefix():
     assert routes.lookup(np.array([0x0A020304, 0x0A010203, 0x0B000001], dtype=np.uint32)) == \
         [(NextHop(4, "192.0.2.5"),), (NextHop(5, "10.1.2.3"),), ()]
 
+
+def _v6_lab(lab: Lab) -> tuple[str, str, int]:
+    """ipv6_pair(), and 2001:db8:99::/64 behind p, reached by its link-local address."""
+    m, p = ipv6_pair(lab)
+    a0 = lab.ifindex(m, "a0")
+    lab.ipr(m).route("add", dst="2001:db8:99::/64", gateway="fe80::2", oif=a0, family=socket.AF_INET6)
+    return m, p, a0
+
+
+def test_ipv6_next_hops_resolved_by_ndp_and_kept():
+    """IPv6 backends, on-link and behind a link-local gateway, beside an
+    IPv4 one: the keeper makes managed entries for 2001:db8:1::2 and
+    fe80::2 (the gateway, never the remote backend itself), the kernel
+    resolves them by NDP to p's MAC; after `ip -6 neigh flush all` the
+    running keeper re-creates them at once; a backend gone takes its next
+    hop's entry with it."""
+    from lb.neighbours import NeighbourKeeper
+
+    with Lab(prefix="xn6", ipv6=True) as lab:
+        m, p, a0 = _v6_lab(lab)
+        assert not any(a.startswith(("2001:", "fe80:")) for a in lb_neighbours(lab, m, socket.AF_INET6))
+        backends = {IPV4: IPV4.array([IPV4.value("10.70.0.2")]),
+                    IPV6: IPV6.array(sorted(IPV6.value(a) for a in ("2001:db8:1::2", "2001:db8:99::7")))}
+        with lab.inside(m):
+            keeper = NeighbourKeeper(lambda: backends, lambda: [])
+        try:
+            hops = keeper._backends[IPV6].routes or RouteTable.dump(keeper.ipr, IPV6)
+            assert hops.lookup(backends[IPV6]) == [(NextHop(a0, "2001:db8:1::2"),), (NextHop(a0, "fe80::2"),)]
+            st = keeper.sync(wait=2.0)
+            assert st.managed == 3 and st.unresolved == [] and st.no_route == 0
+            mac = lab.mac(p, "a1")
+            table6 = lb_neighbours(lab, m, socket.AF_INET6)
+            for addr in ("2001:db8:1::2", "fe80::2"):
+                state, managed, proto = table6[addr]
+                assert managed and proto == NEIGH_PROTOCOL and state & 0x1E, (addr, table6[addr])
+            assert "2001:db8:99::7" not in table6
+            assert {n.get_attr("NDA_LLADDR") for n in lab.ipr(m).get_neighbours(family=socket.AF_INET6)
+                    if n.get_attr("NDA_DST") in ("2001:db8:1::2", "fe80::2")} == {mac}
+            assert lb_neighbours(lab, m)["10.70.0.2"][1]
+
+            keeper.start()
+            lab.run(m, ["ip", "-6", "neigh", "flush", "all"])
+            wait_for(lambda: all(a in (t := lb_neighbours(lab, m, socket.AF_INET6)) and t[a][1] and t[a][0] & 0x1E
+                                 for a in ("2001:db8:1::2", "fe80::2")),
+                     timeout=1.0, what="IPv6 managed entries back after a flush")
+            assert keeper.status.readded >= 2
+
+            backends[IPV6] = IPV6.array([IPV6.value("2001:db8:1::2")])
+            keeper.kick()
+            wait_for(lambda: "fe80::2" not in lb_neighbours(lab, m, socket.AF_INET6),
+                     timeout=2.0, what="the gateway's entry removed with its last backend")
+            assert lb_neighbours(lab, m, socket.AF_INET6)["2001:db8:1::2"][1]
+        finally:
+            keeper.close()
+
+
+def test_ipv6_route_table_longest_prefix_and_map_words():
+    """The same longest-prefix match for IPv6 (128-bit prefixes, a
+    link-local gateway kept as the next hop), and the data plane's
+    network-order `addr[4]` words read back as addresses of either family."""
+    from lb.neighbours import Route, words_to_values
+
+    routes = RouteTable([
+        Route(IPV6.value("2001:db8::"), 32, 100, (NextHop(2, "fe80::1"),)),
+        Route(IPV6.value("2001:db8:5::"), 64, 100, (NextHop(3, ""),)),
+        Route(0, 0, 1024, (NextHop(4, "fe80::9"),)),
+    ], IPV6)
+    addrs = IPV6.array(IPV6.value(a) for a in ("2001:db8:7::1", "2001:db8:5::20", "2a00::1"))
+    assert routes.lookup(addrs) == [(NextHop(2, "fe80::1"),), (NextHop(3, "2001:db8:5::20"),),
+                                    (NextHop(4, "fe80::9"),)]
+    assert routes.gateways([2, 3]) == {NextHop(2, "fe80::1")}
+    raw = np.frombuffer(bytes(range(16)) + bytes([10, 0, 0, 7]) + bytes(12), dtype="<u4").reshape(2, 4)
+    assert words_to_values(raw[:1], IPV6).tolist() == [IPV6.value("1:203:405:607:809:a0b:c0d:e0f")]
+    assert words_to_values(raw[1:], IPV4).tolist() == [IPV4.value("10.0.0.7")]

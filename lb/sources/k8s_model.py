@@ -21,7 +21,7 @@ import json
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 from typing import Any
 
 HEADLESS_LABEL = "service.kubernetes.io/headless"
@@ -29,6 +29,10 @@ PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 DEFAULT_AFFINITY_S = 10800          # sessionAffinityConfig.clientIP.timeoutSeconds default
 KINDS = ("Service", "EndpointSlice", "Node", "Pod", "Namespace", "NetworkPolicy")
+FAMILY_NAMES = {4: "IPv4", 6: "IPv6"}   # ip_address().version -> ipFamilies / addressType
+
+Address = IPv4Address | IPv6Address
+Network = IPv4Network | IPv6Network
 
 
 class BadObject(ValueError):
@@ -52,7 +56,7 @@ class KService:
     namespace: str
     name: str
     type: str
-    cluster_ips: tuple[str, ...]
+    cluster_ips: tuple[str, ...]    # one per family (dual-stack: two), as the apiserver allocated them
     ports: tuple[SvcPort, ...]
     external_ips: tuple[str, ...] = ()
     lb_ips: tuple[str, ...] = ()
@@ -396,26 +400,39 @@ def pod_identity(namespace: str, labels: tuple[tuple[str, str], ...]) -> str:
     return f"pod.{namespace}.{_h(namespace, labels)}"[:200]
 
 
-def cidr_identity(cidr: IPv4Network) -> str:
-    return f"cidr.{cidr.network_address}-{cidr.prefixlen}"
+def name_part(addr: Any) -> str:
+    """An address inside an xdplb name ([A-Za-z0-9._-]): IPv6's colons become dashes."""
+    return str(addr).replace(":", "-")
 
 
-def _v4net(s: str) -> IPv4Network | None:
+def cidr_identity(cidr: Network) -> str:
+    return f"cidr.{name_part(cidr.network_address)}-{cidr.prefixlen}"
+
+
+def _net(s: str) -> Network | None:
     try:
-        n = ip_network(s, strict=False)
+        return ip_network(s, strict=False)
     except ValueError:
         return None
-    return n if n.version == 4 else None
 
 
 @functools.lru_cache(maxsize=1 << 17)
-def _v4addr(s: str) -> IPv4Address | None:
-    """Cached: endpoint addresses repeat in every update of their slice.
-    inet_pton: strict dotted quad, ~5x faster than ipaddress's parser."""
+def _addr(s: str) -> Address | None:
+    """An address of either family. Cached: endpoint addresses repeat in
+    every update of their slice. inet_pton: strict, ~5x faster than
+    ipaddress's parser."""
     try:
         return IPv4Address(int.from_bytes(socket.inet_pton(socket.AF_INET, s), "big"))
     except (OSError, TypeError, ValueError):
+        pass
+    try:
+        return IPv6Address(socket.inet_pton(socket.AF_INET6, s))
+    except (OSError, TypeError, ValueError):
         return None
+
+
+def _net_order(n: Network) -> tuple[int, int, int]:
+    return (n.version, int(n.network_address), n.prefixlen)
 
 
 @dataclass
@@ -425,44 +442,45 @@ class PolicyView:
     pods: Mapping[tuple[str, str], KPod]
     namespaces: Mapping[str, KNamespace]
     policies: Mapping[tuple[str, str], KPolicy]
-    # Filled by identities(): identity -> (namespace, labels dict, its /32s)
-    groups: dict[str, tuple[str, dict[str, str], set[IPv4Network]]] = field(default_factory=dict)
-    cidr_nets: set[IPv4Network] = field(default_factory=set)
-    pod_by_ip: dict[str, KPod] = field(default_factory=dict)
+    # Filled by identities(): identity -> (namespace, labels dict, its /32s and /128s)
+    groups: dict[str, tuple[str, dict[str, str], set[Network]]] = field(default_factory=dict)
+    cidr_nets: set[Network] = field(default_factory=set)
+    pod_by_ip: dict[str, KPod] = field(default_factory=dict)     # str(address) -> pod
 
-    def identities(self, extra_cidrs: Iterable[str] = ()) -> dict[str, tuple[IPv4Network, ...]]:
+    def identities(self, extra_cidrs: Iterable[str] = ()) -> dict[str, tuple[Network, ...]]:
         """name -> CIDRs: one identity per (namespace, labels) of running
-        pods with an IPv4 address (host-network pods share the node's
-        address and get none), and one per CIDR that a policy or a
-        loadBalancerSourceRanges names (so that LPM can tell them apart)."""
-        groups: dict[str, tuple[str, dict[str, str], set[IPv4Network]]] = {}
-        owner: dict[IPv4Network, str] = {}
+        pods, with every address of theirs, IPv4 and IPv6 (host-network
+        pods share the node's address and get none), and one per CIDR that
+        a policy or a loadBalancerSourceRanges names (so that LPM can tell
+        them apart)."""
+        groups: dict[str, tuple[str, dict[str, str], set[Network]]] = {}
+        owner: dict[Network, str] = {}
         self.pod_by_ip = {}
         for pod in self.pods.values():
             if pod.host_network:
                 continue
             for ip in pod.ips:
-                a = _v4addr(ip)
+                a = _addr(ip)
                 if a is None:
                     continue
-                net = IPv4Network((a, 32))
+                net = ip_network((a, a.max_prefixlen))
                 if net in owner:                 # an IP reused before the old pod went: keep one
                     continue
                 name = pod_identity(pod.namespace, pod.labels)
                 g = groups.setdefault(name, (pod.namespace, dict(pod.labels), set()))
                 g[2].add(net)
                 owner[net] = name
-                self.pod_by_ip[ip] = pod
-        cidrs: set[IPv4Network] = set()
+                self.pod_by_ip[str(a)] = pod
+        cidrs: set[Network] = set()
         for pol in self.policies.values():
             for rule in pol.ingress or ():
                 for peer in rule.peers or ():
                     if peer.cidr:
-                        cidrs.update(n for n in map(_v4net, (peer.cidr, *peer.excepts)) if n)
-        cidrs.update(n for n in map(_v4net, extra_cidrs) if n)
-        cidrs -= set(owner)                       # a /32 that is a pod's IP is the pod's
+                        cidrs.update(n for n in map(_net, (peer.cidr, *peer.excepts)) if n)
+        cidrs.update(n for n in map(_net, extra_cidrs) if n)
+        cidrs -= set(owner)                       # a /32 (/128) that is a pod's IP is the pod's
         self.groups, self.cidr_nets = groups, cidrs
-        out = {name: tuple(sorted(g[2])) for name, g in groups.items()}
+        out = {name: tuple(sorted(g[2], key=_net_order)) for name, g in groups.items()}
         out.update({cidr_identity(n): (n,) for n in cidrs})
         return out
 
@@ -471,13 +489,16 @@ class PolicyView:
     def _block_names(self, cidr: str, excepts: tuple[str, ...]) -> set[str]:
         """Identities whose every address is inside `cidr` and outside the
         excepts: with LPM, these are the sources the block admits."""
-        c = _v4net(cidr)
+        c = _net(cidr)
         if c is None:
-            return set()                          # an IPv6 block admits no IPv4 source
-        exc = [e for e in map(_v4net, excepts) if e]
+            return set()
+        exc = [e for e in map(_net, excepts) if e and e.version == c.version]
 
-        def inside(n: IPv4Network) -> bool:
-            return n.subnet_of(c) and not any(n.subnet_of(e) for e in exc)
+        # An identity is admitted only if all its addresses are inside: so no
+        # one block admits a dual-stack pod (its identity cannot be split by
+        # family; admitting it would let its other address in too).
+        def inside(n: Network) -> bool:
+            return n.version == c.version and n.subnet_of(c) and not any(n.subnet_of(e) for e in exc)
 
         names = {cidr_identity(n) for n in self.cidr_nets if inside(n)}
         names |= {name for name, (_, _, nets) in self.groups.items() if all(inside(n) for n in nets)}
@@ -555,18 +576,19 @@ def _port_matches(pp: PolicyPort, protocol: str, port: int, port_name: str | Non
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One xdplb service: what config.Service gets, already checked."""
+    """One xdplb service: what config.Service gets, already checked. The
+    VIP and its backends are of one family."""
 
     name: str
-    vip: IPv4Address
+    vip: Address
     port: int
     protocol: str                         # tcp | udp
-    backends: tuple[tuple[IPv4Address, int, str], ...]   # (address, port, active|draining)
+    backends: tuple[tuple[Address, int, str], ...]   # (address, port, active|draining)
     allow: tuple[str, ...] | None = None
     client_affinity_s: int | None = None
 
     @property
-    def key(self) -> tuple[IPv4Address, int, str]:
+    def key(self) -> tuple[Address, int, str]:
         return (self.vip, self.port, self.protocol)
 
 
@@ -575,7 +597,7 @@ class Translation:
     entries: list[Entry] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)     # one reason per thing not served
     sctp: int = 0
-    ipv6: int = 0
+    other_family: int = 0     # addresses of a family the Service has no clusterIP of
 
 
 def serves(svc: KService, proxy_name: str | None) -> str | None:
@@ -593,20 +615,22 @@ def serves(svc: KService, proxy_name: str | None) -> str | None:
 
 def entry_name(ns: str, name: str, port: SvcPort, kind: str, vip: str) -> str:
     """xdplb's service name ([A-Za-z0-9._-]{1,63}): readable, unique."""
-    full = f"{ns}.{name}.{port.name or port.port}.{port.protocol.lower()}.{kind}.{vip}"
+    full = f"{ns}.{name}.{port.name or port.port}.{port.protocol.lower()}.{kind}.{name_part(vip)}"
     if len(full) <= 63:
         return full
     return f"{full[:50]}-{_h(full, n=12)}"
 
 
 def _backends(svc: KService, sp: SvcPort, slices: Iterable[KSlice], local: bool,
-              node_name: str | None) -> tuple[tuple[IPv4Address, int, str], ...]:
-    """Ready endpoints are active; with none ready, serving+terminating ones
-    are (kube-proxy's fallback). Every other endpoint still in a slice is
+              node_name: str | None, version: int) -> tuple[tuple[Address, int, str], ...]:
+    """The endpoints of one family (the slices of its addressType). Ready
+    endpoints are active; with none ready, serving+terminating ones are
+    (kube-proxy's fallback). Every other endpoint still in a slice is
     draining: its flows finish, it gets no new ones."""
-    cands: dict[tuple[IPv4Address, int], Endpoint] = {}
+    family = FAMILY_NAMES[version]
+    cands: dict[tuple[Address, int], Endpoint] = {}
     for sl in slices:
-        if sl.address_type != "IPv4":
+        if sl.address_type != family:
             continue
         port = next((p for n, proto, p in sl.ports if n == sp.name and proto == sp.protocol), None)
         if port is None:
@@ -614,8 +638,8 @@ def _backends(svc: KService, sp: SvcPort, slices: Iterable[KSlice], local: bool,
         for ep in sl.endpoints:
             if local and ep.node != node_name:
                 continue
-            a = _v4addr(ep.address)
-            if a is None:
+            a = _addr(ep.address)
+            if a is None or a.version != version:
                 continue
             k = (a, port)
             old = cands.get(k)
@@ -629,11 +653,16 @@ def _backends(svc: KService, sp: SvcPort, slices: Iterable[KSlice], local: bool,
 
 def translate(svc: KService, slices: Iterable[KSlice], node: KNode | None, node_name: str | None,
               policy: PolicyView | None = None) -> Translation:
+    """Dual-stack as kube-proxy: each family is served only if the Service
+    has a clusterIP of it (ipFamilies and ipFamilyPolicy act through the
+    clusterIPs the apiserver allocates), with the endpoints of that
+    family's EndpointSlices, on this node's addresses of that family."""
     out = Translation()
     slices = list(slices)
     where = f"Service {svc.namespace}/{svc.name}"
-    node_addrs = [a for a in (node.addresses if node else ()) if _v4addr(a)]
-    seen: set[tuple[IPv4Address, int, str]] = set()
+    versions = {a.version for a in map(_addr, svc.cluster_ips) if a is not None}
+    node_addrs = [a for a in (node.addresses if node else ()) if (v := _addr(a)) and v.version in versions]
+    seen: set[tuple[Address, int, str]] = set()
     for sp in svc.ports:
         if sp.protocol not in ("TCP", "UDP"):
             out.skipped.append(f"{where} port {sp.name or sp.port}/{sp.protocol}: "
@@ -641,22 +670,28 @@ def translate(svc: KService, slices: Iterable[KSlice], node: KNode | None, node_
             out.sctp += sp.protocol == "SCTP"
             continue
         proto = sp.protocol.lower()
-        internal = _backends(svc, sp, slices, svc.itp_local, node_name)
-        external = internal if svc.etp_local == svc.itp_local else \
-            _backends(svc, sp, slices, svc.etp_local, node_name)
+        # version -> (internal, external) backends
+        by_family: dict[int, tuple[tuple, tuple]] = {}
+        for v in sorted(versions):
+            internal = _backends(svc, sp, slices, svc.itp_local, node_name, v)
+            external = internal if svc.etp_local == svc.itp_local else \
+                _backends(svc, sp, slices, svc.etp_local, node_name, v)
+            by_family[v] = (internal, external)
         allow_pol = None
         if policy is not None and policy.pod_by_ip:      # no pod known: no policy can select
-            allow_pol = policy.allowed({str(a) for a, _, _ in internal + external}, sp.protocol,
-                                       _target_port(internal + external), _tp_name(sp))
-        vips: list[tuple[str, str, int, tuple, tuple[str, ...] | None]] = []
+            every = [b for pair in by_family.values() for bs in pair for b in bs]
+            allow_pol = policy.allowed({str(a) for a, _, _ in every}, sp.protocol,
+                                       _target_port(tuple(every)), _tp_name(sp))
+        vips: list[tuple[str, str, int, bool, tuple[str, ...] | None]] = []   # (kind, ip, port, external?, allow)
         for ip in svc.cluster_ips:
-            vips.append(("cluster", ip, sp.port, internal, allow_pol))
+            vips.append(("cluster", ip, sp.port, False, allow_pol))
         if sp.node_port and svc.type in ("NodePort", "LoadBalancer"):
             if not node_addrs:
-                out.skipped.append(f"{where} nodePort {sp.node_port}: this node's IPv4 addresses "
-                                   f"are unknown (kubernetes.node_name, Node status.addresses)")
+                out.skipped.append(f"{where} nodePort {sp.node_port}: this node's addresses of the "
+                                   f"Service's families are unknown (kubernetes.node_name, Node "
+                                   f"status.addresses)")
             for ip in node_addrs:
-                vips.append(("node", ip, sp.node_port, external, allow_pol))
+                vips.append(("node", ip, sp.node_port, True, allow_pol))
         if svc.type == "LoadBalancer":
             ranges = None
             if svc.lb_source_ranges:
@@ -665,26 +700,26 @@ def translate(svc: KService, slices: Iterable[KSlice], node: KNode | None, node_
                     policy.identities(svc.lb_source_ranges)
                 ranges = policy.ranges(svc.lb_source_ranges)
             for ip in svc.lb_ips:
-                allow = _intersect(allow_pol, ranges)
-                vips.append(("lb", ip, sp.port, external, allow))
+                vips.append(("lb", ip, sp.port, True, _intersect(allow_pol, ranges)))
         for ip in svc.external_ips:
-            vips.append(("ext", ip, sp.port, external, allow_pol))
-        for kind, ip, port, backends, allow in vips:
-            a = _v4addr(ip)
-            if a is not None and (a, port, proto) in seen:
+            vips.append(("ext", ip, sp.port, True, allow_pol))
+        for kind, ip, port, external, allow in vips:
+            a = _addr(ip)
+            if a is None or a.version not in versions:
+                out.other_family += 1
+                out.skipped.append(f"{where} {kind} {ip} port {port}/{sp.protocol}: not served: "
+                                   f"the Service has no clusterIP of this address family")
+                continue
+            if (a, port, proto) in seen:
                 # e.g. an externalIP equal to the clusterIP: one service per address
                 out.skipped.append(f"{where} {kind} {ip} port {port}/{sp.protocol}: "
                                    f"already served by this Service")
                 continue
-            if a is None:
-                out.ipv6 += 1
-                out.skipped.append(f"{where} {kind} {ip} port {port}/{sp.protocol}: "
-                                   f"not IPv4, not served (xdplb serves IPv4 only)")
-                continue
             seen.add((a, port, proto))
             out.entries.append(Entry(
-                entry_name(svc.namespace, svc.name, sp, kind, ip), a, port, proto, backends,
-                tuple(sorted(allow)) if allow is not None else None, svc.affinity_s))
+                entry_name(svc.namespace, svc.name, sp, kind, str(a)), a, port, proto,
+                by_family[a.version][external], tuple(sorted(allow)) if allow is not None else None,
+                svc.affinity_s))
     return out
 
 

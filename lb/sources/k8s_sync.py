@@ -12,7 +12,6 @@ import collections
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
 
 from pydantic import ValidationError
 
@@ -96,7 +95,7 @@ class Plan:
     """One batch's outcome: apply `identities` (if not None) first, then
     delete and upsert these services, each atomically."""
 
-    identities: dict[str, tuple[IPv4Network, ...]] | None = None
+    identities: dict[str, tuple[m.Network, ...]] | None = None
     upserts: list[Service] = field(default_factory=list)
     deletes: list[tuple] = field(default_factory=list)       # SvcKey
     rvs: dict[str, int] = field(default_factory=dict)        # kind -> highest resourceVersion in the batch
@@ -113,14 +112,15 @@ class SyncStats:
     rejected: int = 0
     conflicts: int = 0
     skipped_sctp: int = 0
-    skipped_ipv6: int = 0
+    skipped_family: int = 0          # addresses of a family the Service has no clusterIP of
     not_served: int = 0
 
 
 def to_service(e: m.Entry) -> Service:
     """Validate one translated entry as a config.Service. Backends were
-    built from checked values (IPv4, ports 1..65535) and are constructed
-    without re-validation; the service itself is validated in full."""
+    built from checked values (addresses of the VIP's family, ports
+    1..65535) and are constructed without re-validation; the service
+    itself is validated in full."""
     backends = tuple(Backend.model_construct(address=a, port=p, weight=1, state=s)
                      for a, p, s in e.backends)
     # _COLLECT skips config._service_problems(): duplicate backends, an
@@ -144,7 +144,7 @@ class Syncer:
         self.by_key: dict[tuple, str] = {}                       # SvcKey -> xdplb name
         self.owned: dict[tuple[str, str], tuple[str, ...]] = {}  # k8s service -> xdplb names
         self.owner: dict[str, tuple[str, str]] = {}              # xdplb name -> k8s service
-        self.identities: dict[str, tuple[IPv4Network, ...]] = {}
+        self.identities: dict[str, tuple[m.Network, ...]] = {}
         self.view: m.PolicyView = self.state.policy_view()
         self.pod_ips: set[str] = set()
         self.stats = SyncStats()
@@ -191,7 +191,7 @@ class Syncer:
         self.stats.deletes += len(plan.deletes)
         return plan
 
-    def _identities(self) -> dict[str, tuple[IPv4Network, ...]]:
+    def _identities(self) -> dict[str, tuple[m.Network, ...]]:
         view = self.state.policy_view()
         ids = view.identities(+self.state.ranges)
         problems = _identity_ids(ids, None, None)[1]
@@ -219,7 +219,7 @@ class Syncer:
                                  self.settings.node_name, self.view)
                 self.stats.translated += 1
                 self.stats.skipped_sctp += tr.sctp
-                self.stats.skipped_ipv6 += tr.ipv6
+                self.stats.skipped_family += tr.other_family
                 if tr.skipped and self.notes.get(key) != tr.skipped:
                     for reason in tr.skipped:
                         log.warning(_kv("not served", reason=reason))
