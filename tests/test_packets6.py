@@ -56,12 +56,6 @@ def lb6(lab6, bpf_object):
         # As the IPv4 harness does for the client (its ping): crafted
         # packets skip the client's own resolution of its gateway.
         say_hello(lab_, topo.client_ns, topo.lb_client_ip6)
-        # Stand-in for the neighbour keeper, which resolves IPv4 backends
-        # only on this branch (IPv6 comes with lb/neighbours.py of branch
-        # ipv6-ops): each backend talks to its gateway once.
-        for b in topo.backends:
-            say_hello(lab_, b.ns, b.gateway6)
-        time.sleep(0.2)
         yield h
 
 
