@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 
 import pytest
 from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6ND_NS, IPerror6, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
