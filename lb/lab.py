@@ -87,9 +87,22 @@ def _exit_on_sigterm() -> None:
     close the labs); the default action would leave their namespaces and
     daemons behind. Only where nothing else handles it, and only from the
     main thread (where signals are set)."""
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+    owner = os.getpid()
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if os.getpid() != owner:
+            # A forked child (a setns helper) inherits the handler: it must
+            # die as before, not unwind its copy of the parent's stack and
+            # close the parent's labs from its atexit.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _remove_ns(name: str) -> None:

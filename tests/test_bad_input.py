@@ -4,6 +4,7 @@ error naming the problem, and nothing is applied."""
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 import re
 import socket
@@ -86,9 +87,17 @@ def _acceptable(path, value) -> bool:
             or (path == ("hash_seed",) and type(value) is int and 0 <= value < 2**32)
             or (path == ("services", 0, "backends") and value == [])     # rejects new flows
             or (path == ("identities", "frontend") and value == [])       # an identity with no members
+            or (path == ("identities", "frontend", 0) and _ipv6_network(value))  # an IPv6 member
             or (path == ("interfaces", 0) and _valid_ifname(value))
             or (path == ("services", 0, "name") and isinstance(value, str)
                 and re.fullmatch(r"[A-Za-z0-9._-]{1,63}", value) is not None))
+
+
+def _ipv6_network(v) -> bool:
+    try:
+        return isinstance(v, str) and ipaddress.IPv6Network(v, strict=False).prefixlen >= 0
+    except ValueError:
+        return False
 
 
 def _valid_ifname(v) -> bool:

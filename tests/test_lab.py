@@ -356,13 +356,19 @@ def test_sigterm_closes_the_labs(tmp_path: Path) -> None:
     import sys
 
     script = tmp_path / "lab_then_wait.py"
-    script.write_text("import sys, time\nfrom lb.lab import Lab\nlab = Lab(prefix='sigt')\n"
-                      "print(lab.netns('a'), flush=True)\ntime.sleep(60)\n")
+    # A forked child (as setns helpers are) that gets a SIGTERM dies as
+    # before: it must not close the labs it inherited.
+    script.write_text("import os, signal, sys, time\nfrom lb.lab import Lab\nlab = Lab(prefix='sigt')\n"
+                      "name = lab.netns('a')\nr, w = os.pipe()\npid = os.fork()\n"
+                      "if pid == 0:\n    os.write(w, b'x')\n    time.sleep(60)\n    os._exit(0)\n"
+                      "os.read(r, 1)\nos.kill(pid, signal.SIGTERM)\n_, status = os.waitpid(pid, 0)\n"
+                      "assert os.WIFSIGNALED(status), status\n"
+                      "print(name, flush=True)\ntime.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
                             cwd=Path(__file__).resolve().parent.parent)
     name = proc.stdout.readline().strip()
     try:
-        assert name in netns.listnetns()
+        assert name and name in netns.listnetns()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) != 0
         assert name not in netns.listnetns()
