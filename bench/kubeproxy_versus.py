@@ -42,6 +42,7 @@ import datetime as dt
 import random
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -162,7 +163,9 @@ def plan(settings) -> list[str]:
     return [XDPLB] + [MODES[m] for m in settings.kube_proxy]
 
 
-def run(settings, progress: Callable[[str, float], None] | None = None) -> dict:
+def run(settings, progress: Callable[[str, float], None] | None = None,
+        on_row: Callable[[dict], None] | None = None) -> dict:
+    """The section; `on_row(section)` after every row (to save what is done)."""
     missing = missing_binaries(binaries=WITH_KUBE_PROXY)
     if missing:
         raise RuntimeError(f"{', '.join(missing)} missing: run `make k8s-bins`")
@@ -197,8 +200,10 @@ def run(settings, progress: Callable[[str, float], None] | None = None) -> dict:
                     try:
                         row = _point(settings, name, link, svcs, random.Random(settings.seed + n))
                     except Exception as e:     # keep the others; the table shows it
-                        row = {"error": f"{type(e).__name__}: {e}"[:2000]}
+                        row = {"error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-4000:]}
                     section["rows"].append({"engine": name, "services": n, **row})
+                    if on_row:
+                        on_row(section)
                 progress(what, 1)
     return section
 
