@@ -295,7 +295,9 @@ class XdplbK8sEngine(Engine):
                                   "log": str(self.daemon.log)})
 
     def mark(self) -> int:
-        return self.daemon.call("kubernetes", brief=True)["applied_total"]
+        """Where the changes start in the applied batches (and the daemon's
+        own receive -> map latencies restart)."""
+        return self.daemon.call("kubernetes", since=10**9, reset_latency=True)["applied_total"]
 
     def programmed(self, mark: int, writes: list, timeout: float = 120.0) -> list[float]:
         """Seconds from each write (CLOCK_MONOTONIC) to the daemon's batch
@@ -314,8 +316,10 @@ class XdplbK8sEngine(Engine):
         return out
 
     def kernel_writes(self, mark: int) -> dict:
-        """The batches applied since `mark` (each one pass of map writes)."""
-        return {"count": self.daemon.call("kubernetes", brief=True)["applied_total"] - mark}
+        """The batches applied since `mark` (each one pass of map writes), and
+        the daemon's share of the latency: event received -> maps written."""
+        st = self.daemon.call("kubernetes", since=10**9)
+        return {"count": st["applied_total"] - mark, "receive_to_map_ms": st["receive_to_map_ms"]}
 
     def served(self) -> dict[tuple[str, int, str], set[tuple[str, int]]]:
         return {k: {(a, p) for a, p, _ in v} for k, v in map_state(self.bpffs).items()}
