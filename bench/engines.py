@@ -323,27 +323,46 @@ class ForwarderEngine(Engine):
         return self.fwd.prog.fd if self.fwd else None
 
 
+def xdplb_config(services: list[BService], bpffs: str, capacity: int, endpoints: int) -> dict:
+    """xdplb's config for `services` on the bench lab's l0 and l1, with
+    Maglev slots for `capacity` services of `endpoints` backends."""
+    # The new-flow sweep is a flood by construction: the flood guard is
+    # off, so every packet pays for the state it writes (the stateful
+    # path is what is measured; bench/flood.py measures the guard).
+    return {"interfaces": ["l0", "l1"], "bpffs": bpffs,
+            "limits": {"maglev_slots": maglev_slots(capacity, endpoints)},
+            "flood_guard": {"new_flows_per_second": 0},
+            "services": [s.xdplb() for s in services]}
+
+
 class XdplbEngine(Engine):
     """The product: a fresh Dataplane (own pins) per sweep point.
 
     `forwarding`: the services' mode, nat (gateway NAT) or a DSR mode
-    (ipip, gue: issue 12; `xdplb-ipip` runs once the config takes a
-    service's `forwarding`)."""
+    (ipip, gue: issue 12), or a tuple of modes the services take in turn
+    by index (bench.core --interleaved: one program, every mode)."""
 
     kernel_path = False
 
-    def __init__(self, bl: BenchLab, object_path: Path | None = None, forwarding: str = "nat") -> None:
+    def __init__(self, bl: BenchLab, object_path: Path | None = None,
+                 forwarding: str | tuple[str, ...] = "nat", settings: dict | None = None) -> None:
         super().__init__(bl)
         names = {v: k for k, v in XDPLB_VARIANTS.items()}
-        if forwarding not in names:
-            raise ValueError(f"forwarding {forwarding!r}: one of {', '.join(names)}")
-        if forwarding != "nat" and not dsr_supported():
-            raise NotImplementedError(f"{names[forwarding]}: this xdplb has no per-service `forwarding` "
-                                      "(issue 12's DSR modes)")
-        self.name, self.forwarding = names[forwarding], forwarding
-        self.encapsulates = forwarding != "nat"
-        self.gue_port = GUE_PORT if forwarding == "gue" else 0
+        self.modes = (forwarding,) if isinstance(forwarding, str) else tuple(forwarding)
+        for mode in self.modes:
+            if mode not in names:
+                raise ValueError(f"forwarding {mode!r}: one of {', '.join(names)}")
+            if mode != "nat" and not dsr_supported():
+                raise NotImplementedError(f"{names[mode]}: this xdplb has no per-service `forwarding` "
+                                          "(issue 12's DSR modes)")
+        self.forwarding = self.modes[0]
+        self.name = "+".join(names[m] for m in self.modes)
+        # What the sink checks (Engine.deliveries): meaningful for one mode.
+        self.encapsulates = self.forwarding != "nat"
+        self.gue_port = GUE_PORT if self.forwarding == "gue" else 0
         self.object_path = object_path
+        # Top-level config entries over the sweep's (bench/overflow.py: the guard, SNAT).
+        self.settings = settings or {}
         self.dp = None
         self.rec = None
         self.cfg = None
@@ -351,20 +370,26 @@ class XdplbEngine(Engine):
         self.kernel_bytes: int | None = None
         self.kernel_bytes_empty: int | None = None
 
-    def _config(self, services: list[BService], capacity: int, endpoints: int) -> dict:
-        # The new-flow sweep is a flood by construction: the flood guard is
-        # off, so every packet pays for the state it writes (the stateful
-        # path is what is measured; bench/flood.py measures the guard).
-        return {"interfaces": ["l0", "l1"], "bpffs": self.bpffs,
-                "limits": {"maglev_slots": maglev_slots(capacity, endpoints)},
-                "flood_guard": {"new_flows_per_second": 0},
-                "services": [self._service(s) for s in services]}
-
     def _service(self, s: BService) -> dict:
         d = s.xdplb()
-        if self.forwarding != "nat":
-            d["forwarding"] = self.forwarding
+        mode = self.modes[s.index % len(self.modes)]
+        if mode != "nat":
+            # DSR does not rewrite the port: each endpoint serves the
+            # service's (where Engine.deliveries() expects the packets).
+            d["forwarding"] = mode
+            d["backends"] = [f"{a}:{s.port}" for a, _ in s.endpoints]
         return d
+
+    def _config(self, services: list[BService], capacity: int, endpoints: int) -> dict:
+        cfg = xdplb_config(services, self.bpffs, capacity, endpoints)
+        cfg["services"] = [self._service(s) for s in services]
+        return {**cfg, **self._encap(), **self.settings}
+
+    def _encap(self) -> dict:
+        """What DSR services need in the config: the tunnels' outer source."""
+        from .lab import LB_SINK_IP
+
+        return {"encap_source": LB_SINK_IP} if set(self.modes) != {"nat"} else {}
 
     def full_sync(self, services: list[BService]) -> SyncResult:
         from lb.config import config_from_dict
@@ -396,8 +421,8 @@ class XdplbEngine(Engine):
         from lb.config import config_from_dict
 
         # As the daemon's upsert_service API does: validate the one service.
-        return config_from_dict({"interfaces": ["l0", "l1"], "services": [self._service(s)]},
-                                source="<bench>").services[0]
+        return config_from_dict({"interfaces": ["l0", "l1"], **self._encap(),
+                                 "services": [self._service(s)]}, source="<bench>").services[0]
 
     def add(self, s: BService) -> float:
         t0 = time.perf_counter()

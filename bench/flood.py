@@ -1,6 +1,6 @@
 """An established TCP stream under a random-source SYN flood.
 
-    python -m bench.flood [--seconds 3] [--rounds 2] [--rates 200000 20000] [--out FILE]
+    python -m bench.flood [--seconds 3] [--rounds 2] [--rates 200000 20000] [--object O] [--out FILE]
 
 Lab (lb.lab.build_lb_lab plus a generator namespace):
 
@@ -36,10 +36,11 @@ import subprocess
 import sys
 import threading
 import time
+from ipaddress import ip_address
 from pathlib import Path
 
 from lb.config import FloodGuard, config_from_dict
-from lb.dataplane import Dataplane
+from lb.dataplane import Dataplane, addr_word
 from lb.lab import Lab, build_lb_lab
 from lb.neighbours import NeighbourKeeper, backend_addresses, drain_requests, recent_destinations
 from lb.reconcile import Reconciler
@@ -121,7 +122,8 @@ class Stream:
 class FloodLab:
     """The lab, xdplb on it, the stream and the generator; close() undoes all."""
 
-    def __init__(self, guard: FloodGuard | None = None, stream_cpu: int = 1, gen_cpu: int = 0) -> None:
+    def __init__(self, guard: FloodGuard | None = None, stream_cpu: int = 1, gen_cpu: int = 0,
+                 object_path: Path | None = None) -> None:
         self.lab = Lab()
         self.dp = None
         self.neighbours: NeighbourKeeper | None = None
@@ -129,6 +131,7 @@ class FloodLab:
         self.gen: Generator | None = None
         self.stream_cpu, self.gen_cpu = stream_cpu, gen_cpu
         self.guard = guard or FloodGuard()
+        self.object_path = object_path
         try:
             self._build()
         except BaseException:
@@ -155,7 +158,7 @@ class FloodLab:
             "services": [{"name": "stream", "vip": VIP, "port": PORT, "protocol": "tcp",
                           "backends": [f"{topo.backends[0].ip}:{topo.backend_port}"]}]}
         cfg = config_from_dict(self.cfg_dict)
-        self.dp = Dataplane.open(cfg)
+        self.dp = Dataplane.open(cfg, self.object_path)
         self.rec = Reconciler(self.dp)
         self.rec.apply(cfg)
         with lab.inside(topo.lb_ns):
@@ -215,11 +218,17 @@ class FloodLab:
         c = self.dp.consts
         glob = self.dp.maps["global_stats"]
         drops = self.dp.maps["drop_stats"]
-        return {"ct_new": sum(v.packets for v in glob.lookup(c.CNT_CT_NEW)),
-                "ct_hit": sum(v.packets for v in glob.lookup(c.CNT_CT_HIT)),
-                "stateless": sum(v.packets for v in glob.lookup(c.CNT_GUARD_STATELESS)),
+        # An older build (--object) may not have every counter.
+        count = lambda name: sum(v.packets for v in glob.lookup(getattr(c, name))) \
+            if hasattr(c, name) else 0                               # noqa: E731
+        entries = self.dp.maps["conntrack"].lookup_batch()
+        client = addr_word(ip_address(self.topo.client_ip))
+        return {"ct_new": count("CNT_CT_NEW"), "ct_hit": count("CNT_CT_HIT"),
+                "stateless": count("CNT_GUARD_STATELESS"), "stateless_replies": count("CNT_REPLY_STATELESS"),
                 "new_flow_rate_drops": sum(v.packets for v in drops.lookup(c.DROP_NEW_FLOW_RATE)),
-                "conntrack_entries": len(self.dp.maps["conntrack"].lookup_batch())}
+                "conntrack_entries": len(entries),
+                # The stream's own entry: the flood must not evict it.
+                "stream_entries": sum(1 for k, _ in entries if k.src[0] == client)}
 
     def close(self) -> None:
         for p in self.procs:
@@ -236,10 +245,10 @@ class FloodLab:
 
 
 def run(seconds: float = 3.0, rounds: int = 2, rates: tuple[int, ...] = (FloodGuard().new_flows_per_second,),
-        burst: int = FloodGuard().burst) -> dict:
+        burst: int = FloodGuard().burst, object_path: Path | None = None) -> dict:
     """Windows in turn, `rounds` times: unloaded, a flood under each guard
     rate, a flood with the guard off."""
-    fl = FloodLab(FloodGuard(new_flows_per_second=rates[0], burst=burst))
+    fl = FloodLab(FloodGuard(new_flows_per_second=rates[0], burst=burst), object_path=object_path)
     try:
         stream = fl.start_stream()
         time.sleep(1.0)                              # past slow start
@@ -258,14 +267,22 @@ def run(seconds: float = 3.0, rounds: int = 2, rates: tuple[int, ...] = (FloodGu
                 windows.append({"kind": kind, "guard_rate": rate, "seconds": round(t1 - t0, 3),
                                 "stream_gbit_s": round(nbytes * 8 / dt / 1e9, 4) if dt else 0.0,
                                 "flood_offered_mpps": round(sent / (t1 - t0) / 1e6, 4),
-                                **{k: after[k] - before[k] for k in after if k != "conntrack_entries"},
-                                "conntrack_entries": after["conntrack_entries"]})
+                                **{k: after[k] - before[k] for k in after if not k.endswith("_entries")},
+                                "conntrack_entries": after["conntrack_entries"],
+                                "stream_entries": after["stream_entries"]})
         base = statistics.mean(w["stream_gbit_s"] for w in windows if w["kind"] == "unloaded")
         kept = {k: round(statistics.mean(w["stream_gbit_s"] for w in windows if w["kind"] == k) / base, 4)
                 if base else None for k, _ in kinds[1:]}
+        # Per round, against that round's own unloaded window: on a shared
+        # machine the spread says how far to trust the mean.
+        per_round = {k: [round(w["stream_gbit_s"] / u["stream_gbit_s"], 3)
+                         for u, w in zip(windows[::len(kinds)], windows[i::len(kinds)]) if u["stream_gbit_s"]]
+                     for i, (k, _) in enumerate(kinds) if i}
         return {"machine": {"kernel": platform.release(), "cpus": os.cpu_count()},
+                "object": str(object_path) if object_path else "bpf/xdp/xdplb.o",
                 "burst": burst, "seconds": seconds, "rounds": rounds, "stream_closed": stream.closed,
-                "unloaded_gbit_s": round(base, 4), "kept": kept, "windows": windows}
+                "unloaded_gbit_s": round(base, 4), "kept": kept, "kept_per_round": per_round,
+                "windows": windows}
     finally:
         fl.close()
 
@@ -278,18 +295,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rates", type=int, nargs="+", default=[FloodGuard().new_flows_per_second],
                     help="guard rates to measure, new flows per second per CPU (default: the config default)")
     ap.add_argument("--burst", type=int, default=FloodGuard().burst)
+    ap.add_argument("--object", type=Path, help="another build of bpf/xdp/xdplb.o to measure")
     ap.add_argument("--out", type=Path, default=Path("bench/results/flood.json"))
     a = ap.parse_args(argv)
-    res = run(a.seconds, a.rounds, tuple(a.rates), a.burst)
+    res = run(a.seconds, a.rounds, tuple(a.rates), a.burst, a.object)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2) + "\n")
     print("| window | stream Gbit/s | flood offered Mpps | new flows with state | stateless | "
-          "new_flow_rate drops |\n|---|---|---|---|---|---|")
+          "stateless replies | new_flow_rate drops | stream's entry kept |\n|---|---|---|---|---|---|---|---|")
     for w in res["windows"]:
         print(f"| {w['kind']} | {w['stream_gbit_s']:.3f} | {w['flood_offered_mpps']:.3f} | {w['ct_new']} | "
-              f"{w['stateless']} | {w['new_flow_rate_drops']} |")
+              f"{w['stateless']} | {w['stateless_replies']} | {w['new_flow_rate_drops']} | "
+              f"{'yes' if w['stream_entries'] else 'NO'} |")
     print(f"unloaded stream: {res['unloaded_gbit_s']:.3f} Gbit/s; kept under the flood: " +
-          ", ".join(f"{k}: {v:.1%}" for k, v in res["kept"].items()) + f"; stream closed: {res['stream_closed']}")
+          ", ".join(f"{k}: {v:.1%} (per round {', '.join(f'{x:.0%}' for x in res['kept_per_round'][k])})"
+                    for k, v in res["kept"].items()) + f"; stream closed: {res['stream_closed']}")
     print(f"wrote {a.out}")
     return 0
 

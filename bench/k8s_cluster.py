@@ -94,24 +94,29 @@ class Api:
         that signed it), written once it has started."""
         self._tls = ssl.create_default_context(cafile=str(ca_file))
 
-    def request(self, method: str, path: str, body: Any = None,
-                content_type: str = "application/json", timeout: float = 30) -> dict:
+    def raw(self, method: str, path: str, body: Any = None,
+            content_type: str = "application/json", timeout: float = 30) -> tuple[int, str]:
+        """(HTTP status, body text): a watch's body is its newline-delimited events."""
         data = None if body is None else json.dumps(body).encode()
         headers = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/json"}
         if data is not None:
             headers["Content-Type"] = content_type
         if self.keepalive:
             resp, text = self._kept(method, path, data, headers, timeout)
-        else:
-            conn = self._connect(timeout)
-            try:
-                conn.request(method, path, body=data, headers=headers)
-                resp = conn.getresponse()
-                text = resp.read().decode()
-            finally:
-                conn.close()
-        if resp.status >= 300:
-            raise ApiError(resp.status, text)
+            return resp.status, text
+        conn = self._connect(timeout)
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode()
+        finally:
+            conn.close()
+
+    def request(self, method: str, path: str, body: Any = None,
+                content_type: str = "application/json", timeout: float = 30) -> dict:
+        status, text = self.raw(method, path, body, content_type, timeout)
+        if status >= 300:
+            raise ApiError(status, text)
         return json.loads(text) if text else {}
 
     def _connect(self, timeout: float) -> http.client.HTTPSConnection:

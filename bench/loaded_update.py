@@ -1,64 +1,70 @@
-"""Single-service update latency with every core busy forwarding traffic
-through the LB, next to the same measurement without traffic, in one run.
+"""Single-service update latency through the daemon's API, with every
+core busy forwarding traffic through the LB, next to the same measurement
+without traffic, in one run.
 
     python -m bench.loaded_update [--services 20000] [--backends 3] [--updates 1000]
                                   [--interval-ms 2] [--rounds 2] [--json FILE]
-                                  [--no-freeze] [--nice N | --fifo P | --slice-us US]
 
-On a gateway, softirq work from XDP keeps every core busy, and the daemon's
-updates compete with it for the CPU. Here: the harness's gen -> lb -> sink
-lab, xdplb with N services, and the traffic from another process (softirq
-work is not the daemon's: no GIL or scheduling group shared with it) with
-one thread per CPU, each pinned to its CPU (sched_setaffinity), at the
-default policy and nice 0 like ksoftirqd, each running the in-kernel
-generator (bench/bpf/gen.c) in BPF test-run's live-frames mode, open loop.
-l0 and s0 get one receive queue per CPU (a veth delivers an XDP-transmitted
-frame to queue `cpu % queues` and runs that queue's NAPI on the sending
-CPU), so each CPU runs the generator, xdplb and the sink for its own frames:
-xdplb forwards on every core at once, in softirq. /proc/stat over the loaded
-blocks gives each CPU's busy and softirq shares.
+What is measured is what a user or controller waits for: `xdplb run` (a
+real daemon process, in the lab's LB namespace, with N services from its
+config file) gets `upsert_service` of one random service with one endpoint
+replaced, over its API socket (lb.api.call: connect, JSON request, the
+daemon's validation, reconcile and map writes, JSON reply), from this
+process, one every `--interval-ms` (API requests arriving, not a saturated
+control plane), in alternating blocks without and with traffic
+(`--rounds`), `--updates` of each in all. The reply comes after the maps
+are written; each update is then checked in the pinned maps themselves (the
+service's Maglev table holds exactly the new endpoints), outside the timed
+window. Next to each latency: the daemon process's CPU time over the call
+(all its threads: the difference is time spent waiting for a CPU or the
+lock) and the reconciler's own time from the reply.
 
-The measured operation is what `python -m bench.core` and `xdplb bench`
-time: `Reconciler.upsert_service` of one random service with one endpoint
-replaced, including the validation of that one service (as the API does),
-from this process's main thread, one every `--interval-ms` (API requests or
-watch events arriving, not a saturated control plane), in alternating
-blocks without and with traffic (`--rounds`), `--updates` of each in all.
-Each update's CPU time (its thread's) is reported next to its latency: the
-difference is time spent waiting for a CPU. The traffic goes to the last
-service (new flows: every packet a conntrack insert), which the updates
-leave alone, so the sink can check that no packet reaches a wrong backend.
+The traffic: the harness's gen -> lb -> sink lab, from another process
+(softirq work is not the daemon's) with one thread per CPU, each pinned to
+its CPU (sched_setaffinity), at the default policy and nice 0 like
+ksoftirqd, each running the in-kernel generator (bench/bpf/gen.c) in BPF
+test-run's live-frames mode, open loop. l0 and s0 get one receive queue per
+CPU (a veth delivers an XDP-transmitted frame to queue `cpu % queues` and
+runs that queue's NAPI on the sending CPU), so each CPU runs the generator,
+xdplb and the sink for its own frames: xdplb forwards on every core at
+once, in softirq. /proc/stat over the loaded blocks gives each CPU's busy
+and softirq shares. The traffic goes to the last service (new flows: every
+packet a conntrack insert), which the updates leave alone, so the sink can
+check that no packet reaches a wrong backend.
 
-After the full sync, its million objects are frozen out of the cyclic GC
-(gc.freeze(), as Kubernetes mode does after its first sync); --no-freeze
-leaves them, as the daemon's config/API mode does today, and the full GC
-passes that then land on updates are counted. The calls of maglev's
-parallel functions during the measured updates are counted (0 expected).
---nice/--fifo/--slice-us run the updating thread at another priority, to
-see what scheduling, not the update's own work, adds.
+The daemon runs as `xdplb run` does in config mode: after its first apply
+it freezes that state out of the cyclic GC (lb.daemon.freeze_state).
+tests/test_reconcile.py checks that one-service updates enter no numba
+parallel region.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import platform
 import random
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from ipaddress import IPv4Address
 from pathlib import Path
 
-from lb import maglev
+import numpy as np
+
+from lb.dataplane import Constants, Dataplane, addr_word, default_object_path, htons, ntohs, word_addr
+from lb.demo import DaemonProcess
 from lb.lab import Lab, cleanup_stale
+from lb.reconcile import PROTOCOLS
+from loader import BpfObject, Map
 
 from . import lab as blab
 from . import profile as prof
-from .engines import XdplbEngine, make_services, replace_endpoint
+from .engines import BService, make_services, replace_endpoint, xdplb_config
 from .progs import Generator, Sink, build
 from .sweep import machine_info
 
@@ -155,52 +161,6 @@ def worker(prog_fd: int, ifindex: int, cpus: list[int], template: bytes) -> int:
     return 0
 
 
-def request_slice(ns: int) -> None:
-    """sched_setattr(0, {SCHED_OTHER, sched_runtime=ns}) for the calling
-    thread: since Linux 6.12 a fair task may ask for its own slice (0.1-100
-    ms); a short one lets it preempt the running task when it wakes
-    (EEVDF's earlier deadline) instead of waiting out that task's slice."""
-    import ctypes
-
-    class SchedAttr(ctypes.Structure):
-        _fields_ = [("size", ctypes.c_uint32), ("sched_policy", ctypes.c_uint32),
-                    ("sched_flags", ctypes.c_uint64), ("sched_nice", ctypes.c_int32),
-                    ("sched_priority", ctypes.c_uint32), ("sched_runtime", ctypes.c_uint64),
-                    ("sched_deadline", ctypes.c_uint64), ("sched_period", ctypes.c_uint64)]
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    attr = SchedAttr(size=ctypes.sizeof(SchedAttr), sched_policy=0, sched_nice=os.getpriority(os.PRIO_PROCESS, 0),
-                     sched_runtime=ns)
-    nr = {"x86_64": 314, "aarch64": 274}[platform.machine()]
-    if libc.syscall(nr, 0, ctypes.byref(attr), 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"sched_setattr(slice {ns} ns): {os.strerror(err)}")
-
-
-_saved: dict[str, object] = {}
-
-
-def count_parallel_calls() -> dict[str, int]:
-    """Count the calls of maglev's parallel functions (numba parallel
-    regions) from now on; the counts fill the returned dict."""
-    calls: dict[str, int] = {}
-    for name in maglev.PARALLEL_FUNCTIONS:
-        fn = _saved.setdefault(name, getattr(maglev, name))
-
-        def counted(*a, _fn=fn, _name=name, **k):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _fn(*a, **k)
-
-        setattr(maglev, name, counted)
-    return calls
-
-
-def uncount_parallel_calls() -> None:
-    for name, fn in _saved.items():
-        setattr(maglev, name, fn)
-    _saved.clear()
-
-
 def quantiles(values: list[float]) -> dict:
     v = sorted(values)
     q = lambda p: v[min(len(v) - 1, int(round(p * (len(v) - 1))))]  # noqa: E731
@@ -209,49 +169,50 @@ def quantiles(values: list[float]) -> dict:
             "mean_ms": round(1e3 * statistics.fmean(v), 4), "over_1ms": sum(x > 1e-3 for x in v)}
 
 
-class GcWatch:
-    """Cyclic-GC passes while installed (they stop every thread): how many
-    walked the oldest generation, and the longest pass of any generation."""
-
-    def __init__(self) -> None:
-        self.count, self.max_ms, self._t0 = 0, 0.0, 0
-
-    def __call__(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._t0 = time.perf_counter_ns()
-        elif self._t0:
-            self.count += info.get("generation") == 2
-            self.max_ms = max(self.max_ms, (time.perf_counter_ns() - self._t0) / 1e6)
-
-    def __enter__(self) -> "GcWatch":
-        gc.callbacks.append(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        gc.callbacks.remove(self)
+def process_cpu_ns(pid: int) -> int:
+    """CPU time of process `pid`, all its threads (its CPUCLOCK_SCHED clock,
+    as clock_getcpuclockid(3) makes it)."""
+    return time.clock_gettime_ns(((~pid) << 3) | 2)
 
 
-def set_priority(nice: int | None, fifo: int | None) -> None:
-    """For the calling thread: a nice value (and the same for this process's
-    autogroup, which is what competes with other sessions' tasks while
-    kernel.sched_autogroup_enabled=1), or SCHED_FIFO at `fifo`."""
-    if nice is not None:
-        os.setpriority(os.PRIO_PROCESS, 0, nice)         # on Linux: this thread
-        ag = Path("/proc/self/autogroup")
-        if ag.exists():
-            ag.write_text(f"{nice}\n")
-    if fifo is not None:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(fifo))
+class PinnedMaps:
+    """The daemon's services, backends and Maglev pool, opened from their
+    pins: what a packet would find, read from the maps themselves."""
+
+    def __init__(self, bpffs: str) -> None:
+        obj = BpfObject(default_object_path())
+        try:
+            self.c, lay = Constants(obj.btf.enums()), obj.layouts
+            self.maps = {name: Map.open_pinned(Path(bpffs) / "maps" / name, lay.map_key_type(name),
+                                               lay.map_value_type(name), name=name)
+                         for name in ("services", "backends", "maglev_pool")}
+            self.backends = self.maps["backends"].numpy_view(lay.dtype("backend"), writable=False)
+        finally:
+            obj.close()
+        chunk = self.maps["maglev_pool"].value_size // 4
+        self.pool = self.maps["maglev_pool"].numpy_view(np.dtype((np.uint32, chunk)), writable=False).reshape(-1)
+
+    def members(self, s: BService) -> set[tuple[str, int]]:
+        """(address, port) of the backends in the service's Maglev table."""
+        sm = self.maps["services"]
+        key = sm.key_type(port=htons(s.port), proto=PROTOCOLS[s.proto], family=self.c.FAMILY_IPV4)
+        key.vip[0] = addr_word(IPv4Address(s.vip))
+        v = sm.lookup(key)
+        if v is None:
+            return set()
+        recs = self.backends[np.unique(self.pool[v.ring_offset:v.ring_offset + v.ring_size])]
+        return {(str(word_addr(int(r["addr"][0]))), ntohs(int(r["port"]))) for r in recs}
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            m.close()
 
 
-def measure(n: int, backends: int, updates: int, interval_s: float, rounds: int, freeze: bool = True,
-            slice_us: float = 0, nice: int | None = None, fifo: int | None = None, seed: int = 1) -> dict:
+def measure(n: int, backends: int, updates: int, interval_s: float, rounds: int, seed: int = 1) -> dict:
     cpus = sorted(os.sched_getaffinity(0))
-    if slice_us:
-        request_slice(int(slice_us * 1000))
-    set_priority(nice, fifo)
     cleanup_stale("xb")                             # labs of benchmark runs that were killed
-    with Lab(prefix="xb") as lab, Generator() as gen:
+    bpffs = f"/sys/fs/bpf/xdplb-loaded-update-{os.getpid()}"
+    with Lab(prefix="xb") as lab, Generator() as gen, tempfile.TemporaryDirectory(prefix="xdplb-lu-") as tmp:
         bl = blab.build(lab)
         # One receive queue per CPU on the veths that receive XDP frames.
         q = str(len(cpus))
@@ -261,11 +222,15 @@ def measure(n: int, backends: int, updates: int, interval_s: float, rounds: int,
             with bl.inside(bl.sink_ns):
                 sink.attach(bl.s0)
             sink.configure(check=True)
-            eng = XdplbEngine(bl)
-            parallel_calls: dict[str, int] = {}
+            services = make_services(n, backends, "udp")
+            cfg = xdplb_config(services, bpffs, n, backends) | {
+                "api_socket": f"/run/xdplb/loaded-update-{os.getpid()}.sock", "metrics_address": False}
+            daemon, maps = None, None
             try:
-                services = make_services(n, backends, "udp")
-                sync = eng.full_sync(services)
+                t0 = time.perf_counter()
+                daemon = DaemonProcess(cfg, Path(tmp), bl.lb_ns).start(timeout=900)
+                start_s = time.perf_counter() - t0
+                maps = PinnedMaps(bpffs)
                 target = services[-1]
                 sink.allow([(a, p, target.proto, target.stamp) for a, p in target.endpoints])
                 spec, _, _ = prof.load("udp_flows", {"vip": target.vip, "port": target.port,
@@ -277,30 +242,29 @@ def measure(n: int, backends: int, updates: int, interval_s: float, rounds: int,
                 rng = random.Random(seed)
                 current = list(services)
                 k = iter(range(10**9))
+                pid = daemon.proc.pid
 
-                def one() -> tuple[float, float]:
-                    """(wall, this thread's CPU time) of one update, seconds."""
+                def one() -> tuple[float, float, float]:
+                    """(latency, the daemon's CPU time, its reconcile time) of one
+                    update, seconds; then its result checked in the maps."""
                     i = rng.randrange(n - 1)        # never the traffic's service
                     new = replace_endpoint(current[i], next(k))
-                    c0 = time.thread_time_ns()
-                    dt = eng.update(current[i], new)
+                    body = new.xdplb()
+                    c0 = process_cpu_ns(pid)
+                    t0 = time.perf_counter()
+                    res = daemon.call("upsert_service", service=body)
+                    dt = time.perf_counter() - t0
+                    used = (process_cpu_ns(pid) - c0) / 1e9
                     current[i] = new
-                    return dt, (time.thread_time_ns() - c0) / 1e9
+                    if res.get("updated") != 1 or maps.members(new) != set(new.endpoints):
+                        raise RuntimeError(f"update of {new.name} not in the maps after the reply: {res}")
+                    return dt, used, res["seconds"]
 
-                if freeze:
-                    # As Kubernetes mode does after its first sync (lb/sources/
-                    # kubernetes.py): the full sync's million objects frozen,
-                    # out of the collector's passes.
-                    gc.collect()
-                    gc.freeze()
-                for _ in range(50):                 # warm-up: imports, numba's cache, allocator
+                for _ in range(50):                 # warm-up: first touch of each path, allocator
                     one()
-                parallel_calls = count_parallel_calls()
                 kinds = ("unloaded", "loaded")
-                lat: dict[str, list[float]] = {k: [] for k in kinds}
-                cpu_time: dict[str, list[float]] = {k: [] for k in kinds}
-                cpu: dict[str, list] = {k: [] for k in kinds}
-                gcs = {k: GcWatch() for k in kinds}
+                lat: dict[str, list[list[float]]] = {kind: [[], [], []] for kind in kinds}
+                cpu: dict[str, list] = {kind: [] for kind in kinds}
                 before_sink, t_loaded = sink.counts(), 0.0
                 per_block = max(1, updates // rounds)
                 for _ in range(rounds):
@@ -309,12 +273,10 @@ def measure(n: int, backends: int, updates: int, interval_s: float, rounds: int,
                             load.start()
                         t0, c0 = time.perf_counter(), cpu_times()
                         try:
-                            with gcs[kind]:
-                                for _ in range(per_block):
-                                    wall, used = one()
-                                    lat[kind].append(wall)
-                                    cpu_time[kind].append(used)
-                                    time.sleep(interval_s)
+                            for _ in range(per_block):
+                                for column, x in zip(lat[kind], one()):
+                                    column.append(x)
+                                time.sleep(interval_s)
                         finally:
                             c1 = cpu_times()
                             if kind == "loaded":
@@ -324,25 +286,24 @@ def measure(n: int, backends: int, updates: int, interval_s: float, rounds: int,
                 counts = sink.counts() - before_sink
                 sent = load.frames
             finally:
-                uncount_parallel_calls()
-                eng.close()
-                if freeze:
-                    gc.unfreeze()
-    out = {"services": n, "backends_per_service": backends, "full_sync_s": round(sync.seconds, 3),
-           "interval_ms": 1e3 * interval_s, "rounds": rounds, "cpus": cpus, "gc_frozen": freeze,
-           "slice_us": slice_us or None, "nice": nice, "fifo": fifo,
-           "parallel_regions_entered": sum(parallel_calls.values())}
+                if maps is not None:
+                    maps.close()
+                if daemon is not None:
+                    daemon.kill(signal.SIGKILL)
+                Dataplane.detach(Path(bpffs), purge=True)
+    out = {"services": n, "backends_per_service": backends, "daemon_start_s": round(start_s, 3),
+           "interval_ms": 1e3 * interval_s, "rounds": rounds, "cpus": cpus,
+           "measured": "API upsert_service round trip (lb.api.call) to a running `xdplb run`, "
+                       "each checked in the pinned maps after the reply"}
     for kind in kinds:
-        out[kind] = quantiles(lat[kind]) | {"cpu_time": quantiles(cpu_time[kind]),
-                                            "gc_full_passes": gcs[kind].count,
-                                            "gc_longest_pass_ms": round(gcs[kind].max_ms, 3)}
+        wall, used, reconcile = lat[kind]
+        out[kind] = quantiles(wall) | {"daemon_cpu": quantiles(used), "reconcile": quantiles(reconcile)}
         out[f"cpu_{kind}"] = cpu[kind]
     out["traffic"] = {"seconds": round(t_loaded, 3), "generated": sent,
                       "delivered": counts.good, "misrouted": counts.misrouted,
                       "generated_mpps": round(sent / t_loaded / 1e6, 3) if t_loaded else 0.0,
                       "delivered_mpps": round(counts.good / t_loaded / 1e6, 3) if t_loaded else 0.0}
     return out
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -351,12 +312,6 @@ def main(argv=None) -> int:
     p.add_argument("--updates", type=int, default=1000, help="of each kind (unloaded, loaded)")
     p.add_argument("--interval-ms", type=float, default=2.0, help="pause between two updates")
     p.add_argument("--rounds", type=int, default=2, help="alternating blocks of each kind")
-    p.add_argument("--no-freeze", action="store_true",
-                   help="leave the full sync's objects to the cyclic GC (the daemon's API mode today)")
-    p.add_argument("--slice-us", type=float, default=0,
-                   help="ask the scheduler for this slice for the updating thread (sched_setattr)")
-    p.add_argument("--nice", type=int, help="nice value of the updating thread (and of its autogroup)")
-    p.add_argument("--fifo", type=int, help="SCHED_FIFO priority for the updating thread")
     p.add_argument("--json")
     p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)     # FD IFINDEX CPUS TEMPLATE (the load)
     a = p.parse_args(argv)
@@ -364,31 +319,30 @@ def main(argv=None) -> int:
         fd, ifindex, cpus, template = a.worker
         return worker(int(fd), int(ifindex), [int(c) for c in cpus.split(",")], bytes.fromhex(template))
     build()
-    r = measure(a.services, a.backends, a.updates, a.interval_ms / 1e3, a.rounds, freeze=not a.no_freeze,
-                slice_us=a.slice_us, nice=a.nice, fifo=a.fifo)
     m = machine_info()
+    r = measure(a.services, a.backends, a.updates, a.interval_ms / 1e3, a.rounds)
     out = {"machine": {**{k: m.get(k) for k in ("hostname", "kernel", "cpus", "cpu_model", "python",
                                                  "loadavg_start")}, "commit": m["versions"]["xdplb_commit"]},
            "command": "python -m bench.loaded_update " + " ".join(argv if argv is not None else sys.argv[1:]),
            "result": r}
-    print(f"{r['services']} services x {r['backends_per_service']} backends, one update every "
-          f"{r['interval_ms']:g} ms, {r['rounds']} rounds, GC {'frozen' if r['gc_frozen'] else 'as is'}, "
-          f"slice {r['slice_us'] or 'default'}, nice {r['nice'] or 0}, "
-          f"{'SCHED_FIFO ' + str(r['fifo']) if r['fifo'] else 'SCHED_OTHER'}")
-    print("| traffic | updates | p50 ms | p90 ms | p99 ms | max ms | > 1 ms | CPU p50 / p99 ms | GC: full passes, longest pass |")
+    print(f"{r['services']} services x {r['backends_per_service']} backends, `xdplb run` ready in "
+          f"{r['daemon_start_s']:.1f} s; one API upsert_service every {r['interval_ms']:g} ms, "
+          f"{r['rounds']} rounds")
+    print("| traffic | updates | p50 ms | p90 ms | p99 ms | max ms | > 1 ms | daemon CPU p50 / p99 ms "
+          "| reconcile p50 / p99 ms |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for kind in ("unloaded", "loaded"):
-        s = r[kind]
+        s, d, rc = r[kind], r[kind]["daemon_cpu"], r[kind]["reconcile"]
         print(f"| {kind} | {s['count']} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | {s['p99_ms']:.3f} | "
-              f"{s['max_ms']:.3f} | {s['over_1ms']} | {s['cpu_time']['p50_ms']:.3f} / "
-              f"{s['cpu_time']['p99_ms']:.3f} | {s['gc_full_passes']}, {s['gc_longest_pass_ms']:.1f} ms |")
+              f"{s['max_ms']:.3f} | {s['over_1ms']} | {d['p50_ms']:.3f} / {d['p99_ms']:.3f} | "
+              f"{rc['p50_ms']:.3f} / {rc['p99_ms']:.3f} |")
     t = r["traffic"]
     busy = ", ".join(f"{c} {100 * min(b[c]['busy'] for b in r['cpu_loaded']):.0f}% busy "
                      f"({100 * statistics.fmean(b[c]['softirq'] for b in r['cpu_loaded']):.0f}% softirq)"
                      for c in r["cpu_loaded"][0])
     print(f"loaded: {t['generated_mpps']} Mpps generated, {t['delivered_mpps']} Mpps delivered through xdplb, "
           f"{t['misrouted']} misrouted; {busy} (least busy block)")
-    print(f"numba parallel regions entered by the measured updates: {r['parallel_regions_entered']}")
+    print(f"load average at the start: {m.get('loadavg_start')}")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0 if not t["misrouted"] else 1

@@ -116,12 +116,12 @@ def send_for(bl: BenchLab, gen: Generator, sink: Sink, spec: GenSpec, seconds: f
 
 
 def program_ns_under_load(bl: BenchLab, gen: Generator, sink: Sink, spec: GenSpec, prog_fds: dict,
-                          seconds: float) -> dict:
+                          seconds: float, window: int = 256) -> dict:
     """run_time_ns / run_cnt of each program while traffic flows (run
     statistics cost a little per packet, so they are on only here)."""
     with enable_run_stats():
         before = {k: prog_info(fd) for k, fd in prog_fds.items()}
-        r = send_for(bl, gen, sink, spec, seconds)
+        r = send_for(bl, gen, sink, spec, seconds, window=window)
         after = {k: prog_info(fd) for k, fd in prog_fds.items()}
     out = {}
     for k in prog_fds:
@@ -142,18 +142,25 @@ def testrun_ns(bl: BenchLab, prog_fd: int, spec: GenSpec, calls: int, new_flows:
     namespace as if the packet came in on l0. New flows: packet number k of
     the profile, a k never used before; established: packet 0 every time
     (the first call creates the flow)."""
-    if spec.expected(0) is None:
-        raise ValueError("test-run needs a profile without random flow variables")
-    pkts = []
-    for i in range(calls):
-        k = _flow_offset[0] + i if new_flows else 0
-        pkts.append(spec.expected(k))
-    _flow_offset[0] += calls
-    durations = []
+    return testrun_ns_interleaved(bl, prog_fd, {"": spec}, calls, new_flows)[""]
+
+
+def testrun_ns_interleaved(bl: BenchLab, prog_fd: int, specs: dict[str, GenSpec], calls: int,
+                           new_flows: bool) -> dict[str, float]:
+    """testrun_ns() for several profiles (services) at once, their packets
+    taking turns: figures measured side by side, under the same noise."""
+    pkts: dict[str, list[bytes]] = {}
+    for name, spec in specs.items():
+        if spec.expected(0) is None:
+            raise ValueError("test-run needs a profile without random flow variables")
+        pkts[name] = [spec.expected(_flow_offset[0] + i if new_flows else 0) for i in range(calls)]
+        _flow_offset[0] += calls
+    durations: dict[str, list[int]] = {name: [] for name in specs}
     with bl.inside(bl.lb_ns):
-        for pkt in pkts:
-            durations.append(test_run(prog_fd, pkt, ingress_ifindex=bl.l0).duration_ns)
-    return float(statistics.median(durations))
+        for i in range(calls):
+            for name in specs:
+                durations[name].append(test_run(prog_fd, pkts[name][i], ingress_ifindex=bl.l0).duration_ns)
+    return {name: float(statistics.median(d)) for name, d in durations.items()}
 
 
 # --------------------------------------------------------------------------

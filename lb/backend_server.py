@@ -4,6 +4,7 @@
 
 HTTP  GET /                   -> "backend=<name> client=<ip>:<port>\\n"
       GET /bytes?n=N[&rate=R] -> N bytes (R bytes/s if given, for long downloads)
+      POST /sink              -> reads the body: "backend=<name> received=<bytes>\n"
 UDP   any datagram           -> "backend=<name> client=<ip>:<port>\\n"
 
 The peer address is what the server's socket sees, so tests can tell whether
@@ -51,6 +52,23 @@ class Handler(BaseHTTPRequestHandler):
             self._bytes(parse_qs(url.query))
         else:
             self._reply(b"not found\n", status=404)
+
+    def do_POST(self) -> None:
+        """An upload (the client's data crosses the load balancer: DSR's
+        path MTU test). The body is counted, not kept."""
+        if urlsplit(self.path).path != "/sink":
+            return self._reply(b"not found\n", status=404)
+        try:
+            left = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            return self._reply(b"need a Content-Length\n", status=411)
+        received = 0
+        while received < left:
+            chunk = self.rfile.read(min(CHUNK, left - received))
+            if not chunk:
+                break
+            received += len(chunk)
+        self._reply(f"backend={self.backend_name} received={received}\n".encode())
 
     def _reply(self, body: bytes, status: int = 200) -> None:
         self.send_response(status)

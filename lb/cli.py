@@ -187,8 +187,9 @@ def cmd_flow(args) -> int:
     target = f" -> {res['backend']}" if res["backend"] else ""
     svc = f"{res['service']} " if res["service"] else ""
     why = f" {res['reason']}" if res["reason"] else ""
+    via = f" in {res['encapsulated']['forwarding']}" if res.get("encapsulated") else ""
     console.print(f"{who}{src}:{sport} => {svc}{dst}:{dport}{target} {args.proto} "
-                  f"[bold]{res['verdict']}[/]{why}", highlight=False)
+                  f"[bold]{res['verdict']}[/]{via}{why}", highlight=False)
     return 0
 
 

@@ -78,6 +78,13 @@ IDENTITY_ID_LIMIT = 2**31  # user ids stay below this (fits __u32, never "negati
 WORLD = "world"  # the identity of every source that matches no CIDR
 DEFAULT_HASH_SEED = 0x9E3779B9
 IPPROTO = {"tcp": 6, "udp": 17}
+# How a service's packets reach its backends: NAT, or direct server return
+# in an IPIP or GUE tunnel (bpf/xdp/encap.h).
+FORWARDING = ("nat", "ipip", "gue")
+# GUE's UDP port unless `gue_port:` says otherwise: IANA's "gue" port, the
+# default of the backends' decapsulation (DECAP_GUE_PORT_DEFAULT in
+# bpf/decap/constants.h; tests/test_dsr.py checks that they agree).
+GUE_PORT_DEFAULT = 6080
 
 _COLLECT = "xdplb.collect"  # validation context key: report cross-entry rules at Config level
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9._-]{1,63}")
@@ -183,6 +190,32 @@ def _lower(v: Any) -> Any:
     return v.lower() if isinstance(v, str) else v
 
 
+def _forwarding(v: Any) -> Any:
+    v = _lower(v)
+    if not isinstance(v, str) or v not in FORWARDING:
+        raise ValueError(f"must be {', '.join(FORWARDING[:-1])} or {FORWARDING[-1]}, not {v!r}")
+    return v
+
+
+# encap_source as a prefix: its host bits come from the flow hash (the
+# data plane takes at most 16 of them, encap.h).
+ENCAP_SOURCE_MIN_PREFIX = 16
+
+
+def _encap_source(v: Any) -> Any:
+    """An address of this LB, or a prefix routed to it (`10.0.0.16/28`)."""
+    if isinstance(v, IPv4Network):
+        net = v
+    elif isinstance(v, str) and "/" not in v:
+        net = IPv4Network(f"{_ipv4_address(v)}/32")
+    else:
+        net = _ipv4_network(v)
+    if net.prefixlen < ENCAP_SOURCE_MIN_PREFIX:
+        raise ValueError(f"a prefix of at most {2 ** (32 - ENCAP_SOURCE_MIN_PREFIX)} addresses "
+                         f"(/{ENCAP_SOURCE_MIN_PREFIX} or longer), not /{net.prefixlen}")
+    return net
+
+
 def _protocol(v: Any) -> Any:
     v = _lower(v)
     if v == "sctp":
@@ -263,6 +296,8 @@ Positive = Annotated[int, Strict(), _int_range(1, 2**32 - 1)]
 Address = Annotated[IPv4Address, BeforeValidator(_ipv4_address)]
 Network = Annotated[IPv4Network, BeforeValidator(_ipv4_network)]
 Protocol = Annotated[Literal["tcp", "udp"], BeforeValidator(_protocol)]
+Forwarding = Annotated[Literal["nat", "ipip", "gue"], BeforeValidator(_forwarding)]
+EncapSource = Annotated[IPv4Network, BeforeValidator(_encap_source)]
 ServiceName = Annotated[str, Strict(), AfterValidator(_service_name)]
 IdentityName = Annotated[str, Strict(), AfterValidator(_identity_name)]
 IdentityRef = Annotated[str, Strict()]  # checked against the defined names later
@@ -437,6 +472,10 @@ class Service(_Model):
     health_check: HealthCheck | None = None
     # Client-IP affinity (Kubernetes sessionAffinity: ClientIP), seconds.
     client_affinity_s: Annotated[int, Strict(), _int_range(1, 86400)] | None = None
+    # nat: the LB rewrites the destination (and with snat_address the
+    # source); ipip / gue: direct server return, the packet goes unchanged
+    # in a tunnel and the backend answers the client itself.
+    forwarding: Forwarding = "nat"
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> Service:
@@ -465,6 +504,11 @@ class Service(_Model):
     @property
     def has_policy(self) -> bool:
         return self.allow is not None or bool(self.deny)
+
+    @property
+    def dsr(self) -> bool:
+        """Direct server return: replies never cross the LB."""
+        return self.forwarding != "nat"
 
 
 class SnatPorts(_Model):
@@ -507,11 +551,14 @@ class Monitor(_Model):
 
 class FloodGuard(_Model):
     """The data plane's per-CPU bound on new flows that write state
-    (bpf/xdp/guard.h). Over it, new connections (TCP SYN, UDP, anything
-    with SNAT) are dropped as `new_flow_rate` and their clients retry;
-    other TCP packets that missed conntrack are forwarded to the backend
-    Maglev picks, without writing state. Per CPU: the total is this times
-    the CPUs that receive traffic. `new_flows_per_second: 0` turns it off."""
+    (bpf/xdp/guard.h). Over it, in gateway mode, packets without state (new
+    TCP and UDP flows, TCP that lost its entry) are forwarded to the backend
+    a new flow would get without writing state, and their replies are
+    recognised by picking again (bpf/xdp/reply.h); in SNAT mode, and for a
+    service whose replies need a reverse-NAT entry, they are dropped as
+    `new_flow_rate` and their clients retry. Per CPU: the total is this
+    times the CPUs that receive traffic. `new_flows_per_second: 0` turns it
+    off."""
 
     # 50k/s per CPU kept an established stream whole under a SYN flood in
     # the lab, 200k/s did not (python -m bench.flood, README "Robustness").
@@ -555,7 +602,12 @@ class Config(_Model):
 
     interfaces: tuple[IfName, ...]
     xdp_mode: Annotated[Literal["native", "generic"], BeforeValidator(_lower)] = "native"
-    snat_address: Address | None = None  # None: DNAT-only gateway mode
+    snat_address: Address | None = None  # None: DNAT-only gateway mode (NAT services only)
+    # Outer source of DSR tunnels (ipip/gue services): an address of this
+    # LB, or a prefix routed to it whose host bits vary with the flow.
+    encap_source: EncapSource | None = None
+    # GUE's UDP destination port: the backends' decapsulation port.
+    gue_port: Port = GUE_PORT_DEFAULT
     snat_ports: SnatPorts = Field(default_factory=SnatPorts)
     hash_seed: Uint32 = DEFAULT_HASH_SEED
     bpffs: AbsPath = Path("/sys/fs/bpf/xdplb")
@@ -661,6 +713,22 @@ def _service_problems(svc: Service) -> list[str]:
     if hc is not None and svc.protocol == "udp" and hc.port is None:
         # Probes are TCP or HTTP: the backends' UDP port cannot answer them.
         problems.append("health_check: a udp service needs health_check.port (a TCP port to probe)")
+    if svc.dsr:
+        problems += _dsr_problems(svc)
+    return problems
+
+
+def _dsr_problems(svc: Service) -> list[str]:
+    """A DSR service's packet reaches its backend unchanged: addressed to
+    the VIP and the service's port."""
+    problems = [f"backends[{i}] '{b.key}': forwarding {svc.forwarding} does not rewrite the port: "
+                f"the backend must serve the service's port {svc.port}"
+                for i, b in enumerate(svc.backends) if b.port != svc.port]
+    hc = svc.health_check
+    if hc is not None and hc.type != "tcp":
+        # DSR probes go through the tunnel as a bare SYN (lb/tunnel_probe.py).
+        problems.append(f"health_check: forwarding {svc.forwarding} is checked with type tcp "
+                        f"(a SYN through the tunnel), not {hc.type}")
     return problems
 
 
@@ -700,6 +768,9 @@ def _cross_checks(cfg: Config) -> list[str]:
     known = set(cfg.identities) | {WORLD}
     for i, s in enumerate(cfg.services):
         problems += [f"{_svc(i, s)}: {m}" for m in _service_problems(s)]
+        if s.dsr and cfg.encap_source is None:
+            problems.append(f"{_svc(i, s)}: forwarding {s.forwarding} needs encap_source "
+                            f"(an address of this LB for the tunnels' outer source)")
         if s.name in names:
             j = names[s.name]
             problems.append(f"{_svc(i, s)}: name already used by services[{j}]")

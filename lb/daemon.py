@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -29,6 +30,7 @@ from .health import HealthChecker, Transition
 from .metrics import Metrics, map_fill
 from .neighbours import NeighbourKeeper, backend_addresses, drain_requests, recent_destinations
 from .reconcile import PROTOCOLS, Reconciler, bkey
+from .servicetable import ServiceTable, parse_service
 from loader import XdpLink
 from loader.netlink import ifindex as lookup_ifindex
 
@@ -59,6 +61,9 @@ def monotonic_usec() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
 
+_NEEDS_QUOTES = re.compile(r'[\s"=\\]')     # what kv() quotes a value for
+
+
 def kv(message: str, **fields: Any) -> str:
     """A log line: a short message, then key=value pairs (values with spaces,
     quotes or newlines are JSON-quoted, so a line stays one line)."""
@@ -69,7 +74,7 @@ def kv(message: str, **fields: Any) -> str:
         elif isinstance(v, (list, tuple, set, frozenset)):
             v = ",".join(map(str, v)) or "-"
         v = str(v)
-        if not v or any(c.isspace() or c in '"=\\' for c in v):
+        if not v or _NEEDS_QUOTES.search(v):
             v = json.dumps(v)
         out.append(f"{k}={v}")
     return " ".join(out)
@@ -129,8 +134,11 @@ def enter_netns(name: str) -> None:
 class Daemon:
     def __init__(self, config_path: str | None, cfg: Config, object_path: Path | None = None):
         self.config_path = config_path
-        self.cfg = cfg
         self.lock = threading.RLock()
+        # The running config: `_cfg`, whose services are `_table`'s once a
+        # service API call changed them (the `cfg` property).
+        self._cfg = cfg
+        self._table: ServiceTable | None = None
         self.stop = threading.Event()
         self.reload_requested = threading.Event()
         self.dp = Dataplane.open(cfg, object_path)
@@ -140,7 +148,6 @@ class Daemon:
         self.started = time.time()
         self.last_apply: dict[str, Any] = {}
         self.errors = 0
-        self._idx: dict | None = None
         self.metrics = Metrics(self)
         self._unhealthy: tuple[str, ...] = ()
         # Health checks change only the *effective* config the maps hold:
@@ -154,6 +161,23 @@ class Daemon:
         self.k8s = None            # lb.sources.kubernetes.KubernetesWatcher in Kubernetes mode
         self.ifindexes: list[int] = []
         self.neighbours: NeighbourKeeper | None = None
+
+    @property
+    def cfg(self) -> Config:
+        """The running config. A service API call changes one service of
+        `_table` in O(1); the Config with the whole services tuple is made
+        when something next reads it."""
+        with self.lock:
+            if self._table is not None and self._table.changed:
+                self._cfg = self._cfg.model_copy(update={"services": self._table.services()})
+            return self._cfg
+
+    def _services(self) -> ServiceTable:
+        """The running services by name and key (made on first use after a
+        full apply: O(services) once, then O(1) per change)."""
+        if self._table is None:
+            self._table = ServiceTable(self._cfg.services)
+        return self._table
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -239,7 +263,7 @@ class Daemon:
     def _start_neighbours(self) -> None:
         """Managed neighbour entries for every backend's next hop, resolved
         (up to a second) before READY, so that the first flows find them."""
-        self.neighbours = NeighbourKeeper(lambda: self._locked(lambda: backend_addresses(self.dp)),
+        self.neighbours = NeighbourKeeper(self._backend_addresses,
                                           lambda: self.ifindexes,
                                           lambda: self._locked(lambda: drain_requests(self.dp)),
                                           lambda: self._locked(lambda: recent_destinations(self.dp)))
@@ -249,6 +273,17 @@ class Daemon:
         for u in st.unresolved:
             log.warning(kv("next hop not resolved yet", neighbour=u))
         self.neighbours.start()
+
+    def _backend_addresses(self):
+        """The neighbour keeper's backend addresses: the map is taken under
+        the lock (an upgrade swaps the maps), the pass over its 256k records
+        (3 ms) runs outside it, so that API calls do not wait for it. The
+        view keeps the map's memory mapped; a record rewritten meanwhile is
+        seen at the next pass."""
+        with self.lock:
+            dp = self.dp
+            view = dp.view("backends")
+        return backend_addresses(dp, view)
 
     def serve_forever(self) -> None:
         while not self.stop.is_set():
@@ -298,8 +333,8 @@ class Daemon:
                 elif info.prog_id != dp.prog.id:
                     problems.append(f"{ifname}: runs program {info.prog_id}, not ours ({dp.prog.id})")
         server = getattr(self, "api", None)
-        if server is None or not server._thread.is_alive():
-            problems.append("API thread is not running")
+        if server is None or not server.alive():
+            problems.append("API threads are not running")
         if not self.metrics.alive():
             problems.append("metrics thread is not running")
         if not self.health.alive():
@@ -506,36 +541,29 @@ class Daemon:
         return res
 
     def _api_upsert(self, req: dict) -> dict:
-        """Add or replace one service. Validated against the identities of the
-        running config and the other services' keys in O(1), so an update
-        costs the same at 20k services as at 1."""
+        """Add or replace one service. Validated alone against the running
+        config's identities, checked against the other services' keys, and
+        applied without touching the rest: O(1) in the number of services,
+        so an update costs the same at 20k services as at 1."""
         with self.lock, self._timed("service"), self._logged("upsert_service"):
             self._not_k8s("service put")
-            cfg = self.cfg
-            mini = {"interfaces": list(cfg.interfaces), "services": [req["service"]],
-                    "identities": {k: [str(n) for n in v] for k, v in cfg.identities.items()}}
             try:
-                svc = config_from_dict(mini, source="<api>").services[0]
+                svc = parse_service(req["service"], self._cfg)
             except ConfigError as e:
                 raise api.ApiError(f"service rejected, nothing changed: {e}", e.errors) from None
-            index = self._index()
-            holder = index["by_key"].get(svc.key)
+            table = self._services()
+            holder = table.holder(svc)
             if holder is not None and holder != svc.name:
                 raise api.ApiError(f"service rejected, nothing changed: {svc.vip}:{svc.port}/"
                                    f"{svc.protocol} is already service {holder!r}")
-            services = list(cfg.services)
-            pos = index["by_name"].get(svc.name)
-            old = services[pos] if pos is not None else None
-            if pos is None:
-                services.append(svc)
-            else:
-                services[pos] = svc
-            new_cfg = cfg.model_copy(update={"services": tuple(services)})
-            if old is not None and old.key != svc.key:
-                self.rec.delete_service(new_cfg, old.key)
-            res = self.rec.upsert_service(new_cfg, self.health.effective_service(svc))
+            old = table.get(svc.name)
+            # A new key: the old record goes in the same apply (one capacity
+            # check before any write).
+            gone = [old.key] if old is not None and old.key != svc.key else []
+            res = self.rec.apply_services(self._cfg, [self.health.effective_service(svc)], gone)
+            table.put(svc)
             self.health.set_service(svc)
-            self._set_config(new_cfg)
+            self._services_changed()
             log.info(kv("service applied via api", service=svc.name, generation=self.rec.generation,
                         **_changes(res)))
             return res.as_dict()
@@ -543,15 +571,14 @@ class Daemon:
     def _api_delete(self, req: dict) -> dict:
         with self.lock, self._timed("service"), self._logged("delete_service"):
             self._not_k8s("service delete")
-            pos = self._index()["by_name"].get(req["name"])
-            if pos is None:
+            table = self._services()
+            old = table.get(req["name"])
+            if old is None:
                 raise api.ApiError(f"no service named {req['name']!r}")
-            services = list(self.cfg.services)
-            old = services.pop(pos)
-            new_cfg = self.cfg.model_copy(update={"services": tuple(services)})
-            res = self.rec.delete_service(new_cfg, old.key)
+            res = self.rec.delete_service(self._cfg, old.key)
+            table.pop(old.name)
             self.health.drop_service(old.name)
-            self._set_config(new_cfg)
+            self._services_changed()
             log.info(kv("service deleted via api", service=old.name, generation=self.rec.generation,
                         **_changes(res)))
             return res.as_dict()
@@ -602,16 +629,15 @@ class Daemon:
                     self._health_apply(name)
 
     def _health_apply(self, name: str) -> None:
-        pos = self._index()["by_name"].get(name)
-        if pos is None:
+        svc = self._services().get(name)
+        if svc is None:
             return                      # deleted meanwhile
-        svc = self.cfg.services[pos]
         eff = self.health.effective_service(svc)
         live = self.rec.services.get(svc.key)
         if live is not None and live.applied == eff:
             return                      # e.g. a reload already applied it
         try:
-            res = self.rec.upsert_service(self.cfg, eff)
+            res = self.rec.upsert_service(self._cfg, eff)
         except Exception:
             self.errors += 1
             log.exception("health: applying service=%s failed", name)
@@ -632,8 +658,8 @@ class Daemon:
         backends = self.health.snapshot(unhealthy_only=which == "unhealthy")
         active, rotation = self.dp.consts.BACKEND_ACTIVE, {}
         for name in {b["service"] for b in backends}:
-            pos = self._index()["by_name"].get(name)
-            live = self.rec.services.get(self.cfg.services[pos].key) if pos is not None else None
+            svc = self._services().get(name)
+            live = self.rec.services.get(svc.key) if svc is not None else None
             for lb_ in (live.backends.values() if live else ()):
                 rotation[(name, f"{lb_.address}:{lb_.port}")] = lb_.state == active
         for b in backends:
@@ -649,17 +675,15 @@ class Daemon:
                 b["health"] = None if up is None else ("up" if up else "down")
         return res
 
-    def _index(self) -> dict:
-        if self._idx is None:
-            self._idx = {"by_name": {s.name: i for i, s in enumerate(self.cfg.services)},
-                         "by_key": {s.key: s.name for s in self.cfg.services}}
-        return self._idx
-
     def _set_config(self, cfg: Config) -> None:
-        """After every apply: the new config, and the neighbour keeper told
-        (backends may have new next hops)."""
-        self.cfg = cfg
-        self._idx = None
+        """After every full apply: the new config."""
+        self._cfg = cfg
+        self._table = None
+        self._services_changed()
+
+    def _services_changed(self) -> None:
+        """After every apply: the neighbour keeper told (backends may have
+        new next hops)."""
         if self.neighbours is not None:
             self.neighbours.kick()
 

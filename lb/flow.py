@@ -16,6 +16,7 @@ from scapy.layers.l2 import Ether
 from loader.testrun import test_run
 
 from .dataplane import Dataplane
+from .reconcile import forwarding_name
 
 XDP_ACTIONS = {0: "ABORTED", 1: "DROP", 2: "PASS", 3: "TX", 4: "REDIRECT"}
 
@@ -66,7 +67,11 @@ def probe(dry: Dataplane, rec, src: str, sport: int, dst: str, dport: int, proto
         "service": svc.name if svc else None,
         "backend": backend, "conntrack_hit": bool(p.ct_hit),
     }
-    if IP in out and action != "DROP":
+    forwarding = forwarding_name(svc.flags, c) if svc else "nat"
+    if IP in out and action != "DROP" and forwarding != "nat":
+        # DSR: the packet is not rewritten but sent in a tunnel.
+        result["encapsulated"] = {"forwarding": forwarding, "src": out[IP].src, "dst": out[IP].dst}
+    elif IP in out and action != "DROP":
         l4 = out[TCP] if TCP in out else out[UDP] if UDP in out else None
         result["rewritten"] = {"src": f"{out[IP].src}:{l4.sport if l4 else ''}",
                                "dst": f"{out[IP].dst}:{l4.dport if l4 else ''}"}

@@ -48,7 +48,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import gcpause
-from .config import Config, HealthCheck, HealthCheckLimits, Service
+from .config import GUE_PORT_DEFAULT, Config, HealthCheck, HealthCheckLimits, Service
+from .tunnel_probe import syn_through_tunnel
 
 __all__ = ["BackendHealth", "HealthChecker", "MAX_IN_FLIGHT", "Target", "Transition", "probe"]
 
@@ -72,6 +73,11 @@ class Target:
     host: str
     port: int               # the probed port: health_check.port or the backend's
     check: HealthCheck
+    # DSR services (ipip, gue): the probe is a SYN to vip:port through the
+    # tunnel (lb/tunnel_probe.py), so a backend that cannot decapsulate fails.
+    forwarding: str = "nat"
+    vip: str = ""
+    gue_port: int = GUE_PORT_DEFAULT
 
     @property
     def key(self) -> Key:
@@ -129,8 +135,11 @@ ProbeFn = Callable[[Target], Awaitable[str | None]]
 async def probe(target: Target) -> str | None:
     """Probe once. None if it passed, else why not ("connect timeout",
     "connection refused", "HTTP 503, want 200", ...)."""
-    loop = asyncio.get_running_loop()
     check = target.check
+    if target.forwarding != "nat":
+        return await syn_through_tunnel(target.host, target.vip, target.port, target.forwarding,
+                                        target.gue_port, check.timeout)
+    loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
@@ -185,7 +194,8 @@ class HealthChecker:
         self._rng = rng or random.Random()
         # Shared with other threads, under _lock.
         self._lock = threading.Lock()
-        self._sources: dict[str, tuple[HealthCheck, tuple]] = {}   # name -> (check, backends)
+        self._sources: dict[str, tuple] = {}                       # name -> what its targets follow from
+        self._gue_port = GUE_PORT_DEFAULT                          # the config's, for DSR probes
         self._services: dict[str, dict[str, Target]] = {}          # name -> backend -> target
         self._states: dict[Key, BackendHealth] = {}
         self._down: dict[str, set[str]] = {}
@@ -225,6 +235,7 @@ class HealthChecker:
         # 200k new targets: generational GC passes over the whole config
         # would cost twice the work itself (as in Reconciler._apply).
         with gcpause.paused(), self._lock:
+            self._gue_port = cfg.gue_port
             names = set()
             for svc in cfg.services:
                 names.add(svc.name)
@@ -236,12 +247,16 @@ class HealthChecker:
     def set_service(self, svc: Service) -> None:
         with self._lock:
             self._set_locked(svc)
-        self._kick()
+            changed = bool(self._pending)
+        if changed:     # else nothing for the loop to do: an API call need not wake it
+            self._kick()
 
     def drop_service(self, name: str) -> None:
         with self._lock:
             self._drop_locked(name)
-        self._kick()
+            changed = bool(self._pending)
+        if changed:
+            self._kick()
 
     def _set_locked(self, svc: Service) -> None:
         hc = svc.health_check
@@ -249,7 +264,8 @@ class HealthChecker:
             if svc.name in self._services:
                 self._drop_locked(svc.name)
             return
-        src = (hc, svc.backends)
+        tunnel = (svc.forwarding, str(svc.vip), self._gue_port) if svc.dsr else ("nat", "", GUE_PORT_DEFAULT)
+        src = (hc, svc.backends, tunnel)
         if self._sources.get(svc.name) == src:
             return
         self._sources[svc.name] = src
@@ -257,7 +273,7 @@ class HealthChecker:
         new = {}
         for b in svc.backends:
             k = b.key                   # formats the address: once, not three times
-            new[k] = Target(svc.name, k, k.rpartition(":")[0], hc.port or b.port, hc)
+            new[k] = Target(svc.name, k, k.rpartition(":")[0], hc.port or b.port, hc, *tunnel)
         for bk, t in new.items():
             if old.get(bk) != t:
                 self._pending[(svc.name, bk)] = t

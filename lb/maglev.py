@@ -53,6 +53,7 @@ __all__ = [
     "MAX_BACKENDS_PER_SERVICE",
     "PRIMES",
     "build_table",
+    "build_table_ipv4",
     "build_tables",
     "build_tables_ipv4",
     "ipv4_digests",
@@ -501,6 +502,35 @@ def build_tables_ipv4(
         raise _duplicates([[(f"{ipaddress.IPv4Address(int(a))}:{int(p)}", 1)
                             for a, p in zip(addrs[b0:b1], ports[b0:b1])]], 0, s)
     return slots, tstart[:-1].copy(), np.diff(tstart)
+
+
+@njit(cache=True, nogil=True)
+def _build_one_ipv4(backends, m, iv, sigma):  # pragma: no cover - numba
+    """One service's table (int32[m], indices into backends) from int64[n, 3]
+    rows (host-order address, port, weight); ok is False on a duplicate."""
+    n = backends.shape[0]
+    h0, h1 = np.empty(n, np.uint64), np.empty(n, np.uint64)
+    _ipv4_digest_range(backends[:, 0].copy(), backends[:, 1].copy(), iv, sigma, h0, h1, 0, n)
+    table = np.empty(m, np.int32)
+    ok = _build_into(table, h0, h1, backends[:, 2].copy())
+    return table, ok
+
+
+def build_table_ipv4(backends: Sequence[tuple[int, int, int]], size: int) -> np.ndarray:
+    """build_tables_ipv4() for one service, from (host-order address, port,
+    weight) of its active backends, in one native call and no parallel
+    region: the one-service update's path, where a dozen numpy calls on
+    arrays of a few elements cost more than the table. `size` is the table
+    size (a PRIMES entry)."""
+    if size not in _PRIME_SET or not backends:
+        raise _bad_size(0, size, len(backends))
+    for i, (_, _, w) in enumerate(backends):
+        if w < 1:
+            raise ValueError(f"backend #{i}: weight must be >= 1, not {w}")
+    table, ok = _build_one_ipv4(np.array(backends, np.int64), size, _B2_IV, _B2_SIGMA)
+    if not ok:
+        raise _duplicates([[(f"{ipaddress.IPv4Address(a)}:{p}", 1) for a, p, _ in backends]], 0)
+    return table
 
 
 @njit(cache=True, nogil=True, inline="always")

@@ -156,16 +156,27 @@ def _hops(msg) -> tuple[NextHop, ...]:
     return (NextHop(oif, msg.get_attr("RTA_GATEWAY") or ""),) if oif else ()
 
 
-def backend_addresses(dp) -> np.ndarray:
+def backend_addresses(dp, backends: np.ndarray | None = None) -> np.ndarray:
     """Distinct IPv4 addresses (host order) of the backend records that
     carry packets (active or draining), from the mmap()ed `backends` map of
-    a Dataplane. The caller keeps `dp` open meanwhile."""
-    c, backends = dp.consts, dp.view("backends")
+    a Dataplane: `backends` if the caller took dp.view("backends") already.
+    The caller keeps `dp` open meanwhile, or holds that view (which keeps
+    the map's memory mapped)."""
+    c = dp.consts
+    if backends is None:
+        backends = dp.view("backends")
     state = backends["state"]
-    live = backends[((state == c.BACKEND_ACTIVE) | (state == c.BACKEND_DRAINING))
-                    & (backends["family"] == c.FAMILY_IPV4)]
-    words = np.ascontiguousarray(live["addr"][:, 0]).astype("<u4")
-    return np.unique(words.byteswap())       # network-order words -> host-order ints
+    live = ((state == c.BACKEND_ACTIVE) | (state == c.BACKEND_DRAINING)) & (backends["family"] == c.FAMILY_IPV4)
+    words = backends["addr"][:, 0][live].astype("<u4")     # the address words only, not whole records
+    return _unique(words.byteswap())        # network-order words -> host-order ints
+
+
+def _unique(values: np.ndarray) -> np.ndarray:
+    """np.unique(values) of a 1-D integer array by sorting: numpy 2.4's
+    np.unique (and np.union1d) took 13 ms for 60k uint32 where this takes
+    0.3 ms (at 20k services, on every pass of the neighbour keeper)."""
+    s = np.sort(values)
+    return s[np.concatenate(([True], s[1:] != s[:-1]))] if len(s) else s
 
 
 def drain_requests(dp) -> list[NextHop]:
@@ -199,7 +210,7 @@ def recent_destinations(dp) -> np.ndarray:
     # bpf_ktime_get_coarse_ns() is CLOCK_MONOTONIC_COARSE.
     now = time.clock_gettime_ns(getattr(time, "CLOCK_MONOTONIC_COARSE", 6))
     live = (words[:, 4] == dp.consts.FAMILY_IPV4) & (expires > now)
-    return np.unique(words[live, 0].byteswap())
+    return _unique(words[live, 0].byteswap())
 
 
 @dataclass
@@ -322,7 +333,7 @@ class NeighbourKeeper:
                 self._hops_of[a] = hs
                 self._refs.update(hs)
                 self._no_route += not hs
-            self._known = np.union1d(self._known, new)
+            self._known = np.sort(np.concatenate((self._known, new)))     # disjoint: np.union1d's unique costs 14 ms
         self.status.no_route = self._no_route
         wanted = self._routes.gateways(self._ifindexes()) | set(self._refs)
         self._apply(wanted)

@@ -25,6 +25,7 @@ import logging
 import struct
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
@@ -42,6 +43,16 @@ PROTOCOLS = IPPROTO                                  # IANA numbers, not ours
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
 
 SvcKey = tuple[IPv4Address, int, str]
+
+
+def forwarding_flags(c) -> dict[str, int]:
+    """The service flags of each `forwarding:` (constants `c` from BTF)."""
+    return {"nat": 0, "ipip": c.SVC_F_IPIP, "gue": c.SVC_F_GUE}
+
+
+def forwarding_name(flags: int, c) -> str:
+    """A service record's `forwarding:` from its flags."""
+    return next((name for name, f in forwarding_flags(c).items() if f and flags & f), "nat")
 # Up to this many changed services, the small-update paths: records built
 # through ctypes, and (maglev.use_parallel) no parallel region.
 SERIAL_BUILD_MAX = maglev.SERIAL_MAX_SERVICES
@@ -194,10 +205,23 @@ class Reconciler:
         self._dtypes = {name: dp.obj.layouts.dtype(name) for name in ("svc_key", "svc_value", "vip_key",
                                                                          "backend_addr")}
         self.replies = ReplyIndex(self.c.REPLY_INDEX_SVCS)
+        # Service flags of each `forwarding:`; a DSR service's replies never
+        # cross the LB, so its backends are not in the reply index.
+        self._forwarding_flags = forwarding_flags(self.c)
+        self._dsr_flags = sum(self._forwarding_flags.values())
         # The active config record as last read or written (this reconciler
         # is its only writer): an update with the same settings skips the
-        # two map lookups.
+        # two map lookups; one with the same Config object skips building it.
         self._config_written: bytes | None = None
+        self._config_of: Config | None = None
+        # identity_ids() of the last identities mapping asked about (a
+        # Config's, shared by its model_copy()s): hashing every name on
+        # each one-service update would cost O(identities).
+        self._ids_of: dict | None = None
+        self._ids: dict[str, int] = {}
+        # False: every apply takes the batch path (_Batch), even for one
+        # service; tests compare the two paths' map contents.
+        self.one_service_path = True
         self._recover()
 
     # -- recovery from the pinned maps --------------------------------------
@@ -249,7 +273,7 @@ class Reconciler:
         every member (the ones that did not fit are in no map). Only entries
         that differ from the map are rewritten."""
         members = {(s.svc_id, addr_key(k, PROTOCOLS[s.key[2]])) for s in self.services.values()
-                   for k in s.backends}
+                   if not s.flags & self._dsr_flags for k in s.backends}
         on_map: dict = {}
         for key, val in self.dp.maps["reply_index"].items():
             ak = addr_key(bkey(word_addr(key.addr[0]), ntohs(key.port)), key.proto)
@@ -266,7 +290,10 @@ class Reconciler:
         cfg = cfg or self.config
         if cfg is None:
             return {"world": self.c.IDENTITY_WORLD}
-        return cfg.identity_ids(user_min=self.c.IDENTITY_USER_MIN, world=self.c.IDENTITY_WORLD)
+        if cfg.identities is not self._ids_of:
+            self._ids = cfg.identity_ids(user_min=self.c.IDENTITY_USER_MIN, world=self.c.IDENTITY_WORLD)
+            self._ids_of = cfg.identities
+        return self._ids
 
     # -- apply ----------------------------------------------------------
 
@@ -286,7 +313,9 @@ class Reconciler:
         return result
 
     def upsert_service(self, cfg: Config, svc: Service) -> ApplyResult:
-        """Apply one service of an already validated `cfg` (the API path)."""
+        """Apply one already validated service (the API path). Of `cfg`,
+        only the settings and identities are read: its services need not
+        include `svc` (the daemon makes that tuple only when it is read)."""
         t0 = time.perf_counter()
         result = self._apply(cfg, [svc], [], identities=False)
         result.seconds = time.perf_counter() - t0
@@ -327,18 +356,26 @@ class Reconciler:
                       identities: bool) -> ApplyResult:
         ids = self.identity_ids(cfg)
         plan = [self._plan(svc, ids) for svc in changed]
-        fb = self._match_backends(plan)
-        self._compute_rings(plan, fb)
+        # One service (an API call, a health transition, a watch event): in
+        # plain Python and one native call; numpy's per-call cost on arrays
+        # of a few elements was most of it. tests/test_reconcile.py checks
+        # that both write the same bytes.
+        if len(plan) <= 1 and self.one_service_path:
+            from .single import OneService      # it builds on this module
+
+            work: _Batch | OneService = OneService(self, plan)
+        else:
+            work = _Batch(self, plan)
         self._check_capacity(cfg, plan, removed, identities)
-        self._allocate(plan, fb)
+        work.allocate()
         # --- from here on, writes ---
         if identities:
             self._write_identities(cfg, ids)
         self._write_config(cfg)
-        self._write_tables(plan, fb)
+        work.write_tables()
         self._flip(plan)
         self._remove(removed)
-        self._retire(plan, fb)
+        work.retire()
         self._write_replies()           # what the retired backends left
         if identities:
             self._remove_identities(cfg)
@@ -367,6 +404,7 @@ class Reconciler:
             ch.flags |= c.SVC_F_HAS_POLICY | c.SVC_F_DEFAULT_DENY
         if ch.policy:
             ch.flags |= c.SVC_F_HAS_POLICY
+        ch.flags |= self._forwarding_flags[svc.forwarding]
         if live:
             ch.policy_changed = ch.policy != live.policy or (ch.flags != live.flags)
             ch.policy_gen = live.policy_gen + 1 if ch.policy_changed else live.policy_gen
@@ -374,6 +412,12 @@ class Reconciler:
             ch.policy_changed = True
             ch.policy_gen = 1
         return ch
+
+    def _forwarding_changed(self, ch: _Change) -> bool:
+        """A live service whose forwarding changes keeps none of its
+        backends: its flows cannot go on (a NAT flow's socket on the backend
+        is not the VIP's), so every backend is a new one, the old retired."""
+        return ch.live is not None and bool((ch.live.flags ^ ch.flags) & self._dsr_flags)
 
     def _match_backends(self, plan: list[_Change]) -> _Backends:
         """Every planned backend into flat arrays; the ones a live service
@@ -395,8 +439,9 @@ class Reconciler:
         for ch, count in zip(plan, counts):
             live = ch.live
             b0, b1 = b1, b1 + count
-            if live is None:
+            if live is None or self._forwarding_changed(ch):
                 ch.new_count = count
+                ch.removed_backends = list(live.backends.values()) if live else []
                 continue
             live_backends = dict(live.backends)
             for j in range(b0, b1):
@@ -461,8 +506,9 @@ class Reconciler:
         errors: list[str] = []
 
         def where(ch: _Change) -> str:
-            i = next((i for i, s in enumerate(cfg.services) if s.key == ch.svc.key), "?")
-            return f"services[{i}] '{ch.svc.name}'"
+            i = next((i for i, s in enumerate(cfg.services) if s.key == ch.svc.key), None)
+            # The daemon's API passes a cfg whose services need not hold it (upsert_service).
+            return f"service '{ch.svc.name}'" if i is None else f"services[{i}] '{ch.svc.name}'"
 
         new_services = [ch for ch in plan if ch.live is None]
         free_svc = self.svc_ids.capacity - self.svc_ids.count
@@ -512,19 +558,23 @@ class Reconciler:
             fb.reused = new[old != 0]
         act_ids = fb.id[fb.state == self.c.BACKEND_ACTIVE]
         for i, ch in enumerate(plan):
-            live, size = ch.live, ch.ring_size
-            if live and live.ring_size == size and size:
-                off = int(fb.t_offsets[i])
-                table = act_ids[int(fb.a_start[i]):][fb.slots[off:off + size]]
-                if np.array_equal(
-                        self.dp.view("maglev_pool")[live.ring_offset:live.ring_offset + size], table):
-                    ch.ring_new = False                 # identical table: keep it
-                    ch.ring_offset = live.ring_offset
-                    continue
-            elif live and not size and not live.ring_size:
-                ch.ring_new = False
-                continue
-            ch.ring_offset = self._alloc(self.pool, size) if size else 0
+            off = int(fb.t_offsets[i])
+            self._choose_ring(ch, lambda: act_ids[int(fb.a_start[i]):][fb.slots[off:off + ch.ring_size]])
+
+    def _choose_ring(self, ch: _Change, table: Callable[[], np.ndarray]) -> None:
+        """Keep the live table if the new one (`table()`, backend ids) is
+        identical, else allocate a region for the new one."""
+        live, size = ch.live, ch.ring_size
+        if live and live.ring_size == size and size:
+            if self.dp.view("maglev_pool")[live.ring_offset:live.ring_offset + size].tobytes() == \
+                    table().tobytes():
+                ch.ring_new = False                 # identical table: keep it
+                ch.ring_offset = live.ring_offset
+                return
+        elif live and not size and not live.ring_size:
+            ch.ring_new = False
+            return
+        ch.ring_offset = self._alloc(self.pool, size) if size else 0
 
     def _alloc_many(self, allocator: IdAllocator, n: int) -> list[int]:
         got = allocator.alloc_many(n)
@@ -563,6 +613,8 @@ class Reconciler:
             del self.identities[net]
 
     def _write_config(self, cfg: Config) -> None:
+        if cfg is self._config_of:                   # its settings are the active ones
+            return
         c, maps = self.c, self.dp.maps
         conf = maps["config"]
         want = conf.value_type()
@@ -580,11 +632,18 @@ class Reconciler:
         want.new_flow_burst = cfg.flood_guard.burst
         want.reject_rate = cfg.no_backend_reject.icmp_per_second
         want.reject_burst = cfg.no_backend_reject.burst
+        if cfg.encap_source is not None:
+            src = cfg.encap_source
+            want.encap_v4.addr[0] = addr_word(src.network_address)
+            want.encap_v4.spread_mask = int(src.hostmask)
+            want.encap_v4.family = c.FAMILY_IPV4
+        want.gue_port = htons(cfg.gue_port)
         if bytes(want) == self._config_written:      # what this reconciler last saw active
+            self._config_of = cfg
             return
         meta = maps["meta"].lookup(0)
         if bytes(conf.lookup(meta.active_config)) == bytes(want):
-            self._config_written = bytes(want)
+            self._config_written, self._config_of = bytes(want), cfg
             return
         # The inactive copy may still be read by packets that saw it active
         # before the previous flip: wait a grace period before rewriting it.
@@ -594,7 +653,7 @@ class Reconciler:
         meta.active_config = inactive
         meta.layout_version = c.XDPLB_LAYOUT_VERSION
         maps["meta"].update(0, meta)
-        self._config_written = bytes(want)
+        self._config_written, self._config_of = bytes(want), cfg
 
     def _write_tables(self, plan: list[_Change], fb: _Backends) -> None:
         """Backends, Maglev slots, policy entries and zeroed counters: all
@@ -618,21 +677,32 @@ class Reconciler:
             # Only ids used before can hold counts (a full sync from empty
             # maps: none, and 200k per-CPU zeroes not written).
             _zero_counters(maps["backend_stats"], fb.id[fb.reused].astype(np.int64))
-            # Each new backend's address lists its service for replies.
+            # Each new backend's address lists its service for replies
+            # (NAT services: DSR replies go straight to the client).
             protos = np.array([PROTOCOLS[ch.svc.protocol] for ch in plan], np.int64)
-            self.replies.add_many(svc_ids[owner], addr_key(fb.keys[new], protos[owner]))
+            nat = np.array([not ch.svc.dsr for ch in plan], np.bool_)[owner]
+            self.replies.add_many(svc_ids[owner][nat], addr_key(fb.keys[new][nat], protos[owner][nat]))
         self._write_replies()
-        fresh = [ch for ch in plan if ch.live is None]
-        if fresh:
-            fresh_ids = np.array([ch.svc_id for ch in fresh], dtype=np.int64)
-            _zero_counters(maps["svc_stats"], fresh_ids)
-            self._write_svc_keys(fresh_ids, [ch.svc for ch in fresh])
+        self._write_fresh(plan)
         rings = [i for i, ch in enumerate(plan) if ch.ring_new and ch.ring_size]
         if rings:
             maglev.place_tables(pool, [plan[i].ring_offset for i in rings], fb.slots, fb.t_offsets[rings],
                                 [plan[i].ring_size for i in rings],
                                 fb.id[fb.state == c.BACKEND_ACTIVE], fb.a_start[rings])
-        pm = maps["policy"]
+        self._write_policies_and_states(plan)
+
+    def _write_fresh(self, plan: list[_Change]) -> None:
+        """Zeroed counters and the svc_keys entry of each new service."""
+        fresh = [ch for ch in plan if ch.live is None]
+        if fresh:
+            fresh_ids = np.array([ch.svc_id for ch in fresh], dtype=np.int64)
+            _zero_counters(self.dp.maps["svc_stats"], fresh_ids)
+            self._write_svc_keys(fresh_ids, [ch.svc for ch in fresh])
+
+    def _write_policies_and_states(self, plan: list[_Change]) -> None:
+        """The entries of each changed policy, under its new generation;
+        then each kept backend's draining <-> active change."""
+        pm = self.dp.maps["policy"]
         keys, vals = [], []
         for ch in plan:
             if ch.policy_changed:
@@ -642,9 +712,10 @@ class Reconciler:
         if keys:
             pm.update_batch((pm.key_type * len(keys))(*keys), (pm.value_type * len(vals))(*vals))
         # Draining <-> active: one aligned 4-byte store per backend.
+        state_view = self.dp.view("backends")["state"]
         for ch in plan:
             for lb, state in ch.state_changes:
-                bview["state"][lb.id] = state
+                state_view[lb.id] = state
                 lb.state = state
 
     def _write_svc_keys(self, ids: np.ndarray, svcs: list[Service]) -> None:
@@ -763,10 +834,12 @@ class Reconciler:
         a grace period."""
         state = self.dp.view("backends")["state"]
         proto = PROTOCOLS[live.key[2]]
+        listed = not live.flags & self._dsr_flags        # a DSR service's never are
         for b in backends:
             state[b.id] = self.c.BACKEND_FREE
             self.reclaimer.retire_id(self.backend_ids, b.id)
-            self.replies.remove(live.svc_id, addr_key(bkey(b.address, b.port), proto))
+            if listed:
+                self.replies.remove(live.svc_id, addr_key(bkey(b.address, b.port), proto))
 
     def _retire_policy(self, pm, svc_id: int, gen: int, entries: dict[int, int]) -> None:
         if not entries:
@@ -788,16 +861,7 @@ class Reconciler:
         start = fb.start.tolist()
         ids = gens = states = keys = new = None        # as lists, if some service needs them
         for i, ch in enumerate(plan):
-            live = ch.live
-            if live is not None:
-                self._retire_backends(live, ch.removed_backends)
-                if ch.ring_new and live.ring_size:
-                    self.reclaimer.retire_region(self.pool, live.ring_offset, live.ring_size)
-                if ch.policy_changed:
-                    self._retire_policy(pm, live.svc_id, live.policy_gen, live.policy)
-                    self.policy_entries -= len(live.policy)
-            if ch.policy_changed:
-                self.policy_entries += len(ch.policy)
+            self._retire_old(ch, pm)
             backends, pending = ch.kept, None
             b0, b1 = start[i], start[i + 1]
             if ch.new_count == b1 - b0:          # all new (a full sync): made when first read
@@ -810,9 +874,44 @@ class Reconciler:
                 for j, b in enumerate(ch.svc.backends, b0):
                     if new[j]:
                         backends[keys[j]] = LiveBackend(ids[j], gens[j], states[j], b.address, b.port)
-            self.services[ch.svc.key] = LiveService(
-                ch.svc.key, ch.svc_id, ch.ring_offset, ch.ring_size, ch.policy_gen, ch.flags,
-                ch.svc.client_affinity_s or 0, backends, dict(ch.policy), ch.svc.name, ch.svc, pending)
+            self._record_live(ch, backends, pending)
+
+    def _retire_old(self, ch: _Change, pm) -> None:
+        """Retire what only the service's old record uses: removed backends,
+        a replaced table, a replaced policy generation."""
+        live = ch.live
+        if live is not None:
+            self._retire_backends(live, ch.removed_backends)
+            if ch.ring_new and live.ring_size:
+                self.reclaimer.retire_region(self.pool, live.ring_offset, live.ring_size)
+            if ch.policy_changed:
+                self._retire_policy(pm, live.svc_id, live.policy_gen, live.policy)
+                self.policy_entries -= len(live.policy)
+        if ch.policy_changed:
+            self.policy_entries += len(ch.policy)
+
+    def _record_live(self, ch: _Change, backends: dict | None, pending: tuple | None) -> None:
+        self.services[ch.svc.key] = LiveService(
+            ch.svc.key, ch.svc_id, ch.ring_offset, ch.ring_size, ch.policy_gen, ch.flags,
+            ch.svc.client_affinity_s or 0, backends, dict(ch.policy), ch.svc.name, ch.svc, pending)
+
+
+class _Batch:
+    """The table phases of _apply for many services, as flat arrays."""
+
+    def __init__(self, rec: Reconciler, plan: list[_Change]) -> None:
+        self.rec, self.plan = rec, plan
+        self.fb = rec._match_backends(plan)
+        rec._compute_rings(plan, self.fb)
+
+    def allocate(self) -> None:
+        self.rec._allocate(self.plan, self.fb)
+
+    def write_tables(self) -> None:
+        self.rec._write_tables(self.plan, self.fb)
+
+    def retire(self) -> None:
+        self.rec._retire(self.plan, self.fb)
 
 
 def _zero_counters(m, ids: np.ndarray) -> None:
@@ -858,4 +957,4 @@ def _ident_key(K, net: IPv4Network, family: int):
     return k
 
 
-__all__ = ["Reconciler", "CapacityError", "ApplyResult", "PROTOCOLS"]
+__all__ = ["Reconciler", "CapacityError", "ApplyResult", "PROTOCOLS", "forwarding_flags", "forwarding_name"]

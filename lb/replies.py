@@ -35,6 +35,10 @@ class _Shared:
     waiting: dict[int, None] = field(default_factory=dict)     # ordered set
 
 
+_NO_KEYS = np.zeros(0, np.int64)
+_NO_KEYS.flags.writeable = False
+
+
 @dataclass
 class Dirty:
     """Entries to write (keys as addr_key ints, one row of `slots` service
@@ -145,6 +149,8 @@ class ReplyIndex:
     def take_dirty(self) -> Dirty:
         """What changed since the last call. Bulk-added keys come first, so
         a later change to one of them (also in the rest) is written after."""
+        if not self._bulk and not self._dirty:       # most calls of a one-service update
+            return Dirty(_NO_KEYS, np.zeros((0, self.slots), np.uint32), _NO_KEYS)
         parts_k = [k for k, _ in self._bulk]
         parts_v = []
         for k, ids in self._bulk:
@@ -162,8 +168,11 @@ class ReplyIndex:
                 v[i, :len(listed)] = listed
             parts_k.append(np.array([k for k, _ in writes], np.int64))
             parts_v.append(v)
-        keys = np.concatenate(parts_k) if parts_k else np.zeros(0, np.int64)
-        values = np.concatenate(parts_v) if parts_v else np.zeros((0, self.slots), np.uint32)
+        if len(parts_k) == 1:                        # no bulk part: nothing to join
+            keys, values = parts_k[0], parts_v[0]
+        else:
+            keys = np.concatenate(parts_k) if parts_k else _NO_KEYS
+            values = np.concatenate(parts_v) if parts_v else np.zeros((0, self.slots), np.uint32)
         return Dirty(keys, values, np.array(deletes, np.int64))
 
     def _flush_bulk(self) -> None:

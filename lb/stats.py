@@ -8,6 +8,7 @@ from loader.stats import prog_info
 
 from .dataplane import Dataplane
 from .metrics import counter_sums
+from .reconcile import forwarding_name
 
 
 def _sum(values) -> tuple[int, int]:
@@ -49,7 +50,7 @@ def collect(dp: Dataplane, rec) -> dict[str, Any]:
                              "state": c.names("backend_state")[b.state].removeprefix("BACKEND_").lower(),
                              "packets": bp, "bytes": bb})
         services.append({"name": live.name, "vip": str(vip), "port": port, "protocol": proto,
-                         "svc_id": svc_id, "packets": pk, "bytes": by, "backends": backends})
+                         "forwarding": forwarding_name(live.flags, c), "svc_id": svc_id, "packets": pk, "bytes": by, "backends": backends})
 
     drops = {}
     for r, name in reasons.items():

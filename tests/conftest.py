@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -48,22 +47,7 @@ def lab():
 @pytest.fixture
 def daemon_factory(lab, bpf_object, tmp_path):
     """Start `xdplb run` in the lab's lb namespace; always stop and detach."""
-    from lb.dataplane import Dataplane
-    from lb.demo import DaemonProcess, lab_config
-    from lbtest import pin_dir
+    from lbtest import daemons
 
-    lab_, topo = lab
-    started = []
-
-    def start(fillers: int = 0, **kw):
-        bpffs = pin_dir()
-        cfg = lab_config(topo, fillers=fillers, bpffs=bpffs,
-                         socket=f"/run/xdplb/test-{os.getpid()}-{len(started)}.sock", **kw)
-        d = DaemonProcess(cfg, tmp_path, topo.lb_ns)
-        started.append(d)
-        return d.start()
-
-    yield start
-    for d in started:
-        d.kill(signal.SIGKILL)
-        Dataplane.detach(Path(d.config["bpffs"]), purge=True)
+    with daemons(lab[1], tmp_path) as start:
+        yield start

@@ -53,6 +53,12 @@ RESOURCES = {
 _BY_PATH = {f"{p}/{plural}": kind for kind, (p, plural, _, _) in RESOURCES.items()}
 
 
+def _typed(kind: str, item: bytes) -> dict:
+    """A stored list item as a whole object (watch events and GETs carry
+    kind and apiVersion)."""
+    return {"kind": kind, "apiVersion": RESOURCES[kind][3], **json.loads(item)}
+
+
 def status_410(message: str) -> dict:
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
             "message": message, "reason": "Expired", "code": 410}
@@ -62,6 +68,8 @@ class _Store:
     """One kind: objects (pre-encoded) and the event history."""
 
     def __init__(self) -> None:
+        # Encoded as a list item: without kind and apiVersion, which the
+        # apiserver leaves out of list items (tests/test_k8s_real.py checks).
         self.objects: dict[tuple[str, str], tuple[int, bytes]] = {}
         self.log_rv: list[int] = []
         self.log: list[bytes] = []          # encoded watch events, in rv order
@@ -171,7 +179,7 @@ class FakeApiServer:
             if cur is None:
                 return None
             self.rv += 1
-            obj = json.loads(cur[1])
+            obj = _typed(kind, cur[1])
             obj["metadata"]["resourceVersion"] = str(self.rv)
             self._log(kind, "DELETED", obj)
             self.kind_cond[kind].notify_all()
@@ -179,7 +187,7 @@ class FakeApiServer:
 
     def get(self, kind: str, namespace: str, name: str) -> dict | None:
         cur = self.stores[kind].objects.get((namespace, name))
-        return json.loads(cur[1]) if cur else None
+        return _typed(kind, cur[1]) if cur else None
 
     def _put(self, obj: dict) -> int:
         kind = obj["kind"]
@@ -193,13 +201,13 @@ class FakeApiServer:
         st = self.stores[kind]
         old = st.objects.get(key)
         if kind == "Service":
-            self._allocate(obj, json.loads(old[1]) if old else None)
+            self._allocate(obj, _typed(kind, old[1]) if old else None)
         self.rv += 1
         md["resourceVersion"] = str(self.rv)
         md.setdefault("uid", str(uuid.uuid5(uuid.NAMESPACE_URL, f"{kind}/{key}")))
         obj["apiVersion"] = api_version
-        data = json.dumps(obj, separators=(",", ":")).encode()
-        st.objects[key] = (self.rv, data)
+        item = {k: v for k, v in obj.items() if k not in ("kind", "apiVersion")}
+        st.objects[key] = (self.rv, json.dumps(item, separators=(",", ":")).encode())
         self._log(kind, "MODIFIED" if old else "ADDED", obj)
         return self.rv
 
@@ -370,7 +378,7 @@ class _Handler(BaseHTTPRequestHandler):
             if rv_s in ("", "0"):
                 # No resourceVersion: synthetic ADDED for what exists now.
                 start = api.rv
-                pending = [json.dumps({"type": "ADDED", "object": json.loads(d)}).encode() + b"\n"
+                pending = [json.dumps({"type": "ADDED", "object": _typed(kind, d)}).encode() + b"\n"
                            for _, d in st.objects.values()]
             else:
                 start = int(rv_s)

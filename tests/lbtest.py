@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -29,6 +31,28 @@ _seq = itertools.count()
 
 def pin_dir() -> str:
     return f"/sys/fs/bpf/xdplb-test-{os.getpid()}-{next(_seq)}"
+
+
+@contextlib.contextmanager
+def daemons(topo, workdir: Path):
+    """start(fillers=0, edit=None, **lab_config_kw): `xdplb run` in the lab's
+    lb namespace with lab_config()'s config (passed through `edit` if
+    given); every daemon started is killed and detached at the end."""
+    started: list[DaemonProcess] = []
+
+    def start(fillers: int = 0, edit=None, **kw) -> DaemonProcess:
+        cfg = lab_config(topo, fillers=fillers, bpffs=pin_dir(),
+                         socket=f"/run/xdplb/test-{os.getpid()}-{next(_seq)}.sock", **kw)
+        d = DaemonProcess(edit(cfg) if edit else cfg, workdir, topo.lb_ns)
+        started.append(d)
+        return d.start()
+
+    try:
+        yield start
+    finally:
+        for d in started:
+            d.kill(signal.SIGKILL)
+            Dataplane.detach(Path(d.config["bpffs"]), purge=True)
 
 
 class Harness:
@@ -109,6 +133,31 @@ class Harness:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# DSR services of the lab (with_dsr_services): the backends serve the
+# service's own port, since the packet reaches them unchanged.
+IPIP_VIP, GUE_VIP, DSR_UDP_VIP = "10.96.0.20", "10.96.0.21", "10.96.0.22"
+ENCAP_SOURCE = "10.255.0.1"        # the lab LB's address on lo
+
+
+def with_dsr_services(cfg: dict, topo, *, encap_source: str = ENCAP_SOURCE,
+                      health_check: dict | None = None) -> dict:
+    """`cfg` (lab_config()'s) plus DSR services: ipip and gue over TCP for
+    the frontend identity, ipip over UDP for everyone."""
+    backends = [f"{b.ip}:{topo.backend_port}" for b in topo.backends]
+    port = topo.backend_port
+    extra = {"health_check": health_check} if health_check else {}
+    cfg["encap_source"] = encap_source
+    cfg["services"] += [
+        {"name": "dsr-ipip", "vip": IPIP_VIP, "port": port, "protocol": "tcp",
+         "backends": backends, "forwarding": "ipip", "allow": ["frontend"], **extra},
+        {"name": "dsr-gue", "vip": GUE_VIP, "port": port, "protocol": "tcp",
+         "backends": backends, "forwarding": "gue", "allow": ["frontend"], **extra},
+        {"name": "dsr-udp", "vip": DSR_UDP_VIP, "port": port, "protocol": "udp",
+         "backends": backends, "forwarding": "ipip"},
+    ]
+    return cfg
 
 
 def tcp(src: str, sport: int, dst: str, dport: int, flags: str = "S", payload: bytes = b"",

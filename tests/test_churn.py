@@ -17,6 +17,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from bench.xdplb_maps import open_pinned_maps
 from churn_peers import PORTS, Peers
 from lb import api
@@ -88,7 +90,13 @@ def mutate(svc: dict, endpoints: list, rnd: random.Random) -> str:
     return op
 
 
-def test_no_misroute_under_churn(lab, bpf_object, tmp_path):
+# The default guard, and one that lets hardly any flow write state: every
+# datagram then goes by a fresh pick in the table of the moment (guard.h).
+GUARDS = {"default guard": None, "overflow": {"new_flows_per_second": 1, "burst": 1}}
+
+
+@pytest.mark.parametrize("guard", list(GUARDS))
+def test_no_misroute_under_churn(lab, bpf_object, tmp_path, guard):
     lab_, topo = lab
     rnd = random.Random(7)
     endpoints = [(b.ip, p) for b in topo.backends for p in PORTS]
@@ -101,6 +109,8 @@ def test_no_misroute_under_churn(lab, bpf_object, tmp_path):
     cfg = {"interfaces": [i.name for i in topo.lb_ifaces], "bpffs": pin_dir(),
            "api_socket": f"/run/xdplb/churn-{os.getpid()}.sock", "metrics_address": False,
            "identities": {"frontend": ["10.1.0.0/24"]}, "services": services}
+    if GUARDS[guard]:
+        cfg["flood_guard"] = GUARDS[guard]
     timeline = Timeline()
     peers, d = Peers(), None
     try:
@@ -143,15 +153,18 @@ def test_no_misroute_under_churn(lab, bpf_object, tmp_path):
     misroutes = [r for r in rows if (r[0], r[1]) not in timeline.allowed(r[2], r[3], r[4])]
     c = Constants(BpfObject(default_object_path()).btf.enums())
     drops = {name: sum(v.packets for v in maps["drop_stats"].lookup(getattr(c, "DROP_" + name.upper())))
-             for name in ("no_backend", "policy")}
+             for name in ("no_backend", "policy", "new_flow_rate")}
+    stateless = sum(v.packets for v in maps["global_stats"].lookup(c.CNT_GUARD_STATELESS))
     for m in maps.values():
         m.close()
-    print(f"\nchurn: {CHANGES} changes {ops}; {len(rows)} datagrams received; "
-          f"misroutes {len(misroutes)}; drops {drops}")
+    print(f"\nchurn ({guard}): {CHANGES} changes {ops}; {len(rows)} datagrams received "
+          f"({stateless} forwarded without state); misroutes {len(misroutes)}; drops {drops}")
     assert len(rows) > 1000
     assert misroutes == [], misroutes[:5]
     # The check is not vacuous: the same datagrams charged to the wrong
     # service are mostly misroutes.
     shifted = [r for r in rows if (r[0], r[1]) not in timeline.allowed((r[2] + 1) % SERVICES, r[3], r[4])]
     assert len(shifted) > len(rows) // 4
-    assert drops == {"no_backend": 0, "policy": 0}
+    assert drops == {"no_backend": 0, "policy": 0, "new_flow_rate": 0}
+    if GUARDS[guard]:
+        assert stateless >= len(rows) * 0.9

@@ -599,3 +599,72 @@ def test_fast_and_full_backend_validation_agree(pairs):
         for old, new in sorted(renumber.items(), reverse=True):
             slow = [m.replace(old, new) for m in slow]
         assert fast == slow
+
+
+# ---- direct server return ---------------------------------------------------
+
+
+def dsr(**svc) -> dict:
+    d = base()
+    d["encap_source"] = "10.255.0.1"
+    d["services"][0].update({"port": 8080, "forwarding": "ipip", **svc})
+    return d
+
+
+def test_forwarding_defaults_to_nat_and_is_case_insensitive():
+    cfg = config_from_dict(dsr(forwarding="GUE"))
+    assert cfg.services[0].forwarding == "gue" and cfg.services[0].dsr
+    assert cfg.services[1].forwarding == "nat" and not cfg.services[1].dsr
+    assert cfg.gue_port == cfgmod.GUE_PORT_DEFAULT == 6080
+    assert cfg.encap_source == IPv4Network("10.255.0.1/32")
+
+
+@pytest.mark.parametrize("value", ["vxlan", 4, None, ""])
+def test_bad_forwarding_is_named(value):
+    assert one_error(dsr(forwarding=value)) == \
+        f"services[0] 'web': forwarding must be nat, ipip or gue, not {value!r}"
+
+
+def test_dsr_needs_encap_source_and_the_service_port():
+    d = dsr(backends=["10.244.1.2:8080", "10.244.1.3:80"], health_check={"type": "http"})
+    del d["encap_source"]
+    assert errors_of(d) == [
+        "services[0] 'web': backends[1] '10.244.1.3:80': forwarding ipip does not rewrite the port: "
+        "the backend must serve the service's port 8080",
+        "services[0] 'web': health_check: forwarding ipip is checked with type tcp (a SYN through "
+        "the tunnel), not http",
+        "services[0] 'web': forwarding ipip needs encap_source (an address of this LB for the "
+        "tunnels' outer source)",
+    ]
+
+
+def test_snat_does_not_stop_dsr_services():
+    """SNAT applies to the NAT services; a DSR service's replies never
+    cross the LB, so it is neither SNATed nor an error."""
+    d = dsr()
+    d["snat_address"] = "10.255.0.2"
+    cfg = config_from_dict(d)
+    assert cfg.snat and cfg.services[0].dsr
+
+
+@pytest.mark.parametrize("source,message", [
+    ("10.255.0.300", "encap_source is not a valid IPv4 address: '10.255.0.300'"),
+    ("10.255.0.1/24", "encap_source: host bits are set (did you mean 10.255.0.0/24?)"),
+    ("10.0.0.0/8", "encap_source: a prefix of at most 65536 addresses (/16 or longer), not /8"),
+    ("fd00::1", "encap_source: IPv6 is not supported yet (fd00::1)"),
+])
+def test_encap_source_errors(source, message):
+    d = dsr()
+    d["encap_source"] = source
+    assert one_error(d) == message
+
+
+def test_encap_source_prefix_and_gue_port_round_trip():
+    d = dsr(forwarding="gue")
+    d["encap_source"] = "10.255.1.16/28"
+    d["gue_port"] = 7000
+    cfg = config_from_dict(d)
+    assert cfg.encap_source == IPv4Network("10.255.1.16/28") and cfg.gue_port == 7000
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    d["gue_port"] = 0
+    assert one_error(d) == "gue_port must be in 1..65535"

@@ -5,7 +5,12 @@ checked on every packet:
 - a forwarded packet is well formed, and its checksums are valid exactly
   when the received packet's were (scapy recomputes both);
 - traffic that is neither for a VIP nor a reply passes untouched;
-- nothing from a denied identity reaches a backend of a policed service.
+- nothing from a denied identity reaches a backend of a policed service;
+- DSR services (ipip, gue): a tunnel packet has a well-formed outer header
+  (valid checksum, exact lengths, DF, the GUE port) to a backend, and
+  carries the received IP packet byte for byte, so its checksums are valid
+  exactly when the received ones were; a packet too big for the tunnel is
+  answered with a well-formed ICMP fragmentation needed, or dropped.
 
 CI runs XDPLB_FUZZ_PACKETS (default 100,000) mutated packets plus hypothesis
 examples; `XDPLB_FUZZ_PACKETS=10000000 pytest tests/test_fuzz.py` is the
@@ -27,21 +32,29 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR, IPerror, TCPerror
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import Dot1Q, Ether
 
-from lbtest import XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, Harness, checksum_errors
+from lb.config import GUE_PORT_DEFAULT
+from lb.demo import lab_config
+from lbtest import (DSR_UDP_VIP, ENCAP_SOURCE, GUE_VIP, IPIP_VIP, XDP_ABORTED, XDP_DROP, XDP_PASS,
+                    XDP_REDIRECT, XDP_TX, Harness, checksum_errors, with_dsr_services)
 from loader.testrun import test_run
 
 PACKETS = int(os.environ.get("XDPLB_FUZZ_PACKETS", "100000"))
 WEB, ECHO = "10.96.0.10", "10.96.0.53"
-VIPS = {WEB, ECHO}
+DSR_VIPS = {IPIP_VIP, GUE_VIP, DSR_UDP_VIP}
+VIPS = {WEB, ECHO} | DSR_VIPS
+POLICED = {WEB, IPIP_VIP, GUE_VIP}                 # allow: [frontend]
 ALLOWED, DENIED = "10.1.0.10", "192.0.2.10"
+DSR_PORT = 8080
 
 
 @pytest.fixture(scope="module")
 def fz(lab, bpf_object):
     lab_, topo = lab
-    with Harness(lab_, topo, attach=False) as h:
+    cfg = with_dsr_services(lab_config(topo, fillers=0, bpffs="/unused", socket="/unused"), topo)
+    with Harness(lab_, topo, cfg, attach=False) as h:
         h.backends = {(b.ip, topo.backend_port) for b in topo.backends} | \
                      {(b.ip, topo.udp_port) for b in topo.backends}
+        h.backend_ips = {b.ip for b in topo.backends}
         h.l0 = topo.lb_client.ifindex
         h.tally = collections.Counter()
         yield h
@@ -71,6 +84,16 @@ def seeds() -> list:
         e / IP(src=ALLOWED, dst=ECHO) / UDP(sport=5354, dport=53, chksum=0) / b"nocsum",
         e / IP(src=ALLOWED, dst=ECHO) / UDP(sport=5355, dport=53, chksum=0x1234) / b"badcsum",
         e / IP(src=ALLOWED, dst=ECHO) / UDP(sport=5356, dport=53, len=4) / b"short",
+        # DSR services: tunnels, policy first, and the MTU answer.
+        e / IP(src=ALLOWED, dst=IPIP_VIP) / TCP(sport=40010, dport=DSR_PORT, flags="S"),
+        e / IP(src=ALLOWED, dst=GUE_VIP) / TCP(sport=40011, dport=DSR_PORT, flags="PA") / b"GET / HTTP/1.0\r\n",
+        e / IP(src=DENIED, dst=IPIP_VIP) / TCP(sport=40012, dport=DSR_PORT, flags="S"),
+        e / IP(src=DENIED, dst=GUE_VIP, flags="DF") / TCP(sport=40013, dport=DSR_PORT, flags="A") / (b"d" * 1460),
+        e / IP(src=ALLOWED, dst=IPIP_VIP, flags="DF") / TCP(sport=40014, dport=DSR_PORT, flags="A") / (b"b" * 1460),
+        e / IP(src=ALLOWED, dst=GUE_VIP) / TCP(sport=40015, dport=DSR_PORT, flags="A") / (b"n" * 1460),
+        e / IP(src=DENIED, dst=DSR_UDP_VIP) / UDP(sport=5357, dport=DSR_PORT, chksum=0) / b"open",
+        e / IP(src=ALLOWED, dst=DSR_UDP_VIP) / UDP(sport=5358, dport=DSR_PORT, chksum=0x4321) / b"badcsum",
+        e / Dot1Q(vlan=5) / IP(src=ALLOWED, dst=IPIP_VIP) / TCP(sport=40016, dport=DSR_PORT),
     ]
 
 
@@ -87,6 +110,44 @@ def src_of(data: bytes) -> tuple[str | None, str | None]:
     return str(ipaddress.IPv4Address(ip[12:16])), str(ipaddress.IPv4Address(ip[16:20]))
 
 
+def l2_len(data: bytes) -> int:
+    return 18 if data[12:14] in (b"\x81\x00", b"\x88\xa8") else 14
+
+
+def check_tunnel(fz, data: bytes, out: bytes, dst: str) -> None:
+    """A DSR packet: outer header as encap.h writes it, the received IP
+    packet inside byte for byte."""
+    l2 = l2_len(data)
+    assert out[:12] != data[:12] and out[l2 - 2:l2] == b"\x08\x00" and out[12:l2 - 2] == data[12:l2 - 2]
+    outer = IP(out[l2:l2 + 20])
+    fresh = IP(bytes(outer))
+    del fresh.chksum
+    assert IP(bytes(fresh)).chksum == outer.chksum, "outer IPv4 checksum"
+    assert (outer.version, outer.ihl, outer.flags, outer.frag, outer.ttl) == (4, 5, 2, 0, 64)
+    assert outer.src == ENCAP_SOURCE and outer.dst in fz.backend_ips
+    inner_len = struct.unpack("!H", data[l2 + 2:l2 + 4])[0]
+    overhead = {4: 20, 17: 28}[outer.proto]
+    assert overhead == (28 if dst == GUE_VIP else 20)
+    assert outer.len == inner_len + overhead
+    if outer.proto == 17:
+        sport, dport, length, csum = struct.unpack("!HHHH", out[l2 + 20:l2 + 28])
+        assert sport >= 49152 and dport == GUE_PORT_DEFAULT and length == inner_len + 8 and csum == 0
+    inner = out[l2 + overhead:l2 + overhead + inner_len]
+    assert inner == data[l2:l2 + inner_len], "the inner packet is not the received one"
+    fz.tally["tunnelled_valid" if not checksum_errors(Ether(data)) else "tunnelled_corrupt_in"] += 1
+
+
+def check_too_big(fz, data: bytes, out: Ether, src: str, dst: str) -> None:
+    """A DSR packet too big for the tunnel, answered from the VIP with
+    ICMP fragmentation needed quoting it."""
+    tot_len, df = struct.unpack("!H", data[16:18])[0], data[20] & 0x40
+    assert dst in DSR_VIPS and df and tot_len + (28 if dst == GUE_VIP else 20) > 1500, data.hex()
+    assert (out[IP].src, out[IP].dst, out[ICMP].type, out[ICMP].code) == (dst, src, 3, 4)
+    assert out[ICMP].nexthopmtu == 1500 - (28 if dst == GUE_VIP else 20)
+    assert checksum_errors(out) == [] and bytes(out)[42:70] == data[14:42]
+    fz.tally["frag_needed"] += 1
+
+
 def check(fz, data: bytes) -> int:
     res = test_run(fz.dp.prog.fd, data, ingress_ifindex=fz.l0)
     rc = res.retval
@@ -94,7 +155,14 @@ def check(fz, data: bytes) -> int:
     assert rc != XDP_ABORTED, data.hex()
     src, dst = src_of(data)
     if rc in (XDP_TX, XDP_REDIRECT):
+        assert not (src == DENIED and dst in POLICED), f"denied identity crossed the policy: {data.hex()}"
+        if dst in DSR_VIPS and ICMP not in Ether(res.data_out):
+            check_tunnel(fz, data, res.data_out, dst)
+            return rc
         out = Ether(res.data_out)
+        if ICMP in out:
+            check_too_big(fz, data, out, src, dst)
+            return rc
         assert IP in out and (TCP in out or UDP in out), data.hex()
         # Incremental updates keep a good checksum good and a damaged one
         # damaged: the LB neither breaks packets nor launders corrupt ones.
@@ -155,15 +223,18 @@ addrs = st.sampled_from([ALLOWED, DENIED, "198.51.100.7", "10.1.0.99", "10.244.1
 
 
 @settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
-@given(src=addrs, dst=st.sampled_from([WEB, ECHO, "10.1.0.1", "10.96.0.99"]), sport=ports, dport=ports,
-       proto=st.sampled_from(["tcp", "udp"]), flags=st.integers(0, 255), ttl=st.integers(0, 255),
-       vlan=st.none() | st.integers(0, 4095), payload=st.binary(max_size=64), tos=st.integers(0, 255))
-def test_structured_packets_keep_the_invariants(fz, src, dst, sport, dport, proto, flags, ttl, vlan, payload, tos):
+@given(src=addrs, dst=st.sampled_from([WEB, ECHO, "10.1.0.1", "10.96.0.99", *sorted(DSR_VIPS)]),
+       sport=ports, dport=ports | st.just(DSR_PORT), proto=st.sampled_from(["tcp", "udp"]),
+       flags=st.integers(0, 255), ttl=st.integers(0, 255), vlan=st.none() | st.integers(0, 4095),
+       payload=st.binary(max_size=64) | st.integers(1400, 1472).map(lambda n: b"p" * n),
+       tos=st.integers(0, 255), df=st.booleans())
+def test_structured_packets_keep_the_invariants(fz, src, dst, sport, dport, proto, flags, ttl, vlan, payload,
+                                                tos, df):
     l4 = TCP(sport=sport, dport=dport, flags=flags) if proto == "tcp" else UDP(sport=sport, dport=dport)
     eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
-    ip = IP(src=src, dst=dst, ttl=ttl, tos=tos) / l4 / payload
+    ip = IP(src=src, dst=dst, ttl=ttl, tos=tos, flags="DF" if df else 0) / l4 / payload
     pkt = eth / Dot1Q(vlan=vlan) / ip if vlan is not None else eth / ip
     with fz.lab.inside(fz.topo.lb_ns):
         rc = check(fz, bytes(pkt))
-    if src == DENIED and dst == WEB:
+    if src == DENIED and dst in POLICED:
         assert rc == XDP_DROP

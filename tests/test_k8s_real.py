@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import http.client
+import json
 import os
 import signal
 import threading
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from bench.k8s_cluster import ApiError, Cluster
+from k8s_apiserver import FakeApiServer
 from lb.dataplane import Dataplane
 from lb.demo import DaemonProcess, curl_many
 from lb.lab import start_backends
@@ -308,3 +311,145 @@ def test_relist_after_compaction_and_apiserver_restart_under_traffic(k8s):
 
 def _relists(d: DaemonProcess) -> int:
     return sum(r["relists_410"] for r in d.call("kubernetes")["reflectors"].values())
+
+
+# ---- the double against the real server ----------------------------------
+
+# Values that are protocol, not data: the double must give the same ones.
+PROTOCOL_KEYS = {"kind", "apiVersion", "type", "code", "reason", "status"}
+
+
+def shape_problems(double, real, path: str = "") -> list[str]:
+    """What the double sends that the real server does not send alike: every
+    key of the double's document must be in the real one with the same JSON
+    type, and protocol values must be equal. (The real server sends more:
+    managedFields, uids, timestamps; xdplb must not need them.)"""
+    if isinstance(double, dict):
+        if not isinstance(real, dict):
+            return [f"{path or '/'}: object vs {type(real).__name__}"]
+        out = []
+        for k, v in double.items():
+            if k == "items" and isinstance(real.get(k), list):
+                out += _item_problems(v, real[k], f"{path}/items")
+            elif k not in real:
+                out.append(f"{path}/{k}: only in the double")
+            elif k in PROTOCOL_KEYS and not isinstance(v, (dict, list)) and v != real[k]:
+                out.append(f"{path}/{k}: {v!r} vs {real[k]!r}")
+            else:
+                out += shape_problems(v, real[k], f"{path}/{k}")
+        return out
+    if isinstance(double, list):
+        if not isinstance(real, list):
+            return [f"{path}: list vs {type(real).__name__}"]
+        if double and real:
+            return shape_problems(double[0], real[0], f"{path}[0]")
+        return [] if bool(double) == bool(real) else [f"{path}: {len(double)} vs {len(real)} items"]
+    if type(double) is not type(real) and not (isinstance(double, (int, float)) and isinstance(real, (int, float))):
+        return [f"{path}: {type(double).__name__} vs {type(real).__name__}"]
+    return []
+
+
+def _item_problems(double: list, real: list, path: str) -> list[str]:
+    """List items paired by namespace and name (the real cluster holds more
+    objects than the double)."""
+    def key(o: dict) -> tuple:
+        md = o.get("metadata", {})
+        return md.get("namespace"), md.get("name")
+    by_key = {key(o): o for o in real}
+    out = []
+    for o in double:
+        if key(o) not in by_key:
+            out.append(f"{path}: {key(o)} only in the double")
+        else:
+            out += shape_problems(o, by_key[key(o)], f"{path}[{key(o)[1]}]")
+    return out
+
+
+def _events(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_double_answers_as_the_real_apiserver(k8s, tmp_path):
+    """The same objects in the double and in the real apiserver, the same
+    requests xdplb's watcher makes, the answers compared shape for shape:
+    lists and pages, a continue token, watch events with bookmarks, a watch
+    from a compacted resourceVersion (410 in a 200 stream) and an expired
+    continue token (HTTP 410). The double cannot drift from the real server
+    unseen."""
+    _, _, cluster, _ = k8s
+    real = cluster.api
+    double = FakeApiServer(bookmark_interval=0.5).start()
+    try:
+        def dget(path: str) -> tuple[int, str]:
+            conn = http.client.HTTPConnection(double.host, double.port, timeout=30)
+            try:
+                conn.request("GET", path, headers={"Accept": "application/json"})
+                resp = conn.getresponse()
+                return resp.status, resp.read().decode()
+            finally:
+                conn.close()
+
+        def both(obj: dict) -> None:
+            real.apply(obj)
+            double.apply(obj)
+
+        real.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "conf"}})
+        for i in range(3):
+            both({"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"c{i}", "namespace": "conf"},
+                  "spec": {"clusterIP": f"10.96.1.{i + 1}", "selector": {"app": f"c{i}"},
+                           "ports": [{"name": "p", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}})
+        both({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+              "metadata": {"name": "c0-x", "namespace": "conf", "labels": {"kubernetes.io/service-name": "c0"}},
+              "addressType": "IPv4", "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+              "endpoints": [{"addresses": ["10.244.9.9"], "conditions": {"ready": True}}]})
+        problems = {}
+
+        def compare(what: str, d: tuple[int, str], r: tuple[int, str], stream: bool = False) -> None:
+            if d[0] != r[0]:
+                problems[what] = [f"HTTP {d[0]} vs {r[0]}"]
+                return
+            dd, rr = (_events(d[1]), _events(r[1])) if stream else (json.loads(d[1]), json.loads(r[1]))
+            if p := shape_problems(dd, rr):
+                problems[what] = p
+
+        for path in ("/api/v1/services", "/apis/discovery.k8s.io/v1/endpointslices"):
+            compare(f"list {path}", dget(path), real.raw("GET", path))
+        page = "/api/v1/services?limit=1"
+        d1, r1 = dget(page), real.raw("GET", page)
+        compare("first page", d1, r1)
+        dc, rc = (json.loads(x[1])["metadata"]["continue"] for x in (d1, r1))
+        compare("next page", dget(f"{page}&continue={dc}"), real.raw("GET", f"{page}&continue={rc}"))
+
+        # A watch from the list's resourceVersion sees the change after it.
+        drv, rrv = (json.loads(x)["metadata"]["resourceVersion"] for x in
+                    (dget("/api/v1/services")[1], real.raw("GET", "/api/v1/services")[1]))
+        both({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "c1", "namespace": "conf"},
+              "spec": {"clusterIP": "10.96.1.2", "selector": {"app": "c1"},
+                       "ports": [{"name": "p", "port": 81, "targetPort": 8080, "protocol": "TCP"}]}})
+        watch = "/api/v1/services?watch=1&allowWatchBookmarks=true&timeoutSeconds=2&resourceVersion="
+        dw, rw = dget(watch + drv), real.raw("GET", watch + rrv)
+        assert {e["type"] for e in _events(dw[1])} - {"BOOKMARK"} == {"MODIFIED"}
+        assert {e["type"] for e in _events(rw[1])} - {"BOOKMARK"} == {"MODIFIED"}
+        modified = lambda x: [e for e in _events(x[1]) if e["type"] == "MODIFIED"]   # noqa: E731
+        if p := shape_problems(modified(dw), modified(rw)):
+            problems["watch event"] = p
+
+        # History compacted: a watch from before it, and a continue token into it.
+        page_d, page_r = dget(page), real.raw("GET", page)
+        both({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "c2", "namespace": "conf"},
+              "spec": {"clusterIP": "10.96.1.3", "selector": {"app": "c2"},
+                       "ports": [{"name": "p", "port": 82, "targetPort": 8080, "protocol": "TCP"}]}})
+        double.compact()
+        cluster.compact()
+        # A running apiserver still serves both from its watch cache and its
+        # list snapshots; a restarted one has neither.
+        cluster.stop_apiserver()
+        cluster.start_apiserver()
+        compare("watch from a compacted resourceVersion", dget(watch + drv), real.raw("GET", watch + rrv),
+                stream=True)
+        dc, rc = (json.loads(x[1])["metadata"]["continue"] for x in (page_d, page_r))
+        compare("continue after compaction", dget(f"{page}&continue={dc}"),
+                real.raw("GET", f"{page}&continue={rc}"))
+    finally:
+        double.close()
+    assert not problems, json.dumps(problems, indent=1)

@@ -118,18 +118,6 @@ static __always_inline int is_gue(struct udphdr *udp, void *data_end)
 	return port && udp->dest == port;
 }
 
-/* The outer IPv4 header of a 20-byte header sums to 0xffff. */
-static __always_inline int ipv4_csum_ok(struct iphdr *ip)
-{
-	__u16 *w = (__u16 *)ip;
-	__u32 sum = 0;
-
-#pragma unroll
-	for (int i = 0; i < (int)sizeof(*ip) / 2; i++)
-		sum += w[i];
-	return csum_fold32(sum) == 0xffff;
-}
-
 /* GUE variant 1: the inner version is the first nibble of the payload. */
 static __always_inline int gue_inner_version(void *payload, __u32 len, void *data_end,
 					     struct tunnel *t)
@@ -191,7 +179,7 @@ static __always_inline int outer_ipv4(struct xdp_md *ctx, struct iphdr *ip, void
 	/* Ours from here on: what is wrong is dropped. */
 	tot_len = bpf_ntohs(ip->tot_len);
 	if (ip->ihl != 5 || tot_len < sizeof(*ip) || (void *)ip + tot_len > data_end ||
-	    !ipv4_csum_ok(ip))
+	    ipv4_header_sum(ip) != 0xffff)
 		return DECAP_DROP_OUTER_BAD_IP;
 	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
 		return DECAP_DROP_OUTER_FRAGMENT;

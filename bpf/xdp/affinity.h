@@ -11,6 +11,7 @@
 #define XDPLB_AFFINITY_H
 
 #include "counters.h"
+#include "maglev.h"
 #include "maps.h"
 #include "ratelimit.h"
 
@@ -62,6 +63,22 @@ static __always_inline void affinity_store(const struct svc_value *svc, const st
 		return;
 	affinity_key_of(&key, svc, flow);
 	bpf_map_update_elem(&affinity, &key, &v, BPF_ANY);
+}
+
+/* The backend a new flow of `svc` goes to: the client's affinity backend,
+ * else Maglev's pick for the flow's `hash`. One function for both
+ * directions: a flow forwarded without state has its replies recognised
+ * by calling it again (reply.h), so the two must decide alike. */
+static __always_inline struct backend *pick_backend(const struct svc_value *svc,
+						    const struct flow_key *flow, __u32 hash,
+						    __u64 now, __u32 *backend_id)
+{
+	struct backend *b = affinity_backend(svc, flow, now, backend_id);
+
+	if (b)
+		return b;
+	*backend_id = maglev_pick(svc, hash);
+	return bpf_map_lookup_elem(&backends, backend_id);
 }
 
 #endif

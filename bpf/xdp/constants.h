@@ -19,8 +19,10 @@ enum xdplb_layout {
 	 *    (ct_entry.ifindex, svc_keys, SVC_F_REV_NAT)
 	 * 5: drop_stats and global_stats sized by DROP_REASON_SLOTS and
 	 *    COUNTER_SLOTS (room for new reasons and counters without a
-	 *    layout change); DROP_NO_NEIGH, DROP_MTU, neigh_requests */
-	XDPLB_LAYOUT_VERSION = 5,
+	 *    layout change); DROP_NO_NEIGH, DROP_MTU, neigh_requests
+	 * 6: DSR (encap.h): lb_config.encap_v4/encap_v6/gue_port,
+	 *    SVC_F_IPIP, SVC_F_GUE */
+	XDPLB_LAYOUT_VERSION = 6,
 };
 
 /* Default map capacities. The control plane may resize the ones marked
@@ -88,6 +90,13 @@ enum svc_flags {
 	 * one of its backends (more than REPLY_INDEX_SVCS services share that
 	 * address), so each new flow also writes a reverse-NAT entry. */
 	SVC_F_REV_NAT = 1 << 2,
+	/* Direct server return (encap.h): the client's packet is sent to the
+	 * backend unchanged inside an outer IP header (IPIP: protocol 4 for an
+	 * IPv4 inner packet, 41 for IPv6) or outer IP + UDP to
+	 * lb_config.gue_port (GUE variant 1). The backend answers the client
+	 * itself: no reverse NAT, no reply state. At most one of the two. */
+	SVC_F_IPIP = 1 << 3,
+	SVC_F_GUE = 1 << 4,
 };
 
 /* backend.state. A draining backend keeps its flows but gets no new ones
@@ -131,7 +140,16 @@ enum drop_reason {
 	DROP_NO_NEIGH = 15,
 	/* Bigger than the egress MTU, with a rewritten source (as above). */
 	DROP_MTU = 16,
-	DROP_REASON_MAX = 17,
+	/* DSR: the encapsulated packet would exceed the egress MTU. With DF
+	 * set the client is answered with ICMP fragmentation needed carrying
+	 * the MTU less the tunnel overhead (CNT_FRAG_NEEDED), so its path MTU
+	 * discovery shrinks its packets; with DF clear it is only dropped
+	 * (XDP cannot fragment, and fragments to a VIP are dropped anyway). */
+	DROP_ENCAP_MTU = 17,
+	/* DSR: no encapsulation source of the backend's family configured,
+	 * or no headroom for the outer headers (bpf_xdp_adjust_head). */
+	DROP_ENCAP = 18,
+	DROP_REASON_MAX = 19,
 };
 
 /* flow_event.verdict (monitor.h). Only drops and the first packet of new
@@ -156,9 +174,15 @@ enum xdplb_counter {
 	CNT_NEIGH_PASS = 9,         /* passed to the kernel to resolve a neighbour */
 	CNT_EVENTS = 10,            /* flow events written to the ring buffer */
 	CNT_EVENTS_LOST = 11,       /* flow events not sent: rate limit or ring full */
-	CNT_GUARD_STATELESS = 12,   /* flood guard: forwarded by Maglev with no state written */
+	CNT_GUARD_STATELESS = 12,   /* flood guard: forwarded by pick_backend() with no state written */
 	CNT_REJECTS = 13,           /* ICMP port unreachable sent for a no_backend drop (reject.h) */
-	CNT_MAX = 14,
+	/* Gateway-mode replies of flows forwarded without state, recognised
+	 * by picking their backend again (reply.h); then counted as replies. */
+	CNT_REPLY_STATELESS = 14,
+	CNT_ENCAP_IPIP = 15,        /* DSR: sent to a backend in IPIP (encap.h) */
+	CNT_ENCAP_GUE = 16,         /* DSR: sent to a backend in GUE */
+	CNT_FRAG_NEEDED = 17,       /* DSR: ICMP fragmentation needed sent for a DROP_ENCAP_MTU */
+	CNT_MAX = 18,
 };
 
 #endif

@@ -10,31 +10,62 @@
 #define AF_INET 2
 #endif
 
-/* Fill `fib` for a packet that will leave with (saddr, daddr). Returns the
- * bpf_fib_lookup() result. */
+/* Fill `fib` for a packet of `tot_len` bytes and L4 protocol `proto` that
+ * will leave with (saddr, daddr). Returns the bpf_fib_lookup() result;
+ * BPF_FIB_LKUP_RET_FRAG_NEEDED (with fib->mtu_result) when `tot_len`
+ * exceeds the route's MTU. */
 static __always_inline int fib_route(struct xdp_md *ctx, const struct packet *pkt,
-				     __u32 saddr, __u32 daddr, struct bpf_fib_lookup *fib)
+				     __u32 saddr, __u32 daddr, __u16 tot_len, __u8 proto,
+				     struct bpf_fib_lookup *fib)
 {
 	fib->family = AF_INET;
 	fib->tos = pkt->ip->tos;
-	fib->l4_protocol = pkt->ip->protocol;
-	fib->tot_len = bpf_ntohs(pkt->ip->tot_len);
+	fib->l4_protocol = proto;
+	fib->tot_len = tot_len;
 	fib->ipv4_src = saddr;
 	fib->ipv4_dst = daddr;
 	fib->ifindex = ctx->ingress_ifindex;
 	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
 }
 
-/* The next hop for (saddr, daddr): from the per-CPU cache while fresh,
- * else from the FIB (then cached for cfg->nexthop_ttl_ms). The cache is
- * keyed by destination only, so source-based policy routing is honoured at
- * most one TTL late; a TTL of 0 turns the cache off. */
-static __always_inline int next_hop(struct xdp_md *ctx, const struct packet *pkt,
-				    __u32 saddr, __u32 daddr, const struct lb_config *cfg,
-				    struct bpf_fib_lookup *fib)
+/* The next hop for a packet of `tot_len` bytes and protocol `proto` from
+ * saddr to daddr: from the per-CPU cache while fresh, else from the FIB
+ * (then cached for cfg->nexthop_ttl_ms). The cache is keyed by destination
+ * only, so source-based policy routing (and a changed MTU) is honoured at
+ * most one TTL late; a TTL of 0 turns the cache off. A cached answer checks
+ * no MTU: on success fib->mtu_result is the egress device's MTU, or 0 if
+ * not known (no cache), for callers whose packet grows (encap.h). */
+/* Cache a successful FIB answer for `daddr` until `now` + cfg->nexthop_ttl_ms,
+ * with the egress device's MTU, which it also leaves in fib->mtu_result.
+ * A subprogram: it runs once per destination and TTL, and its record in
+ * the entry program's frame left too little of the verifier's 512 bytes. */
+static __noinline void nexthop_remember(struct xdp_md *ctx, __u32 daddr,
+					struct bpf_fib_lookup *fib,
+					const struct lb_config *cfg, __u64 now)
 {
 	struct nexthop_key key = { .family = FAMILY_IPV4 };
-	struct nexthop *nh, fresh = {};
+	struct nexthop fresh = {};
+	__u32 mtu = 0;
+
+	/* Any length: only the MTU it reports is wanted (always set). */
+	if (bpf_check_mtu(ctx, fib->ifindex, &mtu, 0, 0) < 0)
+		mtu = 0;
+	key.addr[0] = daddr;
+	fresh.expires_ns = now + (__u64)cfg->nexthop_ttl_ms * 1000000;
+	fresh.ifindex = fib->ifindex;
+	fresh.mtu = mtu;
+	fib->mtu_result = mtu;
+	__builtin_memcpy(fresh.smac, fib->smac, ETH_ALEN);
+	__builtin_memcpy(fresh.dmac, fib->dmac, ETH_ALEN);
+	bpf_map_update_elem(&nexthops, &key, &fresh, BPF_ANY);
+}
+
+static __always_inline int next_hop_sized(struct xdp_md *ctx, const struct packet *pkt,
+					  __u32 saddr, __u32 daddr, __u16 tot_len, __u8 proto,
+					  const struct lb_config *cfg, struct bpf_fib_lookup *fib)
+{
+	struct nexthop_key key = { .family = FAMILY_IPV4 };
+	struct nexthop *nh;
 	__u64 now = 0;
 	int rc;
 
@@ -44,20 +75,56 @@ static __always_inline int next_hop(struct xdp_md *ctx, const struct packet *pkt
 		nh = bpf_map_lookup_elem(&nexthops, &key);
 		if (nh && nh->expires_ns > now) {
 			fib->ifindex = nh->ifindex;
+			fib->mtu_result = nh->mtu;
 			__builtin_memcpy(fib->smac, nh->smac, ETH_ALEN);
 			__builtin_memcpy(fib->dmac, nh->dmac, ETH_ALEN);
 			return BPF_FIB_LKUP_RET_SUCCESS;
 		}
 	}
-	rc = fib_route(ctx, pkt, saddr, daddr, fib);
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS && cfg->nexthop_ttl_ms && !dry_run) {
-		fresh.expires_ns = now + (__u64)cfg->nexthop_ttl_ms * 1000000;
-		fresh.ifindex = fib->ifindex;
-		__builtin_memcpy(fresh.smac, fib->smac, ETH_ALEN);
-		__builtin_memcpy(fresh.dmac, fib->dmac, ETH_ALEN);
-		bpf_map_update_elem(&nexthops, &key, &fresh, BPF_ANY);
+	rc = fib_route(ctx, pkt, saddr, daddr, tot_len, proto, fib);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		fib->mtu_result = 0;
+		if (cfg->nexthop_ttl_ms && !dry_run)
+			nexthop_remember(ctx, daddr, fib, cfg, now);
 	}
 	return rc;
+}
+
+/* The next hop of the packet itself, rewritten to (saddr, daddr). */
+static __always_inline int next_hop(struct xdp_md *ctx, const struct packet *pkt,
+				    __u32 saddr, __u32 daddr, const struct lb_config *cfg,
+				    struct bpf_fib_lookup *fib)
+{
+	return next_hop_sized(ctx, pkt, saddr, daddr, bpf_ntohs(pkt->ip->tot_len),
+			      pkt->ip->protocol, cfg, fib);
+}
+
+/* Did `pkt` come in by the interface the route from saddr to daddr leaves
+ * by? From the next-hop cache while fresh, else from the FIB (NO_NEIGH
+ * still names the device); nothing is cached here. A subprogram: called
+ * where the entry program's stack has no room for a FIB request. */
+static __noinline int arrived_by_route(struct xdp_md *ctx, const struct packet *pkt,
+				       const struct lb_config *cfg, __u32 saddr, __u32 daddr)
+{
+	struct nexthop_key key = { .family = FAMILY_IPV4 };
+	struct bpf_fib_lookup fib = {};
+	__u32 ingress = ctx->ingress_ifindex, egress = 0;
+	struct nexthop *nh;
+	int rc;
+
+	key.addr[0] = daddr;
+	if (cfg->nexthop_ttl_ms) {
+		nh = bpf_map_lookup_elem(&nexthops, &key);
+		if (nh && nh->expires_ns > bpf_ktime_get_coarse_ns())
+			egress = nh->ifindex;
+	}
+	if (!egress) {
+		rc = fib_route(ctx, pkt, saddr, daddr, bpf_ntohs(pkt->ip->tot_len),
+			       pkt->ip->protocol, &fib);
+		if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+			egress = fib.ifindex;
+	}
+	return egress && egress == ingress;
 }
 
 /* What a FIB answer means for a packet: DROP_NONE to go on (by XDP, or

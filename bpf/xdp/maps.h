@@ -132,6 +132,17 @@ struct drop_key {
 	enum drop_reason reason;
 };
 
+/* The outer source address of DSR packets of one outer family (encap.h).
+ * `spread_mask` makes it a prefix: the low bits of the address's last word
+ * (addr[0] for IPv4, addr[3] for IPv6) come from the flow's hash, so that a
+ * backend whose NIC hashes only the outer addresses (IPIP) still spreads
+ * the flows over its receive queues. */
+struct encap_source {
+	__u32 addr[4];              /* network order; host bits zero */
+	__u32 spread_mask;          /* host order; 0 = always `addr` */
+	__u32 family;               /* FAMILY_NONE: not configured (DROP_ENCAP) */
+};
+
 /* Global settings. Two copies: the control plane writes the inactive one and
  * then flips meta.active_config, so a packet never sees a half-written copy. */
 struct lb_config {
@@ -154,6 +165,13 @@ struct lb_config {
 	 * per second and back to back. 0 = drop silently. */
 	__u32 reject_rate;
 	__u32 reject_burst;
+	/* DSR (encap.h): outer sources for IPv4 and IPv6 outer headers, and
+	 * GUE's UDP destination port (network order), one for all services:
+	 * it is the backends' decapsulation port, a property of the hosts. */
+	struct encap_source encap_v4;
+	struct encap_source encap_v6;
+	__u16 gue_port;
+	__u16 pad;
 };
 
 /* What the dry-run copy of the program decided (the `flow` command). The
@@ -203,7 +221,8 @@ struct nexthop {
 	__u32 ifindex;              /* egress interface */
 	__u8 smac[6];
 	__u8 dmac[6];
-	__u8 pad[8];                /* explicit: the struct is 32 bytes either way */
+	__u16 mtu;                  /* the egress device's, for packets that grow (encap.h) */
+	__u8 pad[6];                /* explicit: the struct is 32 bytes either way */
 };
 
 /* A token bucket kept in time units (ratelimit.h). */

@@ -12,6 +12,9 @@
  * dropped. Either way it is counted as a `no_backend` drop; CNT_REJECTS
  * counts the ICMP messages sent. Only untagged frames are answered: a
  * VLAN-tagged one is dropped (its reply would need the tag rebuilt).
+ *
+ * The same in-place answer, with code "fragmentation needed", tells a
+ * client of a DSR service its path MTU (encap.h, DROP_ENCAP_MTU).
  */
 #ifndef XDPLB_REJECT_H
 #define XDPLB_REJECT_H
@@ -26,12 +29,13 @@
  * build does not have. */
 #define ICMP_TYPE_DEST_UNREACH 3
 #define ICMP_CODE_PORT_UNREACH 3
+#define ICMP_CODE_FRAG_NEEDED 4
 
 struct icmp_unreach {
 	__u8 type;
 	__u8 code;
 	__u16 checksum;
-	__u32 unused;               /* zero for port unreachable */
+	__u32 info;                 /* zero for port unreachable; the MTU for fragmentation needed */
 };
 
 /* RFC 792: the ICMP error quotes the IP header and the first 8 bytes of
@@ -47,25 +51,31 @@ static __always_inline __u16 csum_of(void *p, __u32 len)
 	return ~csum_fold32(bpf_csum_diff(NULL, 0, p, len, 0));
 }
 
-/* 1: ctx now holds the ICMP error, to send back; 0: drop the packet. */
-static __always_inline int reject_in_place(struct xdp_md *ctx, struct packet *pkt,
-					   const struct lb_config *cfg)
+/* Only untagged frames are answered (a reply would need the tag rebuilt). */
+static __always_inline int icmp_answerable(const struct packet *pkt)
 {
-	struct token_bucket *bucket;
+	return (void *)pkt->ip == (void *)(pkt->eth + 1);
+}
+
+/* Turn the frame, in place, into an ICMP destination unreachable with
+ * `code` and `info` (the header's second word, network order) from the
+ * packet's destination to its source, quoting its IP header and first 8
+ * bytes. 1: ctx now holds it, to send back out of the ingress device; 0:
+ * not done (dry run, a VLAN-tagged frame, or no headroom), drop the
+ * packet. Shared by the no-backend reject and DSR's fragmentation needed;
+ * a subprogram, so that its frame is not part of the entry program's. */
+static __noinline int icmp_unreach_in_place(struct xdp_md *ctx, struct packet *pkt,
+						 __u8 code, __u32 info)
+{
 	struct ethhdr *eth;
 	struct iphdr *ip;
 	struct icmp_unreach *icmp;
 	void *data, *data_end;
 	__u8 smac[ETH_ALEN], dmac[ETH_ALEN];
-	__u32 saddr, daddr, zero = 0;
+	__u32 saddr, daddr;
 	int len;
 
-	if (dry_run || !cfg->reject_rate)
-		return 0;
-	if ((void *)pkt->ip != (void *)(pkt->eth + 1))
-		return 0;
-	bucket = bpf_map_lookup_elem(&reject_bucket, &zero);
-	if (!bucket || !bucket_take(bucket, cfg->reject_rate, cfg->reject_burst, bpf_ktime_get_ns()))
+	if (dry_run || !icmp_answerable(pkt))
 		return 0;
 	__builtin_memcpy(smac, pkt->eth->h_source, ETH_ALEN);
 	__builtin_memcpy(dmac, pkt->eth->h_dest, ETH_ALEN);
@@ -106,11 +116,35 @@ static __always_inline int reject_in_place(struct xdp_md *ctx, struct packet *pk
 
 	icmp = (void *)(ip + 1);
 	icmp->type = ICMP_TYPE_DEST_UNREACH;
-	icmp->code = ICMP_CODE_PORT_UNREACH;
+	icmp->code = code;
 	icmp->checksum = 0;
-	icmp->unused = 0;
+	icmp->info = info;
 	icmp->checksum = csum_of(icmp, sizeof(*icmp) + REJECT_QUOTE_LEN);
 	return 1;
+}
+
+/* A new flow to a service without backends: port unreachable, within the
+ * reject budget. 1: ctx holds the answer; 0: drop the packet. */
+static __always_inline int reject_in_place(struct xdp_md *ctx, struct packet *pkt,
+					   const struct lb_config *cfg)
+{
+	struct token_bucket *bucket;
+	__u32 zero = 0;
+
+	if (dry_run || !cfg->reject_rate || !icmp_answerable(pkt))
+		return 0;
+	bucket = bpf_map_lookup_elem(&reject_bucket, &zero);
+	if (!bucket || !bucket_take(bucket, cfg->reject_rate, cfg->reject_burst, bpf_ktime_get_ns()))
+		return 0;
+	return icmp_unreach_in_place(ctx, pkt, ICMP_CODE_PORT_UNREACH, 0);
+}
+
+/* RFC 1191: fragmentation needed and DF set, with the next-hop MTU in the
+ * low 16 bits of the second word. Not budgeted: each answer is smaller than
+ * the packet that caused it, and a flow cannot progress without it. */
+static __always_inline int frag_needed_in_place(struct xdp_md *ctx, struct packet *pkt, __u32 mtu)
+{
+	return icmp_unreach_in_place(ctx, pkt, ICMP_CODE_FRAG_NEEDED, bpf_htonl(mtu & 0xffff));
 }
 
 #endif

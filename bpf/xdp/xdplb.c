@@ -4,6 +4,8 @@
  *
  *   parse -> service lookup -> identity policy -> conntrack or Maglev
  *         -> DNAT (+ optional SNAT) -> FIB -> XDP_REDIRECT (devmap)
+ *         or, DSR services: -> FIB to the backend -> IPIP/GUE encapsulation
+ *            -> XDP_REDIRECT (the backend answers the client itself)
  *   replies to translated flows -> reply index + conntrack (gateway mode)
  *         or reverse NAT (SNAT) -> FIB -> out
  *   everything else -> XDP_PASS, untouched
@@ -26,6 +28,7 @@
 #include "guard.h"
 #include "reject.h"
 #include "forward.h"
+#include "encap.h"
 #include "monitor.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
@@ -85,6 +88,21 @@ static __always_inline int no_backend(struct xdp_md *ctx, struct packet *pkt, __
 	return bpf_redirect_map(&tx_ports, ctx->ingress_ifindex, XDP_DROP);
 }
 
+/* A DSR packet that would outgrow the egress MTU: dropped, and with DF set
+ * answered with ICMP fragmentation needed carrying fib->mtu_result, the
+ * MTU less the tunnel's overhead (encap.h). */
+static __always_inline int too_big(struct xdp_md *ctx, struct packet *pkt, __u32 identity,
+				   __u32 svc_id, const struct bpf_fib_lookup *fib)
+{
+	int verdict = drop(ctx, pkt, identity, svc_id, DROP_ENCAP_MTU);
+
+	if (!(pkt->ip->frag_off & bpf_htons(IP_DF)) ||
+	    !frag_needed_in_place(ctx, pkt, fib->mtu_result))
+		return verdict;
+	count_global(CNT_FRAG_NEEDED, pkt->len);
+	return bpf_redirect_map(&tx_ports, ctx->ingress_ifindex, XDP_DROP);
+}
+
 static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt,
 					  const struct svc_value *svc_ptr)
 {
@@ -95,6 +113,10 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 	struct lb_config *cfg = active_config();
 	struct ct_entry ct = {};
 	struct ct_entry *cte;
+	struct encap enc;
+	__u32 hop_saddr;
+	__u16 hop_len;
+	__u8 hop_proto;
 	struct backend *b = NULL;
 	struct rewrite rw;
 	__u32 identity = IDENTITY_UNKNOWN;
@@ -105,7 +127,8 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 
 	if (!cfg)
 		return count_verdict(XDP_ABORTED, pkt->len);
-	snat = cfg->snat_family != FAMILY_NONE;
+	/* SNAT applies to NAT services only: DSR replies never cross the LB. */
+	snat = cfg->snat_family != FAMILY_NONE && !(svc.flags & SVC_F_ENCAP);
 
 	/* Policy first: a denied source costs no conntrack or backend work. */
 	if (dry_run || (svc.flags & SVC_F_HAS_POLICY))
@@ -130,7 +153,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 		/* One clock read for the guard and affinity, only if either is on. */
 		if (cfg->new_flow_rate || svc.affinity_timeout_s)
 			now = bpf_ktime_get_ns();
-		switch (flood_guard(pkt, cfg, snat, now)) {
+		switch (flood_guard(cfg, &svc, snat, now)) {
 		case GUARD_DROP:
 			return drop(ctx, pkt, identity, svc.svc_id, DROP_NEW_FLOW_RATE);
 		case GUARD_STATELESS:
@@ -141,11 +164,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 		}
 		/* Only new flows need the hash (here and for the SNAT port). */
 		hash = flow_hash(&pkt->flow, cfg->hash_seed);
-		b = affinity_backend(&svc, &pkt->flow, now, &backend_id);
-		if (!b) {
-			backend_id = maglev_pick(&svc, hash);
-			b = bpf_map_lookup_elem(&backends, &backend_id);
-		}
+		b = pick_backend(&svc, &pkt->flow, hash, now, &backend_id);
 		/* No state check: a table only names backends that were live
 		 * when it was published, and a record keeps its address until
 		 * a grace period after its removal. A packet that read the old
@@ -163,8 +182,32 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 	rw.daddr = b->addr[0];
 	rw.dport = b->port;
 
-	rc = next_hop(ctx, pkt, rw.saddr, rw.daddr, cfg, &fib);
-	why = fib_verdict(rc, &fib, snat);
+	/* The next hop of the packet as it will leave: rewritten (NAT), or
+	 * in its tunnel (DSR, encap.h), from an LB address and longer. */
+	hop_saddr = rw.saddr;
+	hop_len = bpf_ntohs(pkt->ip->tot_len);
+	hop_proto = pkt->ip->protocol;
+	if (svc.flags & SVC_F_ENCAP) {
+		why = encap_plan(pkt, b, cfg, svc.flags, &enc);
+		if (why != DROP_NONE)
+			return drop(ctx, pkt, identity, svc.svc_id, why);
+		hop_saddr = outer_source_v4(&enc);
+		hop_len += enc.overhead;
+		hop_proto = enc.proto;
+	}
+	rc = next_hop_sized(ctx, pkt, hop_saddr, rw.daddr, hop_len, hop_proto, cfg, &fib);
+	if (svc.flags & SVC_F_ENCAP) {
+		why = encap_verdict(ctx, rc, &fib, &enc);
+		if (why == DROP_ENCAP_MTU)
+			return too_big(ctx, pkt, identity, svc.svc_id, &fib);
+		/* Encapsulated now, before the state is written (the plan's
+		 * stack slots are free again there): a drop below drops the
+		 * tunnel packet, which nothing reads. */
+		if (why == DROP_NONE && encap_push(ctx, pkt, &enc, b, cfg))
+			why = DROP_ENCAP;
+	} else {
+		why = fib_verdict(rc, &fib, snat);
+	}
 	if (why != DROP_NONE)
 		return drop(ctx, pkt, identity, svc.svc_id, why);
 
@@ -191,7 +234,10 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 	if (!ct_hit && !stateless)
 		monitor_forward(ctx, pkt, cfg, identity, svc.svc_id, ct.backend_id, b);
 	probe_record(DROP_NONE, identity, svc.svc_id, ct.backend_id, ct_hit, 0);
-	rewrite_packet(pkt, &rw);
+	if (svc.flags & SVC_F_ENCAP)
+		count_global(svc.flags & SVC_F_GUE ? CNT_ENCAP_GUE : CNT_ENCAP_IPIP, pkt->len);
+	else
+		rewrite_packet(pkt, &rw);
 	counter_add(&svc_stats, svc.svc_id, pkt->len);
 	counter_add(&backend_stats, ct.backend_id, pkt->len);
 	return transmit(ctx, pkt, &fib, rc);
@@ -237,7 +283,7 @@ static __always_inline int handle_other(struct xdp_md *ctx, struct packet *pkt)
 	struct nat_entry *nat;
 
 	/* SNAT mode has no gateway flows: its replies are all in rev_nat. */
-	if (cfg && cfg->snat_family == FAMILY_NONE && reply_from_index(&pkt->flow, &reply))
+	if (cfg && cfg->snat_family == FAMILY_NONE && reply_from_index(ctx, pkt, cfg, &reply))
 		return handle_reply(ctx, pkt, &reply, cfg);
 	nat = bpf_map_lookup_elem(&rev_nat, &pkt->flow);
 	if (nat)

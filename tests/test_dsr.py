@@ -1,0 +1,297 @@
+"""Direct server return end to end: the real daemon with ipip and gue
+services, the real backend decapsulation (`xdplb backend attach`) on three
+backends running HTTP servers, real curl.
+
+The lab is the tests' usual one (client - lb - b1..b3) plus a return path:
+each backend has a link of its own to the client (r0 <-> r<i>) and routes
+the client's networks over it, as a backend on the client's side of a
+router would. So the backends' answers, from the VIP, reach the client
+without crossing the load balancer, and captures on both of the client's
+sides show which way every packet came.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+
+from lb.demo import curl_many
+from lb.lab import REPO_ROOT, Lab, build_lb_lab, start_backends
+from lbtest import (ENCAP_SOURCE, GUE_VIP, IPIP_VIP, daemons, download, pin_dir, stats, wait_for, with_dsr_services,
+                    xdplb)
+
+PORT = 8080
+VIPS = (IPIP_VIP, GUE_VIP)
+ETH_P_ALL = 0x0003
+PACKET_OUTGOING = 4
+
+
+# -- the lab ----------------------------------------------------------------------
+
+
+def backend_cli(lab: Lab, b, pins: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`xdplb backend ...` in backend `b`'s namespace."""
+    return lab.run(b.ns, [sys.executable, "-m", "lb.cli", "backend", *args, "--bpffs", str(pins)],
+                   timeout=60, check=check, cwd=REPO_ROOT)
+
+
+def attach_decap(lab: Lab, b, pins: Path) -> None:
+    backend_cli(lab, b, pins, "attach", "eth0", *(f"--vip={v}" for v in VIPS))
+
+
+def add_return_paths(lab: Lab, topo) -> None:
+    """b<i> r0 172.16.<i>.2/24 <-> client r<i> 172.16.<i>.1/24; the backend
+    routes the client's networks (allowed and denied) there. The inner
+    packet's source then arrives on eth0 and is routed back by r0: strict
+    reverse-path filtering would drop it, so the backends use loose (README
+    "DSR backends", rp_filter), and so does the client, whose answers come
+    in by r<i> while its route to the VIPs leaves by c0."""
+    for conf in ("all", "default"):
+        lab.sysctl(topo.client_ns, f"net.ipv4.conf.{conf}.rp_filter", 2)
+    for b in topo.backends:
+        lab.veth(b.ns, "r0", topo.client_ns, f"r{b.index}")
+        lab.addr(b.ns, "r0", f"172.16.{b.index}.2/24")
+        lab.addr(topo.client_ns, f"r{b.index}", f"172.16.{b.index}.1/24")
+        for net in ("10.1.0.0/24", "192.0.2.0/24"):
+            lab.route(b.ns, net, gateway=f"172.16.{b.index}.1")
+        for conf in ("all", "eth0"):
+            lab.sysctl(b.ns, f"net.ipv4.conf.{conf}.rp_filter", 2)
+        lab.sysctl(topo.client_ns, f"net.ipv4.conf.r{b.index}.rp_filter", 2)
+
+
+@pytest.fixture(scope="module")
+def dsr_lab(bpf_object):
+    subprocess.run(["make", "-s", "-C", str(REPO_ROOT), "bpf"], check=True)
+    with Lab() as lab:
+        topo = build_lb_lab(lab, 3)
+        start_backends(lab, topo)
+        add_return_paths(lab, topo)
+        pins = {b.name: Path(pin_dir()) for b in topo.backends}
+        try:
+            for b in topo.backends:
+                attach_decap(lab, b, pins[b.name])
+            yield lab, topo, pins
+        finally:
+            for b in topo.backends:
+                backend_cli(lab, b, pins[b.name], "detach", "eth0", "--purge", check=False)
+
+
+@pytest.fixture
+def dsr_daemon(dsr_lab, tmp_path):
+    """Start `xdplb run` with the DSR services; always stop and detach."""
+    topo = dsr_lab[1]
+    with daemons(topo, tmp_path) as start:
+        yield lambda **kw: start(edit=lambda cfg: with_dsr_services(cfg, topo, **kw))
+
+
+# -- captures ---------------------------------------------------------------------
+
+
+class Capture:
+    """Every frame an interface receives (AF_PACKET), in a thread."""
+
+    def __init__(self, lab: Lab, ns: str, ifname: str):
+        with lab.inside(ns):
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        self.sock.bind((ifname, 0))
+        self.sock.settimeout(0.1)
+        self.frames: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except socket.timeout:
+                continue
+            if addr[2] != PACKET_OUTGOING:
+                self.frames.append(data)
+
+    def stop(self) -> list[Ether]:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+        return [Ether(f) for f in self.frames]
+
+
+def from_vips(frames: list[Ether]) -> list[Ether]:
+    return [f for f in frames if IP in f and f[IP].src in VIPS and TCP in f]
+
+
+def counter(st: dict, name: str) -> int:
+    return st["global"][name]["packets"]
+
+
+def service(st: dict, name: str) -> dict:
+    return next(s for s in st["services"] if s["name"] == name)
+
+
+# -- tests --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["ipip", "gue"])
+def test_balance_policy_and_replies_bypass_the_lb(dsr_lab, dsr_daemon, mode):
+    """300 new connections through the VIP spread over the 3 backends
+    within +-8 %, each answered directly with the client's own address seen
+    by the server; a denied identity gets nothing; the LB's XDP counted
+    every client packet of the service and not one answer, and the client
+    received every answer on its return links, none from the LB."""
+    lab, topo, _ = dsr_lab
+    d = dsr_daemon()
+    vip = IPIP_VIP if mode == "ipip" else GUE_VIP
+    name = f"dsr-{mode}"
+    before = stats(d)
+    caps = {"c0": Capture(lab, topo.client_ns, "c0")}
+    caps.update({f"r{b.index}": Capture(lab, topo.client_ns, f"r{b.index}") for b in topo.backends})
+    try:
+        out = lab.run(topo.client_ns, ["curl", "-s", "--max-time", "3", f"http://{vip}:{PORT}/"]).stdout
+        assert re.match(rf"backend=b\d client={topo.client_ip}:\d+", out), out
+        answers = curl_many(lab, topo, f"http://{vip}:{PORT}/", 300, topo.client_ip)
+        denied = curl_many(lab, topo, f"http://{vip}:{PORT}/", 5, topo.denied_client_ip, timeout=1.0)
+    finally:
+        frames = {k: c.stop() for k, c in caps.items()}
+    after = stats(d)
+
+    assert len(answers) == 300
+    counts = collections.Counter(answers)
+    for b in topo.backends:
+        assert abs(counts[b.name] / 300 - 1 / 3) <= 0.08, counts
+    assert denied == []
+    drops = [x for x in after["drop_detail"]
+             if x["identity"] == "blocked" and x["service"] == name and x["reason"] == "policy"]
+    assert drops and drops[0]["packets"] >= 5
+
+    # The LB: every packet of the service was a client's, sent in its tunnel;
+    # nothing was reverse-translated, no reply state exists.
+    svc_b, svc_a = service(before, name), service(after, name)
+    sent = svc_a["packets"] - svc_b["packets"]
+    assert svc_a["forwarding"] == mode
+    assert counter(after, f"encap_{mode}") - counter(before, f"encap_{mode}") == sent > 300 * 4
+    assert counter(after, "reply") == counter(before, "reply")
+    status = json.loads(xdplb(d, "status", "--json").stdout)
+    assert status["maps"]["rev_nat"]["entries"] == 0
+    # `flow` asks the live program: the packet would leave in its tunnel.
+    res = json.loads(xdplb(d, "flow", f"{topo.client_ip}:40000", f"{vip}:{PORT}", "tcp", "--json").stdout)
+    assert res["verdict"] == "FORWARDED" and res["service"] == name and "rewritten" not in res
+    assert res["encapsulated"] == {"forwarding": mode, "src": ENCAP_SOURCE,
+                                   "dst": res["backend"].rpartition(":")[0]}
+    assert f"FORWARDED in {mode}" in xdplb(d, "flow", f"{topo.client_ip}:40000", f"{vip}:{PORT}", "tcp").stdout
+
+    # The client: answers from the VIP came in by the backends' links only.
+    assert from_vips(frames["c0"]) == []
+    direct = sum(len(from_vips(frames[f"r{b.index}"])) for b in topo.backends)
+    assert direct >= 300 * 3, direct           # SYN-ACK, data, FIN at least, per connection
+    for b in topo.backends:                    # each link carried its own backend's answers
+        assert from_vips(frames[f"r{b.index}"]), b.name
+
+
+def test_health_checks_go_through_the_tunnel(dsr_lab, dsr_daemon):
+    """A backend whose decapsulation is detached still answers a plain TCP
+    connect on its own address, but not a SYN through the tunnel: it goes
+    down on both DSR services (and out of their Maglev tables), and comes
+    back once it decapsulates again."""
+    lab, topo, pins = dsr_lab
+    d = dsr_daemon(health_check={"type": "tcp", "interval": 0.3, "timeout": 0.25, "fall": 2, "rise": 2})
+    b3 = topo.backends[2]
+    key = f"{b3.ip}:{PORT}"
+
+    def health() -> dict:
+        st = json.loads(xdplb(d, "status", "--json").stdout)["health"]
+        return {(h["service"], h["backend"]): h for h in st["backends"]}
+
+    wait_for(lambda: all(h["up"] and h["probes"] >= 2 for h in health().values()), 10,
+             "the first probes to pass")
+    assert len(health()) == 6
+    # Each probe resets the connection it opened: no backend is left with
+    # half-open ones retransmitting SYN-ACKs (at most a probe in flight).
+    time.sleep(1.0)
+    for b in topo.backends:
+        half_open = [line for line in lab.run(b.ns, ["cat", "/proc/net/tcp"]).stdout.splitlines()[1:]
+                     if line.split()[3] == "03"]                     # TCP_SYN_RECV
+        assert len(half_open) <= 2, (b.name, half_open)
+    backend_cli(lab, b3, pins[b3.name], "detach", "eth0")
+    try:
+        down = wait_for(lambda: (lambda h: h if not h[("dsr-ipip", key)]["up"] and
+                                 not h[("dsr-gue", key)]["up"] else None)(health()), 10,
+                        "b3 to go down")
+        # No decapsulation: the backend's kernel has no handler for protocol
+        # 4 and nothing on UDP 6080; its ICMP error (or silence) fails the probe.
+        errors = (down[("dsr-ipip", key)]["last_error"], down[("dsr-gue", key)]["last_error"])
+        assert re.search(r"protocol unreachable|timeout", errors[0]), errors
+        assert re.search(r"port unreachable|timeout", errors[1]), errors
+        assert all(h["up"] for (s, b), h in down.items() if b != key)
+        wait_for(lambda: all(h["in_rotation"] is False for (s, b), h in health().items()
+                             if b == key), 5, "b3 out of rotation")
+        answers = curl_many(lab, topo, f"http://{IPIP_VIP}:{PORT}/", 30, topo.client_ip)
+        assert len(answers) == 30 and "b3" not in answers
+    finally:
+        attach_decap(lab, b3, pins[b3.name])
+    wait_for(lambda: all(h["up"] for h in health().values()), 10, "b3 to come back")
+
+
+def test_kill_9_during_a_64_mib_download_and_restart(dsr_lab, dsr_daemon, tmp_path):
+    """ipip: the download's data goes straight from the backend; its ACKs
+    keep crossing the LB, whose XDP program keeps running while the daemon
+    is dead, and whose restart keeps the flow's conntrack entry."""
+    lab, topo, _ = dsr_lab
+    d = dsr_daemon()
+    n = 64 * 2**20
+    result: dict = {}
+    t = download(lab, topo, f"http://{IPIP_VIP}:{PORT}/bytes?n={n}&rate={16 * 2**20}", result, max_time=60)
+    time.sleep(1.0)
+    d.kill(signal.SIGKILL)
+    time.sleep(0.5)
+    d.start()
+    t.join(90)
+    assert result["out"] == f"{n} 200", result
+    assert service(stats(d), "dsr-ipip")["packets"] > 0
+    # One DSR service changed through the API (validated with the running
+    # encap_source): b3 leaves it.
+    svc = dict(next(x for x in d.config["services"] if x["name"] == "dsr-ipip"))
+    svc["backends"] = svc["backends"][:2]
+    path = tmp_path / "svc.yaml"
+    path.write_text(yaml.safe_dump(svc))
+    xdplb(d, "service", "put", "-f", str(path))
+    answers = curl_many(lab, topo, f"http://{IPIP_VIP}:{PORT}/", 30, topo.client_ip)
+    assert len(answers) == 30 and set(answers) <= {"b1", "b2"}, answers
+
+
+@pytest.mark.parametrize("mode,overhead", [("ipip", 20), ("gue", 28)])
+def test_path_mtu_discovery_through_the_tunnel(dsr_lab, dsr_daemon, mode, overhead):
+    """An upload is what crosses the tunnel in full-size packets (a
+    download's data never does). The client (MTU 1500, all links 1500)
+    sends 1500-byte segments; the LB answers fragmentation needed with
+    1500 less the overhead, the client's TCP shrinks its segments, and the
+    8 MiB arrive whole."""
+    lab, topo, _ = dsr_lab
+    d = dsr_daemon()
+    vip = IPIP_VIP if mode == "ipip" else GUE_VIP
+    n = 8 * 2**20
+    before = stats(d)
+    code = (f"import sys, urllib.request as u; r = u.urlopen(u.Request('http://{vip}:{PORT}/sink', "
+            f"data=b'x' * {n}, method='POST'), timeout=60); print(r.read().decode().strip())")
+    out = lab.run(topo.client_ns, [sys.executable, "-c", code], timeout=90).stdout
+    assert re.match(rf"backend=b\d received={n}$", out), out
+    after = stats(d)
+    assert counter(after, "frag_needed") > counter(before, "frag_needed")
+    assert after["drops"]["encap_mtu"]["packets"] > before["drops"]["encap_mtu"]["packets"]
+    # The client's kernel learnt the path MTU from the LB's answers.
+    with lab.inside(topo.client_ns):
+        route = lab.ipr(topo.client_ns).route("get", dst=vip)[0]
+    metrics = route.get_attr("RTA_METRICS")
+    assert metrics is not None and metrics.get_attr("RTAX_MTU") == 1500 - overhead, route

@@ -1,0 +1,227 @@
+"""Direct server return on the LB side (bpf/xdp/encap.h), packet by packet:
+the real program through BPF test-run in the lab's LB namespace (real
+routes and neighbours for the FIB). Every tunnel packet is compared byte
+for byte with the one scapy builds from the client's packet."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+from scapy.layers.inet import ICMP, IP, UDP, IPerror
+from scapy.layers.l2 import Dot1Q, Ether
+
+from lb.dataplane import ntohs, word_addr
+from lb.demo import lab_config
+from lbtest import (DSR_UDP_VIP, ENCAP_SOURCE, GUE_VIP, IPIP_VIP, XDP_DROP, XDP_PASS, XDP_REDIRECT,
+                    Harness, assert_checksums_valid, tcp, udp, with_dsr_services)
+
+CLIENT, DENIED = "10.1.0.10", "192.0.2.10"
+UDP_VIP = DSR_UDP_VIP
+PORT = 8080                        # the lab's backend port, served by the DSR services too
+GUE_PORT = 6080
+
+
+def dsr_config(topo, *, encap_source: str = ENCAP_SOURCE, **kw) -> dict:
+    cfg = lab_config(topo, fillers=0, bpffs="/unused", socket="/unused", **kw)
+    return with_dsr_services(cfg, topo, encap_source=encap_source)
+
+
+@pytest.fixture(scope="module")
+def lb(lab, bpf_object):
+    lab_, topo = lab
+    with Harness(lab_, topo, dsr_config(topo), attach=False) as h:
+        yield h
+
+
+def backend_of(topo, ip):
+    return next(b for b in topo.backends if b.ip == ip)
+
+
+def expected_tunnel(topo, out: Ether, inner, *, gue: bool, source: str = ENCAP_SOURCE) -> bytes:
+    """The frame encap.h must write for `inner` to the backend `out` went
+    to: every outer field, and the inner packet as the client sent it."""
+    b = backend_of(topo, out[IP].dst)
+    outer = IP(version=4, ihl=5, tos=inner.tos & 0xFC, id=0, flags="DF", frag=0, ttl=64,
+               proto=17 if gue else 4, src=source, dst=b.ip)
+    payload = bytes(inner)
+    if gue:
+        # The source port comes from the flow's hash: taken from the output,
+        # checked for its range by the caller.
+        payload = bytes(UDP(sport=out[UDP].sport, dport=GUE_PORT, len=8 + len(payload), chksum=0)) + payload
+        outer.len = 20 + len(payload)
+    return bytes(Ether(src=b.lb_iface.mac, dst=b.iface.mac) / outer / payload)
+
+
+def flows(h, vip: str, sports) -> dict[int, tuple[Ether, Ether]]:
+    """Each flow's first packet (a SYN: Maglev) and a second one (an ACK:
+    conntrack), as they leave the LB."""
+    return {sport: (h.run(tcp(CLIENT, sport, vip, PORT))[1], h.run(tcp(CLIENT, sport, vip, PORT, flags="A"))[1])
+            for sport in sports}
+
+
+def counters(lb, name: str) -> int:
+    return lb.counters("global_stats", getattr(lb.dp.consts, "CNT_" + name.upper()))[0]
+
+
+@pytest.mark.parametrize("gue", [False, True], ids=["ipip", "gue"])
+def test_tcp_syn_is_encapsulated_exactly(lb, gue):
+    topo = lb.topo
+    vip = GUE_VIP if gue else IPIP_VIP
+    pkt = tcp(CLIENT, 40000, vip, PORT, payload=b"GET / HTTP/1.0\r\n\r\n")
+    pkt[IP].tos = 0xB9                  # DSCP 46 with ECT(1): the outer keeps the DSCP only
+    pkt = Ether(bytes(pkt))
+    before = counters(lb, "encap_gue" if gue else "encap_ipip")
+    rc, out = lb.run(pkt)
+    assert rc == XDP_REDIRECT
+    assert bytes(out) == expected_tunnel(topo, out, pkt[IP], gue=gue)
+    assert_checksums_valid(IP(bytes(out[IP])[:20] + b"\0" * 8))   # the outer header's own checksum
+    inner = IP(bytes(out[UDP].payload)) if gue else out[IP].payload
+    assert bytes(inner) == bytes(pkt[IP])                              # untouched, checksums too
+    if gue:
+        assert 49152 <= out[UDP].sport <= 65535
+    assert counters(lb, "encap_gue" if gue else "encap_ipip") == before + 1
+
+
+def test_udp_service_and_zero_checksum_inner_untouched(lb):
+    pkt = udp(CLIENT, 5353, UDP_VIP, PORT, chksum=0)
+    rc, out = lb.run(pkt)
+    assert rc == XDP_REDIRECT and out[IP].proto == 4
+    assert bytes(out[IP].payload) == bytes(pkt[IP])
+
+
+def test_gue_source_port_varies_with_the_flow_and_not_within_it(lb):
+    ports = set()
+    for syn, ack in flows(lb, GUE_VIP, range(43000, 43064)).values():
+        assert syn[IP].dst == ack[IP].dst and syn[UDP].sport == ack[UDP].sport
+        assert 49152 <= syn[UDP].sport <= 65535
+        ports.add(syn[UDP].sport)
+    assert len(ports) >= 56, "64 flows should get (nearly) 64 source ports"
+
+
+def test_flows_spread_over_backends_and_stick(lb):
+    pairs = flows(lb, IPIP_VIP, range(44000, 44060)).values()
+    assert all(syn[IP].dst == ack[IP].dst for syn, ack in pairs)
+    assert len({syn[IP].dst for syn, _ in pairs}) == 3
+
+
+def test_policy_drops_before_encapsulation(lb):
+    before = (counters(lb, "encap_ipip"), lb.drop_count("policy"), lb.entries("conntrack"))
+    rc, _ = lb.run(tcp(DENIED, 40001, IPIP_VIP, PORT))
+    assert rc == XDP_DROP
+    assert (counters(lb, "encap_ipip"), lb.drop_count("policy"), lb.entries("conntrack")) == \
+        (before[0], before[1] + 1, before[2])
+
+
+def test_no_reply_state_and_the_backends_answer_passes_untouched(lb):
+    """A DSR flow writes its conntrack entry only, and no reply-index entry
+    names a DSR service: nothing a backend sends is translated for it. Its
+    direct answer, from the VIP, passes untouched should it reach the LB."""
+    topo, c = lb.topo, lb.dp.consts
+    rev, replies = lb.entries("rev_nat"), counters(lb, "reply")
+    _, out = lb.run(tcp(CLIENT, 45000, IPIP_VIP, PORT))
+    b = backend_of(topo, out[IP].dst)
+    assert lb.entries("rev_nat") == rev
+    dsr_ids = {live.svc_id for live in lb.rec.services.values() if live.flags & (c.SVC_F_IPIP | c.SVC_F_GUE)}
+    assert len(dsr_ids) == 3
+    for _, listed in lb.dp.maps["reply_index"].items():
+        assert not set(listed.svc_id) & dsr_ids
+    answer = tcp(IPIP_VIP, PORT, CLIENT, 45000, flags="SA")
+    rc, passed = lb.run(answer, ifname=b.lb_iface.name)
+    assert rc == XDP_PASS and bytes(passed) == bytes(answer)
+    assert counters(lb, "reply") == replies
+
+
+def test_conntrack_entry_points_at_the_backend(lb):
+    _, syn = lb.run(tcp(CLIENT, 45100, GUE_VIP, PORT))
+    entries = [v for k, v in lb.dp.maps["conntrack"].items()
+               if word_addr(k.dst[0]) == IPv4Address(GUE_VIP) and ntohs(k.sport) == 45100]
+    assert len(entries) == 1 and entries[0].nat_port == 0
+    rec = lb.dp.maps["backends"].lookup(entries[0].backend_id)
+    assert str(word_addr(rec.addr[0])) == syn[IP].dst
+
+
+def test_vlan_tag_is_kept_in_front_of_the_outer_header(lb):
+    pkt = tcp(CLIENT, 46000, IPIP_VIP, PORT)
+    tagged = Ether(src=pkt.src, dst=pkt.dst) / Dot1Q(vlan=7) / pkt[IP]
+    rc, out = lb.run(tagged)
+    assert rc == XDP_REDIRECT
+    assert out[Dot1Q].vlan == 7 and out[Dot1Q].type == 0x0800
+    assert out[IP].proto == 4 and bytes(out[IP].payload) == bytes(pkt[IP])
+
+
+@pytest.mark.parametrize("gue,cache_ms", [(False, 1000), (False, 0), (True, 1000), (True, 0)],
+                         ids=["ipip-cached", "ipip-fib", "gue-cached", "gue-fib"])
+def test_too_big_is_answered_with_fragmentation_needed(lab, bpf_object, gue, cache_ms):
+    """A full-size packet (1500 bytes, the links' MTU) cannot take 20 or 28
+    bytes more: the client gets ICMP fragmentation needed from the VIP with
+    the MTU less the overhead, whether the next hop came from the FIB (which
+    checks the tunnel packet's length against the route) or from the cache
+    (bpf_check_mtu on the egress device)."""
+    lab_, topo = lab
+    cfg = dsr_config(topo)
+    cfg["nexthop_cache_ms"] = cache_ms
+    vip, overhead = (GUE_VIP, 28) if gue else (IPIP_VIP, 20)
+    with Harness(lab_, topo, cfg, attach=False) as h:
+        rc, _ = h.run(tcp(CLIENT, 47000, vip, PORT))                  # the flow, and a cached next hop
+        assert rc == XDP_REDIRECT
+        fits = tcp(CLIENT, 47000, vip, PORT, flags="A", payload=b"x" * (1500 - overhead - 40))
+        fits[IP].flags = "DF"
+        rc, out = h.run(fits)
+        assert rc == XDP_REDIRECT and len(out[IP]) == 1500
+        big = tcp(CLIENT, 47000, vip, PORT, flags="A", payload=b"x" * (1500 - 40))
+        big[IP].flags = "DF"
+        big = Ether(bytes(big))
+        drops = h.drop_count("encap_mtu")
+        rc, out = h.run(big)
+        assert rc == XDP_REDIRECT, "the answer goes back out of the ingress interface"
+        assert out[Ether].dst == big[Ether].src and out[Ether].src == big[Ether].dst
+        assert (out[IP].src, out[IP].dst, out[ICMP].type, out[ICMP].code) == (vip, CLIENT, 3, 4)
+        assert out[ICMP].nexthopmtu == 1500 - overhead
+        assert bytes(out[IPerror])[:28] == bytes(big[IP])[:28]        # its header and 8 bytes
+        assert len(out) == 14 + 20 + 8 + 28
+        assert_checksums_valid(out)
+        assert h.drop_count("encap_mtu") == drops + 1
+        assert h.counters("global_stats", h.dp.consts.CNT_FRAG_NEEDED)[0] >= 1
+        # DF clear: XDP cannot fragment, so it is only dropped (and counted).
+        rc, _ = h.run(tcp(CLIENT, 47000, vip, PORT, flags="A", payload=b"x" * (1500 - 40)))
+        assert rc == XDP_DROP and h.drop_count("encap_mtu") == drops + 2
+
+
+def test_outer_source_prefix_spreads_by_flow(lab, bpf_object):
+    lab_, topo = lab
+    with Harness(lab_, topo, dsr_config(topo, encap_source="10.255.1.16/28"), attach=False) as h:
+        sources = set()
+        for syn, ack in flows(h, IPIP_VIP, range(48000, 48064)).values():
+            assert syn[IP].src == ack[IP].src
+            assert IPv4Address(syn[IP].src) in IPv4Network("10.255.1.16/28")
+            assert_checksums_valid(IP(bytes(syn[IP])[:20] + b"\0" * 8))
+            sources.add(syn[IP].src)
+        assert len(sources) >= 12, "64 flows over 16 sources"
+
+
+def test_snat_does_not_apply_to_dsr_services(lab, bpf_object):
+    lab_, topo = lab
+    with Harness(lab_, topo, dsr_config(topo, snat=True), attach=False) as h:
+        pkt = tcp(CLIENT, 49000, IPIP_VIP, PORT)
+        rc, out = h.run(pkt)
+        assert rc == XDP_REDIRECT and bytes(out[IP].payload) == bytes(pkt[IP])
+        assert h.entries("rev_nat") == 0
+        rc, out = h.run(tcp(CLIENT, 49000, "10.96.0.10", 80))          # the NAT service still SNATs
+        assert rc == XDP_REDIRECT and out[IP].src == topo.snat_ip and h.entries("rev_nat") == 1
+
+
+def test_defaults_agree_with_the_objects(lb):
+    """The GUE port the LB sends to by default is the one the backends'
+    decapsulation listens on by default; the service flags are distinct."""
+    from lb import backend, config
+    from loader import BpfObject
+
+    obj = BpfObject(backend.default_object_path())
+    try:
+        assert config.GUE_PORT_DEFAULT == obj.btf.enums()["decap_limits"]["DECAP_GUE_PORT_DEFAULT"]
+    finally:
+        obj.close()
+    c = lb.dp.consts
+    flags = [c.SVC_F_HAS_POLICY, c.SVC_F_DEFAULT_DENY, c.SVC_F_REV_NAT, c.SVC_F_IPIP, c.SVC_F_GUE]
+    assert len(set(flags)) == len(flags) and all(f & (f - 1) == 0 for f in flags)
