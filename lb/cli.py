@@ -350,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_demo)
 
+    from .bgp_cli import add_parsers as bgp_parsers
+
+    bgp_parsers(sub)
+
     from .backend_cli import add_arguments as backend_arguments
 
     s = sub.add_parser("backend", help="DSR backend: decapsulate the balancer's tunnels for "
