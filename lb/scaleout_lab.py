@@ -110,6 +110,7 @@ def build_scaleout_lab(lab: Lab, workdir: Path, *, nodes: int = 3, backends: int
     topo_nodes = []
     for n in range(1, nodes + 1):
         ns = lab.netns(f"lb{n}")
+        _forwarding_sysctls(lab, ns)      # bpf_fib_lookup() needs ip_forward
         node = Node(f"lb{n}", n, ns, f"10.0.0.{10 + n}", f"10.244.0.{n}", workdir / f"lb{n}")
         node.workdir.mkdir(parents=True, exist_ok=True)
         for mine, theirs, bridge, ip in (("u0", f"u{n}", "br0", node.uplink_ip),
