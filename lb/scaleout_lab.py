@@ -121,6 +121,11 @@ def build_scaleout_lab(lab: Lab, workdir: Path, *, nodes: int = 3, backends: int
             # The node's XDP redirects/transmits into this veth: its peer
             # needs NAPI (GRO) to take the frames.
             lab.offload(router, theirs, gro=True)
+        # No flooding of unknown unicast to the nodes: once a dead node's
+        # MAC is forgotten, the others' XDP (which takes any frame to the
+        # VIP, whatever its destination MAC) would get its flows as copies,
+        # and the test would no longer show that BFD took the node out.
+        lab.run(router, ["bridge", "link", "set", "dev", f"u{n}", "flood", "off"])
         topo_nodes.append(node)
 
     hosts = []
