@@ -257,6 +257,10 @@ def cmd_down(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.nodes > 1:
+        from .scaleout_demo import main as scaleout_main
+
+        return scaleout_main(args)
     from .demo import main as demo_main
 
     return demo_main(args)
@@ -347,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="build a veth lab and show xdplb balancing real HTTP traffic")
     s.add_argument("--requests", type=int, default=300)
     s.add_argument("--fillers", type=int, default=10000, help="extra services to load, to show scale")
+    s.add_argument("--nodes", type=int, default=1, choices=range(1, 11), metavar="N",
+                   help="N > 1: N nodes behind a BIRD 2 router doing ECMP (scale-out)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_demo)
 

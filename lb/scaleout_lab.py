@@ -15,15 +15,20 @@ through an LB. Nothing is pre-resolved: ARP happens as traffic needs it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from .announce import bgp_sessions, write_bird_files
 from .config import config_from_dict
+from .dataplane import Dataplane
+from .demo import DaemonProcess
 from .lab import REPO_ROOT, Lab, _forwarding_sysctls, _wait_ready
 
 ROUTER_ASN, NODE_ASN = 65000, 65001
@@ -271,3 +276,32 @@ def set_node_links(lab: Lab, node: Node, up: bool) -> None:
     """The node's two links, both at once (a node that dies)."""
     for ifname in ("u0", "d0"):
         lab.ipr(node.ns).link("set", index=lab.ifindex(node.ns, ifname), state="up" if up else "down")
+
+
+# -- the whole cluster ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def running_cluster(lab: Lab, topo: ScaleoutTopology, pins: Path,
+                    config_backends: int | None = None) -> Iterator[dict[str, DaemonProcess]]:
+    """Backends (decapsulating), the router's BIRD, every node's BIRD and
+    `xdplb run` (its config with the first `config_backends` backends),
+    until the router has every node in its route. Yields the daemons by
+    node name (a test may replace one); stops and detaches them all."""
+    daemons: dict[str, DaemonProcess] = {}
+    hosts = topo.backends[:config_backends]
+    try:
+        start_backends(lab, topo, pins)
+        start_router(lab, topo)
+        for node in topo.nodes:
+            start_node_bird(lab, node)
+            cfg = node_config(topo, node, bpffs=f"{pins}-{node.name}",
+                              socket=f"/run/xdplb/{pins.name}-{node.name}.sock", backends=hosts)
+            daemons[node.name] = DaemonProcess(cfg, node.workdir, node.ns).start()
+        wait_nexthops(lab, topo, topo.nodes)
+        yield daemons
+    finally:
+        for d in daemons.values():
+            d.kill(signal.SIGKILL)
+            Dataplane.detach(Path(d.config["bpffs"]), purge=True)
+        detach_backends(lab, topo, pins)

@@ -21,12 +21,10 @@ import pytest
 import yaml
 
 from lb.announce import bgp_sessions
-from lb.dataplane import Dataplane
 from lb.demo import DaemonProcess
 from lb.lab import REPO_ROOT, Lab
-from lb.scaleout_lab import (ECHO_PORT, VIP, Node, ScaleoutTopology, build_scaleout_lab, detach_backends,
-                             multipath_nexthops, node_config, set_node_links, start_backends, start_node_bird,
-                             start_router, wait_nexthops)
+from lb.scaleout_lab import (ECHO_PORT, VIP, Node, ScaleoutTopology, build_scaleout_lab, multipath_nexthops,
+                             node_config, running_cluster, set_node_links, wait_nexthops)
 from lb.streams import Streams, connect_burst, time_to_answer
 from lbtest import pin_dir, stats, wait_for, xdplb
 
@@ -62,12 +60,8 @@ class Cluster:
         p = xdplb(d, "apply", "-f", str(path), check=False)
         assert p.returncode == 0, p.stdout + p.stderr
 
-    def start_daemon(self, node: Node) -> DaemonProcess:
-        old = self.daemons.get(node.name)
-        cfg = old.config if old else node_config(self.topo, node, bpffs=pin_dir(),
-                                                 socket=f"/run/xdplb/scaleout-{node.name}-{pin_dir()[-12:]}.sock",
-                                                 backends=self.topo.backends[:3])
-        d = DaemonProcess(cfg, node.workdir, node.ns).start()
+    def restart_daemon(self, node: Node) -> DaemonProcess:
+        d = DaemonProcess(self.daemons[node.name].config, node.workdir, node.ns).start()
         self.daemons[node.name] = d
         return d
 
@@ -75,24 +69,11 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(bpf_object, tmp_path_factory):
     subprocess.run(["make", "-s", "-C", str(REPO_ROOT), "bpf"], check=True)
-    workdir = tmp_path_factory.mktemp("scaleout")
-    pins = Path(pin_dir())
     with Lab() as lab:
-        topo = build_scaleout_lab(lab, workdir, backends=4)     # b4: added by a test
-        c = Cluster(lab, topo, {})
-        try:
-            start_backends(lab, topo, pins)
-            start_router(lab, topo)
-            for node in topo.nodes:
-                start_node_bird(lab, node)
-                c.start_daemon(node)
-            wait_nexthops(lab, topo, topo.nodes)
-            yield c
-        finally:
-            for d in c.daemons.values():
-                d.kill(signal.SIGKILL)
-                Dataplane.detach(Path(d.config["bpffs"]), purge=True)
-            detach_backends(lab, topo, pins)
+        # b4 is in the lab but not in the nodes' config: a test adds it.
+        topo = build_scaleout_lab(lab, tmp_path_factory.mktemp("scaleout"), backends=4)
+        with running_cluster(lab, topo, Path(pin_dir()), config_backends=3) as daemons:
+            yield Cluster(lab, topo, daemons)
 
 
 @pytest.fixture
@@ -199,7 +180,7 @@ def test_daemon_restart_withdraws_nothing(all_up):
         while time.monotonic() < deadline:
             assert len(multipath_nexthops(c.lab, c.topo)) == 3
             time.sleep(0.05)
-        c.start_daemon(node)
+        c.restart_daemon(node)
         wait_for(lambda: json.loads(xdplb(c.daemons[node.name], "bgp", "--json").stdout)["announced"] == [VIP],
                  10, "the restarted daemon to announce")
         assert len(multipath_nexthops(c.lab, c.topo)) == 3
