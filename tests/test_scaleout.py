@@ -261,3 +261,25 @@ def test_backend_added_during_a_node_loss(all_up):
             assert len(s.broken) <= unseen, s.broken
     finally:
         set_node_links(c.lab, lost, True)
+
+
+@pytest.mark.parametrize("bfd", [True, False])
+def test_bird_parses_the_config_xdplb_writes(tmp_path, bfd):
+    """`xdplb bird-config` writes files that BIRD 2 itself accepts (bird -p),
+    with two peers, BFD on or off, no router id; writing them again keeps
+    a VIP list already there (announced routes are never reset by it)."""
+    conf = tmp_path / "bird.conf"
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text(yaml.safe_dump({"interfaces": ["u0"], "bgp": {
+        "local_asn": 4200000001, "bfd": bfd, "bird_config": str(conf),
+        "peers": [{"address": "10.0.0.1", "asn": 65000}, {"address": "10.0.1.1", "asn": 65002}]}}))
+    cli = [sys.executable, "-m", "lb.cli", "bird-config", "--config", str(cfg)]
+    subprocess.run(cli, check=True, cwd=REPO_ROOT, capture_output=True)
+    subprocess.run(["bird", "-p", "-c", str(conf)], check=True)
+    text = conf.read_text()
+    assert text.count("protocol bgp") == 2 and ("protocol bfd" in text) == bfd
+    vips = tmp_path / "bird-vips.conf"
+    vips.write_text(vips.read_text().replace("ipv4;", f"ipv4;\n  route {VIP}/32 blackhole;"))
+    subprocess.run(cli, check=True, cwd=REPO_ROOT, capture_output=True)
+    assert f"route {VIP}/32" in vips.read_text()
+    subprocess.run(["bird", "-p", "-c", str(conf)], check=True)
