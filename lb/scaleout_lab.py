@@ -37,6 +37,7 @@ ROUTER_BACKEND_IP = "10.244.0.254"
 CLIENT_GATEWAY = "10.1.0.1"
 VIP = "10.96.0.20"
 ECHO_PORT, HTTP_PORT = 7000, 8080
+NAT_PORT = 7001                 # with_snat(): the echo servers through SNAT
 HASH_SEED = 0x5CA1E0           # the same on every node: same flow, same backend
 BFD_INTERVAL_MS = 100
 
@@ -49,6 +50,10 @@ class Node:
     uplink_ip: str     # u0, on br0: BGP and the VIP's traffic come in here
     backend_ip: str    # d0, on br1: the tunnels leave here (and their outer source)
     workdir: Path
+
+    @property
+    def snat_ip(self) -> str:
+        return f"10.244.0.{100 + self.index}"
 
     @property
     def bird_config(self) -> Path:
@@ -131,6 +136,10 @@ def build_scaleout_lab(lab: Lab, workdir: Path, *, nodes: int = 3, backends: int
         # VIP, whatever its destination MAC) would get its flows as copies,
         # and the test would no longer show that BFD took the node out.
         lab.run(router, ["bridge", "link", "set", "dev", f"u{n}", "flood", "off"])
+        # NAT services: the node's SNAT address, on the backends' network,
+        # and a way back to the clients for the translated replies.
+        lab.addr(ns, "d0", f"{node.snat_ip}/24")
+        lab.route(ns, "default", gateway=ROUTER_UPLINK_IP)
         topo_nodes.append(node)
 
     hosts = []
@@ -239,6 +248,14 @@ def node_config(topo: ScaleoutTopology, node: Node, *, bpffs: str, socket: str,
         ],
         "bgp": bgp_section(node),
     }
+
+
+def with_snat(cfg: dict, node: Node) -> dict:
+    """`cfg` plus SNAT mode with the node's own address and a NAT service
+    on NAT_PORT to the same echo servers."""
+    echo = next(s for s in cfg["services"] if s["name"] == "echo")
+    return {**cfg, "snat_address": node.snat_ip, "services": cfg["services"] + [
+        {**echo, "name": "echo-nat", "port": NAT_PORT, "forwarding": "nat"}]}
 
 
 # -- what the router sees ------------------------------------------------------------
