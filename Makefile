@@ -11,7 +11,7 @@ DECAP_OBJ := bpf/decap/decap.o
 DECAP_SRC := $(wildcard bpf/decap/*.c bpf/decap/*.h) bpf/xdp/csum.h
 CLANG ?= clang
 BPF_CFLAGS := -O2 -g -target bpf -Wall -Werror -I/usr/include/$(shell uname -m)-linux-gnu
-APT_PKGS := clang llvm libbpf-dev bpftool iptables nftables iproute2 ethtool curl python3-venv
+APT_PKGS := clang llvm libbpf-dev bpftool iptables nftables iproute2 ethtool curl python3-venv bird2
 
 .PHONY: all bpf bench-bpf bench-micro bench-micro-save deps apt venv demo test clean install k8s-bins
 

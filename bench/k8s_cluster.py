@@ -48,6 +48,7 @@ SERVICE_CIDR = "10.96.0.0/16"
 # Dual-stack: IPv4 first (a Service without ipFamilies is IPv4), then IPv6
 # (the apiserver takes at most 2^20 addresses of an IPv6 range: /108 or longer).
 DUAL_STACK_SERVICE_CIDR = f"{SERVICE_CIDR},fd00:10:96::/112"
+KEEPALIVE_IDLE_S = 30          # a kept connection idle longer is replaced before use
 
 # Where each kind lives in the API: (group-version path, plural, namespaced).
 RESOURCES = {
@@ -128,21 +129,27 @@ class Api:
         return conn
 
     def _kept(self, method: str, path: str, data: bytes | None, headers: dict, timeout: float):
-        """On this thread's connection; a kept connection the server closed
-        meanwhile (idle timeout, restart) is replaced once, before any
-        response was read, so no request is applied twice."""
+        """On this thread's connection. One idle for a while is replaced
+        first; one the server closed meanwhile (seen as an EOF or a reset
+        before any response) is replaced once: no request is applied twice."""
+        conn, used = getattr(self._local, "conn", None), getattr(self._local, "used", 0.0)
+        if conn is not None and time.monotonic() - used > KEEPALIVE_IDLE_S:
+            conn.close()
+            conn = None
         for attempt in (0, 1):
-            conn = getattr(self._local, "conn", None)
             fresh = conn is None
             if fresh:
-                conn = self._local.conn = self._connect(timeout)
+                conn = self._connect(timeout)
+            self._local.conn = conn
             try:
                 conn.request(method, path, body=data, headers=headers)
                 resp = conn.getresponse()
-                return resp, resp.read().decode()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                text = resp.read().decode()
+                self._local.used = time.monotonic()
+                return resp, text
+            except (http.client.RemoteDisconnected, ConnectionError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
                 conn.close()
-                self._local.conn = None
+                conn = self._local.conn = None
                 if fresh or attempt:
                     raise
         raise AssertionError("unreachable")

@@ -293,7 +293,8 @@ def run(settings: Settings, progress: Progress | None = None,
     if settings.kube_proxy:
         from . import kubeproxy_versus
 
-        doc["kube_proxy"] = kubeproxy_versus.run(settings, progress)
+        doc["kube_proxy"] = kubeproxy_versus.run(
+            settings, progress, on_row=lambda section: partial(doc | {"kube_proxy": section}) if partial else None)
         if partial:
             partial(doc)
     if not settings.sweep:

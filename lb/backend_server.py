@@ -6,6 +6,8 @@ HTTP  GET /                   -> "backend=<name> client=<ip>:<port>\\n"
       GET /bytes?n=N[&rate=R] -> N bytes (R bytes/s if given, for long downloads)
       POST /sink              -> reads the body: "backend=<name> received=<bytes>\n"
 UDP   any datagram           -> "backend=<name> client=<ip>:<port>\\n"
+TCP   --echo-port: that line on connect, then every byte echoed (long-lived
+      streams that notice a reset or a stall in either direction)
 
 The peer address is what the server's socket sees, so tests can tell whether
 the LB preserved the client address (DNAT) or replaced it (SNAT).
@@ -15,7 +17,9 @@ Prints "ready" on stdout once every socket listens.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
+import socketserver
 import sys
 import threading
 import time
@@ -32,6 +36,7 @@ class Config:
     host: str
     port: int
     udp_port: int | None
+    echo_port: int | None = None
 
 
 def identity(name: str, peer: tuple[str, int]) -> bytes:
@@ -125,14 +130,32 @@ def serve_udp(sock: socket.socket, name: str) -> None:
         sock.sendto(identity(name, peer), peer)
 
 
+class EchoHandler(socketserver.BaseRequestHandler):
+    backend_name = "?"
+
+    def handle(self) -> None:
+        sock = self.request
+        sock.sendall(identity(self.backend_name, self.client_address))
+        with contextlib.suppress(OSError):
+            while data := sock.recv(CHUNK):
+                sock.sendall(data)
+
+
+class EchoServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--name", required=True)
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--udp-port", type=int, default=None)
+    p.add_argument("--echo-port", type=int, default=None)
     a = p.parse_args(argv)
-    return Config(name=a.name, host=a.host, port=a.port, udp_port=a.udp_port)
+    return Config(name=a.name, host=a.host, port=a.port, udp_port=a.udp_port, echo_port=a.echo_port)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         udp = socket.socket(family, socket.SOCK_DGRAM)
         udp.bind((cfg.host, cfg.udp_port))
         threading.Thread(target=serve_udp, args=(udp, cfg.name), daemon=True).start()
+    if cfg.echo_port:
+        echo_handler = type("BoundEcho", (EchoHandler,), {"backend_name": cfg.name})
+        echo = type("BoundEchoServer", (EchoServer,), {"address_family": family})(
+            (cfg.host, cfg.echo_port), echo_handler)
+        threading.Thread(target=echo.serve_forever, daemon=True).start()
     print("ready", flush=True)
     try:
         httpd.serve_forever()

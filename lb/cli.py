@@ -262,6 +262,10 @@ def cmd_down(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.nodes > 1:
+        from .scaleout_demo import main as scaleout_main
+
+        return scaleout_main(args)
     from .demo import main as demo_main
 
     return demo_main(args)
@@ -352,8 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="build a veth lab and show xdplb balancing real HTTP traffic")
     s.add_argument("--requests", type=int, default=300)
     s.add_argument("--fillers", type=int, default=10000, help="extra services to load, to show scale")
+    s.add_argument("--nodes", type=int, default=1, choices=range(1, 11), metavar="N",
+                   help="N > 1: N nodes behind a BIRD 2 router doing ECMP (scale-out)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_demo)
+
+    from .bgp_cli import add_parsers as bgp_parsers
+
+    bgp_parsers(sub)
 
     from .backend_cli import add_arguments as backend_arguments
 

@@ -642,6 +642,40 @@ class KubernetesSource(_Model):
     page_size: Annotated[int, Strict(), _int_range(1, 100000)] = 500
 
 
+class BgpPeer(_Model):
+    """One BGP neighbour of this node (the upstream router)."""
+
+    address: Address
+    asn: Annotated[int, Strict(), _int_range(1, 2**32 - 1)]
+
+
+class Bgp(_Model):
+    """`bgp:`: announce the VIPs over BGP through a BIRD 2 instance the
+    daemon configures (lb.announce; README "Scale-out"). A VIP is announced
+    while the program is attached with the running config and its service
+    has an active, healthy backend."""
+
+    local_asn: Annotated[int, Strict(), _int_range(1, 2**32 - 1)]
+    router_id: Address | None = None     # None: BIRD picks the lowest address
+    peers: tuple[BgpPeer, ...]
+    # The BIRD config the daemon writes (and its VIP routes beside it, in
+    # <stem>-vips.conf) and the control socket it reconfigures BIRD through.
+    bird_config: AbsPath = Path("/etc/xdplb/bird.conf")
+    bird_socket: AbsPath = Path("/run/xdplb/bird.ctl")
+    bfd: bool = True
+    bfd_interval_ms: Annotated[int, Strict(), _int_range(10, 10_000)] = 100
+    bfd_multiplier: Annotated[int, Strict(), _int_range(1, 255)] = 3
+    # RFC 4271: 0 (no keepalives) or at least 3 s; keepalives every third.
+    hold_time: Annotated[int, Strict(), _int_range(3, 65535)] = 3
+
+    @field_validator("peers")
+    @classmethod
+    def _some_peer(cls, v: tuple[BgpPeer, ...]) -> tuple[BgpPeer, ...]:
+        if not v:
+            raise ValueError("must name at least one peer")
+        return v
+
+
 class Config(_Model):
     """The whole desired state of one load balancer."""
 
@@ -675,6 +709,8 @@ class Config(_Model):
     services: tuple[Service, ...] = ()
     # Kubernetes mode: the cluster supplies services and identities.
     kubernetes: KubernetesSource | None = None
+    # Announce the VIPs over BGP (scale-out behind ECMP); None: off.
+    bgp: Bgp | None = None
 
     @field_validator("interfaces")
     @classmethod

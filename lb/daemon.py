@@ -23,6 +23,7 @@ from typing import Any
 
 from . import api, flow, monitor, stats
 from .config import Config, ConfigError, config_from_dict, load_config, parse_config
+from .announce import Announcer, announceable_vips
 from .bpffs import ensure_bpffs
 from .dataplane import UNPINNED_MAPS, Dataplane, default_object_path
 from .endpoint import host_port
@@ -162,6 +163,7 @@ class Daemon:
         self.k8s = None            # lb.sources.kubernetes.KubernetesWatcher in Kubernetes mode
         self.ifindexes: list[int] = []
         self.neighbours: NeighbourKeeper | None = None
+        self.announcer = Announcer(cfg.bgp) if cfg.bgp is not None else None
 
     @property
     def cfg(self) -> Config:
@@ -258,6 +260,7 @@ class Daemon:
         # Only now do the maps hold the config and the links run it.
         sd_notify(f"READY=1\nSTATUS={self._status_line()}")
         log.info(kv("ready", pid=os.getpid(), generation=self.rec.generation))
+        self._announce()
         if self.k8s is None:            # Kubernetes mode freezes in its own thread
             threading.Thread(target=freeze_state, name="xdplb-gc-freeze", daemon=True).start()
 
@@ -292,8 +295,21 @@ class Daemon:
                 self.reload_requested.clear()
                 self.reload()
             self._reclaim()
-            if self._check_health():
+            healthy = self._check_health()
+            if healthy:
                 sd_notify("WATCHDOG=1")
+            self._announce(healthy)
+
+    def _announce(self, healthy: bool = True) -> None:
+        """BGP: the VIPs with an active backend, while the watchdog's checks
+        pass (the program attached with this config, the daemon's threads
+        alive); none while draining or unhealthy."""
+        if self.announcer is None:
+            return
+        with self.lock:
+            vips = announceable_vips(self.rec.services.values(), self.dp.consts.BACKEND_ACTIVE) \
+                if healthy else set()
+        self.announcer.announce(vips)
 
     def _reclaim(self) -> None:
         """Free what updates retired, after an RCU grace period. The wait
@@ -444,6 +460,8 @@ class Daemon:
                 (self.k8s is not None and cfg.kubernetes != self.cfg.kubernetes):
             raise ConfigError(["kubernetes cannot be turned on, off or changed while running: "
                                "restart the daemon"])
+        if (cfg.bgp is None) != (self.announcer is None):
+            raise ConfigError(["bgp cannot be turned on or off while running: restart the daemon"])
         if self.k8s is not None:
             with self.lock:      # the cluster's services stay; the rest of the file applies
                 cfg = cfg.model_copy(update={"services": self.cfg.services,
@@ -460,6 +478,9 @@ class Daemon:
             self._set_config(cfg)
             self.last_apply = res.as_dict()
             self._start_metrics(cfg)
+            if self.announcer is not None:
+                self.announcer.reconfigure(cfg.bgp)
+        self._announce()
         return res.as_dict()
 
     # -- API ----------------------------------------------------------------
@@ -476,7 +497,17 @@ class Daemon:
             "upgrade": self._api_upgrade,
             "names": lambda req: self._locked(monitor.names, self.cfg, self.rec),
             "kubernetes": self._api_kubernetes,
+            "bgp": self._api_bgp,
         }
+
+    def _api_bgp(self, req: dict) -> dict:
+        """BGP state; `drain: true` withdraws every VIP (until `drain: false`)."""
+        if self.announcer is None:
+            raise api.ApiError("BGP is off (no bgp: in the config)")
+        if "drain" in req:
+            self.announcer.drain(bool(req["drain"]))
+            self._announce(not self.health_problems())
+        return self.announcer.status()
 
     def _api_kubernetes(self, req: dict) -> dict:
         if self.k8s is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -504,6 +505,7 @@ def test_real_kube_proxy_and_xdplb_follow_one_api_server():
     md = report.markdown(doc)
     assert "| kube-proxy nftables | 10 |" in md and "| xdplb (Kubernetes mode) | 10 |" in md
     assert any(t["target"].startswith("#15: API write") for t in kv.targets(section))
+    shutil.rmtree(section["workdir"])          # the engines' logs, kept for a look after a real run
 
 
 @pytest.mark.parametrize("args, message", [
