@@ -521,6 +521,11 @@ class Service(_Model):
     # source); ipip / gue: direct server return, the packet goes unchanged
     # in a tunnel and the backend answers the client itself.
     forwarding: Forwarding = "nat"
+    # Maglev's table size M, fixed: None picks it from the active backend
+    # count (lb/maglev.py table_size), which re-hashes every new flow of the
+    # service when the count crosses a size step. Fixed, adding or removing
+    # a backend moves only ~1/N of the flows, on every node alike.
+    maglev_table_size: Annotated[int, Strict()] | None = None
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> Service:
@@ -775,6 +780,21 @@ def _identity_ids(
     return ids, problems
 
 
+def _table_size_problems(svc: Service) -> list[str]:
+    m = svc.maglev_table_size
+    if m is None:
+        return []
+    from .maglev import PRIMES        # numba's import only for configs that use it
+
+    if m not in PRIMES:
+        return [f"maglev_table_size {m}: must be one of the table sizes {', '.join(map(str, PRIMES))}"]
+    active = len(svc.active_backends)
+    if m < 100 * active and m != PRIMES[-1]:
+        return [f"maglev_table_size {m}: too small for {active} active backends "
+                f"(at least 100 slots each, or {PRIMES[-1]})"]
+    return []
+
+
 def _service_problems(svc: Service) -> list[str]:
     """Rules between the entries of one service (messages relative to it)."""
     problems: list[str] = []
@@ -797,6 +817,7 @@ def _service_problems(svc: Service) -> list[str]:
     if hc is not None and svc.protocol == "udp" and hc.port is None:
         # Probes are TCP or HTTP: the backends' UDP port cannot answer them.
         problems.append("health_check: a udp service needs health_check.port (a TCP port to probe)")
+    problems += _table_size_problems(svc)
     if svc.dsr:
         problems += _dsr_problems(svc)
     else:

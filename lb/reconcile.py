@@ -136,6 +136,14 @@ class ApplyResult:
         return dict(self.__dict__)
 
 
+
+def service_table_size(svc: Service, active: int) -> int:
+    """M of `svc`'s table with `active` backends taking new flows: the
+    config's `maglev_table_size`, else the count's size; 0 without any."""
+    if not active:
+        return 0
+    return svc.maglev_table_size or maglev.table_size(active)
+
 @dataclass
 class _Change:
     """What one service needs, computed before any write."""
@@ -474,7 +482,7 @@ class Reconciler:
         np.cumsum(active, out=before[1:])
         a_start = before[fb.start]
         counts = np.diff(a_start)
-        want = [maglev.table_size(n) for n in counts.tolist()]     # the config's alone
+        want = [service_table_size(ch.svc, n) for ch, n in zip(plan, counts.tolist())]
         # maglev decides: a few services never enter a parallel region. It
         # stalls for milliseconds when the other core is busy (measured:
         # one-service p99 0.315 ms, max 16.8 ms in parallel; 0.041 / 0.144 ms

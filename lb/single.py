@@ -20,7 +20,7 @@ import numpy as np
 from . import maglev
 from .config import Backend
 from .dataplane import addr_words, family_of, htons
-from .reconcile import PROTOCOLS, LiveBackend, Reconciler, _Change, _zero_counters
+from .reconcile import PROTOCOLS, LiveBackend, Reconciler, _Change, _zero_counters, service_table_size
 from .replies import addr_key
 
 
@@ -81,7 +81,7 @@ class OneService:
 
     def _compute_ring(self) -> None:
         ch = self.ch
-        ch.ring_size = maglev.table_size(len(self.active))
+        ch.ring_size = service_table_size(ch.svc, len(self.active))
         if self.rows and ch.svc.vip.version == 6:     # by Backend.key, as the batch path
             self.slots = maglev.build_table([(m.key, w) for m, (_, _, w) in zip(self.members, self.rows)],
                                             ch.ring_size)

@@ -436,3 +436,32 @@ def test_tables_depend_only_on_the_config(rec_pair):
     assert _tables(moved) == _tables(fresh)
     moved.apply(final)                    # a reload of the same config changes nothing either
     assert _tables(moved) == _tables(fresh)
+
+
+@pytest.mark.parametrize("fixed", [None, 1009])
+def test_a_fixed_table_size_keeps_maglevs_bound(rec, fixed):
+    """A fourth backend for a service of three: with the size picked from
+    the count (307 -> 401 slots) most of the table changes hands, so most
+    flows without a conntrack entry (another node's, a stateless one) move;
+    with `maglev_table_size` it stays 1009 and only ~1/4 of the slots go,
+    nearly all of them to the new backend (Maglev moves a few others)."""
+    def service(n: int) -> dict:
+        svc = {"name": "web", "vip": "10.96.0.1", "port": 80, "protocol": "tcp",
+               "backends": [f"10.1.0.{i + 1}:8080" for i in range(n)]}
+        return svc if fixed is None else dict(svc, maglev_table_size=fixed)
+
+    cfg = _config(rec, [service(3)])
+    rec.apply(cfg)
+    (m_before, before), = _tables(rec).values()
+    cfg = _config(rec, [service(4)])
+    rec.upsert_service(cfg, cfg.services[0])
+    (m_after, after), = _tables(rec).values()
+    if fixed is None:
+        assert (m_before, m_after) == (307, 401)
+        return
+    assert m_before == m_after == fixed
+    moved = [(a, b) for a, b in zip(before, after) if a != b]
+    new = (int.from_bytes(bytes([10, 1, 0, 4]), "little"), 8080)
+    to_new = sum(b == new for _, b in moved)
+    assert to_new >= 0.9 * len(moved), (to_new, len(moved))
+    assert 0.2 < len(moved) / fixed < 0.33, len(moved) / fixed
