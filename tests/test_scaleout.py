@@ -23,7 +23,7 @@ import yaml
 from lb.announce import bgp_sessions
 from lb.demo import DaemonProcess
 from lb.lab import REPO_ROOT, Lab
-from lb.scaleout_lab import (ECHO_PORT, NAT_PORT, VIP, with_snat, Node, ScaleoutTopology, build_scaleout_lab, multipath_nexthops,
+from lb.scaleout_lab import (ECHO_PORT, VIP, Node, ScaleoutTopology, build_scaleout_lab, multipath_nexthops,
                              node_config, running_cluster, set_node_links, wait_nexthops)
 from lb.streams import Streams, connect_burst, time_to_answer
 from lbtest import pin_dir, stats, wait_for, xdplb
@@ -284,32 +284,3 @@ def test_bird_parses_the_config_xdplb_writes(tmp_path, bfd):
     assert f"route {VIP}/32" in vips.read_text()
     subprocess.run(["bird", "-p", "-c", str(conf)], check=True)
 
-
-def test_snat_flows_of_a_lost_node_break(all_up):
-    """NAT mode on several nodes (each its own SNAT address): a node's
-    links go down; its SNAT flows break (their replies go to its address),
-    and so do the flows that ECMP moves between the survivors (a new SNAT
-    port there: the backend sees another connection and resets it). The
-    count is printed for the README; the test holds that streams broke (in
-    DSR none do) and that new connections are answered again."""
-    c = all_up
-    lost = c.node("lb3")
-    for node in c.topo.nodes:
-        c.apply(node, edit=lambda cfg, node=node: with_snat(cfg, node))
-    before = {n.name: c.new_flows(n.name) for n in c.topo.nodes}
-    try:
-        with Streams(c.lab, c.topo.client_ns, c.topo.client_ips, VIP, NAT_PORT) as s:
-            s.settle(0.5)
-            on_lost = c.new_flows(lost.name) - before[lost.name]
-            assert s.broken == {} and on_lost >= 10
-            set_node_links(c.lab, lost, False)
-            wait_nexthops(c.lab, c.topo, c.others(lost.name))
-            time_to_answer(c.lab, c.topo.client_ns, c.topo.client_ips[:30], VIP, NAT_PORT, time.monotonic())
-            s.settle(6.0)                       # > the stall that counts a silent stream broken
-            resets = sum("reset" in why for why in s.broken.values())
-            print(f"\nSNAT, one of 3 nodes lost: {len(s.broken)} of 100 streams broken ({resets} reset, "
-                  f"the rest silent); {on_lost} were on the lost node; new flows since: "
-                  f"{ {n.name: c.new_flows(n.name) - before[n.name] for n in c.topo.nodes} }")
-            assert s.broken
-    finally:
-        set_node_links(c.lab, lost, True)
