@@ -302,6 +302,17 @@ def _mutate(services: list[dict], rng: random.Random, step: int, seq) -> tuple[s
     return what, svc, None
 
 
+def _mutated_config(services: list[dict], rng: random.Random, step: int, seq):
+    """_mutate() once, then (what, the new config, the changed service's
+    model or None, the keys it replaced or removed)."""
+    before = services[:]
+    what, svc, old = _mutate(services, rng, step, seq)
+    cfg = config_from_dict({"interfaces": ["l0"], "identities": IDENTITIES, "services": services})
+    model = next((s for s in cfg.services if svc is not None and s.name == svc["name"]), None)
+    gone = [] if old is None else [(IPv4Address(before[old]["vip"]), before[old]["port"], before[old]["protocol"])]
+    return what, cfg, model, gone
+
+
 def _live_state(rec: Reconciler) -> dict:
     """Everything the reconciler keeps, as plain data."""
     services = {k: (s.svc_id, s.ring_offset, s.ring_size, s.policy_gen, s.flags, s.affinity_timeout_s,
@@ -354,10 +365,7 @@ def test_one_service_path_writes_what_the_batch_path_writes(rec_pair):
     rejected, seq = 0, itertools.count()
     for step in range(400):
         before = [dict(s) for s in services]
-        what, svc, old = _mutate(services, rng, step, seq)
-        cfg = config_from_dict({"interfaces": ["l0"], "identities": IDENTITIES, "services": services})
-        model = next((s for s in cfg.services if svc is not None and s.name == svc["name"]), None)
-        gone = [] if old is None else [(IPv4Address(before[old]["vip"]), before[old]["port"], before[old]["protocol"])]
+        what, cfg, model, gone = _mutated_config(services, rng, step, seq)
         outcome = []
         for rec in rec_pair:
             try:
@@ -418,10 +426,7 @@ def test_tables_depend_only_on_the_config(rec_pair):
     seq = itertools.count()
     for step in range(300):
         before = [dict(s) for s in services]
-        _, svc, old = _mutate(services, rng, step, seq)
-        cfg = config_from_dict({"interfaces": ["l0"], "identities": IDENTITIES, "services": services})
-        model = next((s for s in cfg.services if svc is not None and s.name == svc["name"]), None)
-        gone = [] if old is None else [(IPv4Address(before[old]["vip"]), before[old]["port"], before[old]["protocol"])]
+        _, cfg, model, gone = _mutated_config(services, rng, step, seq)
         try:
             if model is None:
                 moved.delete_service(cfg, gone[0])
