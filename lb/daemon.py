@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import api, flow, monitor, stats
-from .config import Config, ConfigError, config_from_dict, load_config, parse_config
+from .config import Config, ConfigError, Service, config_from_dict, load_config, parse_config
 from .announce import Announcer, announceable_vips
 from .bpffs import ensure_bpffs
 from .dataplane import UNPINNED_MAPS, Dataplane, default_object_path
@@ -334,7 +334,7 @@ class Daemon:
             for name in dp.maps:
                 if name not in UNPINNED_MAPS and not (dp.pin_dir / "maps" / name).exists():
                     problems.append(f"map {name} is no longer pinned in {dp.pin_dir / 'maps'}")
-            for ifname in self.cfg.interfaces:
+            for ifname in self._cfg.interfaces:     # not .cfg: that copies 20k services after a change
                 path = dp.link_path(ifname)
                 try:
                     link = XdpLink.from_pin(str(path))
@@ -595,7 +595,7 @@ class Daemon:
             res = self.rec.apply_services(self._cfg, [self.health.effective_service(svc)], gone)
             table.put(svc)
             self.health.set_service(svc)
-            self._services_changed()
+            self._backends_added(svc)
             log.info(kv("service applied via api", service=svc.name, generation=self.rec.generation,
                         **_changes(res)))
             return res.as_dict()
@@ -610,7 +610,7 @@ class Daemon:
             res = self.rec.delete_service(self._cfg, old.key)
             table.pop(old.name)
             self.health.drop_service(old.name)
-            self._services_changed()
+            # Its next hops' entries go at the keeper's next full pass.
             log.info(kv("service deleted via api", service=old.name, generation=self.rec.generation,
                         **_changes(res)))
             return res.as_dict()
@@ -674,8 +674,7 @@ class Daemon:
             self.errors += 1
             log.exception("health: applying service=%s failed", name)
             return
-        if self.neighbours is not None:
-            self.neighbours.kick()
+        self._backends_added(eff)
         log.info(kv("health: service re-applied", service=name,
                     draining=[b.key for b in eff.backends if b.state == "draining"],
                     seconds=res.seconds))
@@ -718,6 +717,12 @@ class Daemon:
         new next hops)."""
         if self.neighbours is not None:
             self.neighbours.kick()
+
+    def _backends_added(self, svc: Service) -> None:
+        """After a one-service change: the keeper follows its backends'
+        addresses at once, without a pass over every backend."""
+        if self.neighbours is not None:
+            self.neighbours.added([str(b.address) for b in svc.backends])
 
     def _api_flow(self, req: dict) -> dict:
         proto = req["proto"].lower()
