@@ -243,12 +243,13 @@ class NeighbourKeeper:
     (drain_requests()); `recent` gives the destinations XDP forwards to now
     (recent_destinations()). Create it in the network namespace it should manage: its netlink
     sockets stay there whichever thread uses them. Passes are at least
-    `spacing` seconds apart, however often it is kicked."""
+    `spacing` seconds apart, however often it is kicked; addresses given to
+    added() are followed `coalesce` seconds after the first of a burst."""
 
     def __init__(self, addresses: Callable[[], Addresses], ifindexes: Callable[[], Iterable[int]],
                  requests: Callable[[], list[NextHop]] = list,
                  recent: Callable[[], Addresses] = no_addresses, *,
-                 interval: float = 1.0, spacing: float = 0.1, poll: float = 0.05):
+                 interval: float = 1.0, spacing: float = 0.1, poll: float = 0.05, coalesce: float = 0.01):
         self._addresses = addresses
         self._ifindexes = ifindexes
         self._requests = requests
@@ -256,6 +257,7 @@ class NeighbourKeeper:
         self.interval = interval
         self.spacing = spacing
         self.poll = poll
+        self.coalesce = coalesce
         # The thread joins this network namespace: pyroute2 gives each
         # thread a socket of its own, made where that thread is.
         self._netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -512,8 +514,11 @@ class NeighbourKeeper:
                     continue               # only entries being added or updated
             if not (self._full_due or routes_changed or neigh_deleted or time.monotonic() >= next_pass
                     or any(b.routes is None for b in self._backends.values())):
+                # A burst of changes is followed in one go, not one wake-up
+                # (and one GIL hand-off) per change.
+                self._stop.wait(self.coalesce)
                 try:
-                    self.follow_added()    # a one-service change: its addresses only
+                    self.follow_added()    # one-service changes: their addresses only
                 except Exception as e:
                     self.status.last_error = f"{type(e).__name__}: {e}"
                     log.exception("following added backends failed")
