@@ -8,6 +8,7 @@ them without touching established flows. `xdplb down` detaches on purpose.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import json
 import logging
@@ -34,7 +35,7 @@ from .metrics import Metrics, map_fill
 from .neighbours import NeighbourKeeper, backend_addresses, drain_requests, recent_destinations
 from .reconcile import PROTOCOLS, Reconciler, bkey
 from .servicetable import ServiceTable, parse_service
-from loader import XdpLink
+from loader import BpfError, XdpLink
 from loader.netlink import ifindex as lookup_ifindex
 
 log = logging.getLogger("xdplb")
@@ -807,6 +808,9 @@ def run(config_path: str, netns: str | None = None, object_path: Path | None = N
     log.info(kv("starting", pid=os.getpid(), config=config_path,
                 object=object_path or default_object_path()))
     try:
+        path = object_path or default_object_path()
+        if not Path(path).is_file():    # before a large config's parse, not after it
+            raise BpfError(f"BPF object {path} not found: build it with `make bpf`", errno.ENOENT)
         cfg = load_config(config_path)
         # Before the maps or links are touched: a second daemon would
         # reconcile the live one's maps and swap its program into the links.

@@ -236,6 +236,15 @@ def test_run_with_a_missing_netns(conf):
             subprocess.run(["ip", "netns", "del", name], check=False)
 
 
+def test_run_without_the_bpf_object_says_so_before_reading_the_config(tmp_path):
+    """A missing object is found before the config is parsed (at 20k
+    services that parse took seconds before the same one line)."""
+    path = tmp_path / "broken.yaml"
+    path.write_text("interfaces: [xe0]\nservices: [oops\n")      # would be a YAML error
+    one_error_line(xdplb("run", "--config", str(path), "--object", str(tmp_path / "none.o")),
+                   f"BPF object {tmp_path / 'none.o'} not found: build it with `make bpf`")
+
+
 def test_run_with_a_pin_dir_off_bpffs(conf):
     where = f"/proc/xdplb-test-{PID}"
     path, _ = conf(bpffs=where)
