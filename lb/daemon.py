@@ -230,7 +230,9 @@ class Daemon:
                         log.error(kv("kubernetes: service not applied", service=svc.name, reason=e))
             if plan.identities is not None:
                 self.rec.prune_identities(cfg)
-            self._set_config(cfg)
+            self._cfg, self._table = cfg, None
+            for svc in plan.upserts:        # not a full keeper pass per batch
+                self._backends_added(svc)
             log.debug(kv("kubernetes: batch applied", upserts=len(plan.upserts),
                          deletes=len(plan.deletes), failed=failed,
                          identities=plan.identities is not None))
