@@ -78,6 +78,8 @@ struct encap {
 	__u8 family;                /* outer family: the backend's */
 	__u8 proto;                 /* outer IP protocol: 4, 41 or 17 */
 	__u8 gue;
+	__u8 tos;                   /* the client's TOS or traffic class */
+	__u8 l2_len;                /* 14, or 18 with a VLAN tag */
 };
 
 /* The outer IP protocol of IPIP for an inner family. */
@@ -111,9 +113,10 @@ static __always_inline __u32 encap_hash(const struct flow_key *flow, __u32 seed)
 /* The outer source's last word (word 0 of IPv4, 3 of IPv6): the
  * configured address's, its spread bits (at most 16) from the hash's top
  * half; the GUE port takes the bottom. */
-static __always_inline __u32 outer_source_word(const struct encap *e, __u32 last)
+static __always_inline __u32 outer_source_word(const struct encap_source *src, __u32 hash,
+						__u32 last)
 {
-	return bpf_htonl(bpf_ntohl(e->src->addr[last]) | ((e->hash >> 16) & e->src->spread_mask));
+	return bpf_htonl(bpf_ntohl(src->addr[last]) | ((hash >> 16) & src->spread_mask));
 }
 
 /* The tunnel of `pkt` to backend `b` (`svc_flags`: SVC_F_IPIP or
@@ -131,6 +134,10 @@ static __always_inline enum drop_reason encap_plan(const struct packet *pkt,
 	e->overhead = outer_ip_len(e->family) + (e->gue ? sizeof(struct udphdr) : 0);
 	e->proto = e->gue ? IPPROTO_UDP : ipip_protocol(pkt->flow.family);
 	e->inner_len = pkt->ip_len;
+	e->tos = pkt->tos;
+	/* parse_packet() takes one tag, and the IP header after it. */
+	e->l2_len = pkt->eth->h_proto == bpf_htons(ETH_P_8021Q) ||
+		pkt->eth->h_proto == bpf_htons(ETH_P_8021AD) ? ETH_HLEN + VLAN_HLEN : ETH_HLEN;
 	/* GUE's source port, a source prefix and IPv6's flow label use it. */
 	e->hash = e->gue || e->src->spread_mask || e->family == FAMILY_IPV6 ?
 		encap_hash(&pkt->flow, cfg->hash_seed) : 0;
@@ -186,8 +193,8 @@ static __always_inline enum drop_reason encap_verdict(struct xdp_md *ctx, int rc
 	return DROP_ENCAP_MTU;
 }
 
-static __always_inline void outer_ipv4(struct iphdr *ip, const struct encap *e, __u32 daddr,
-				       __u8 tos)
+static __always_inline void outer_ipv4(struct iphdr *ip, const struct encap *e,
+				       const struct encap_source *src, __u32 daddr, __u8 tos)
 {
 	ip->version = 4;
 	ip->ihl = 5;
@@ -198,13 +205,13 @@ static __always_inline void outer_ipv4(struct iphdr *ip, const struct encap *e, 
 	ip->ttl = ENCAP_TTL;
 	ip->protocol = e->proto;
 	ip->check = 0;
-	ip->saddr = outer_source_word(e, 0);
+	ip->saddr = outer_source_word(src, e->hash, 0);
 	ip->daddr = daddr;
 	ip->check = ~ipv4_header_sum(ip);
 }
 
 static __always_inline void outer_ipv6(struct ipv6hdr *ip6, const struct encap *e,
-				       const __u32 *daddr, __u8 tos)
+				       const struct encap_source *src, const __u32 *daddr, __u8 tos)
 {
 	__u32 label = e->hash & ENCAP_FLOW_LABEL_MASK;
 
@@ -217,33 +224,36 @@ static __always_inline void outer_ipv6(struct ipv6hdr *ip6, const struct encap *
 	ip6->payload_len = bpf_htons(e->inner_len + e->overhead - sizeof(*ip6));
 	ip6->nexthdr = e->proto;
 	ip6->hop_limit = ENCAP_TTL;
-	__builtin_memcpy(&ip6->saddr, e->src->addr, sizeof(ip6->saddr));
-	ip6->saddr.in6_u.u6_addr32[3] = outer_source_word(e, 3);
+	__builtin_memcpy(&ip6->saddr, src->addr, sizeof(ip6->saddr));
+	ip6->saddr.in6_u.u6_addr32[3] = outer_source_word(src, e->hash, 3);
 	__builtin_memcpy(&ip6->daddr, daddr, sizeof(ip6->daddr));
 }
 
-/* Put the outer headers in front of the inner packet. 0 on success:
- * pkt->eth and pkt->ip (or pkt->ip6) then point at the new link-layer and
- * outer IP headers (every older packet pointer is gone); -1 if the frame
- * has no headroom. A subprogram: its packet pointers and header fields, in
- * the entry program's frame, left too little of the verifier's 512 bytes. */
-static __noinline int encap_push(struct xdp_md *ctx, struct packet *pkt,
-				 const struct encap *e, const struct backend *b,
-				 const struct lb_config *cfg)
+/* Put the outer headers of `e` in front of the inner packet, towards
+ * backend `b`. 0 on success, -1 if the frame has no headroom. A global
+ * function: the verifier checks it once, on its own, instead of once for
+ * each way the entry program reaches it (families, tags, cache or FIB),
+ * which cost it ~100k instructions of its budget. So it sees only ctx and
+ * plain memory: every packet pointer of the caller is void after it
+ * (encap_apply() makes the one it needs again). */
+__noinline int encap_push(struct xdp_md *ctx, const struct encap *e, const struct backend *b,
+			  const struct lb_config *cfg)
 {
-	__u32 l2_len;
-	/* Recomputed rather than read back: a value reloaded after the call
-	 * below would lose the bound the verifier needs. */
-	__u32 outer_len = outer_ip_len(e->family);
-	__u32 overhead = outer_len + (e->gue ? sizeof(struct udphdr) : 0);
-	__u8 tos = pkt->tos;
+	const struct encap_source *src;
+	__u32 outer_len, overhead, l2_len;
 	void *data, *data_end, *old, *ip;
 	__be16 *ether_type;
 	struct udphdr *udp;
+	__u8 family;
 
-	if (overhead > ENCAP_MAX_OVERHEAD || (!pkt->ip && !pkt->ip6))
+	if (!ctx || !e || !b || !cfg)
 		return -1;
-	l2_len = (pkt->ip ? (void *)pkt->ip : (void *)pkt->ip6) - (void *)pkt->eth;
+	family = e->family;
+	src = encap_source(cfg, family);
+	/* Recomputed rather than read: the verifier needs their bounds. */
+	outer_len = outer_ip_len(family);
+	overhead = outer_len + (e->gue ? sizeof(struct udphdr) : 0);
+	l2_len = e->l2_len == ETH_HLEN ? ETH_HLEN : ETH_HLEN + VLAN_HLEN;
 	if (bpf_xdp_adjust_head(ctx, -(int)overhead))
 		return -1;
 	data = (void *)(long)ctx->data;
@@ -260,29 +270,22 @@ static __noinline int encap_push(struct xdp_md *ctx, struct packet *pkt,
 	if (l2_len != ETH_HLEN) {
 		__builtin_memcpy(data + ETH_HLEN, old + ETH_HLEN, VLAN_HLEN);
 		ether_type = &((struct vlan_hdr *)(data + ETH_HLEN))->encap_proto;
-		l2_len = ETH_HLEN + VLAN_HLEN;
-	} else {
-		l2_len = ETH_HLEN;
 	}
-	*ether_type = bpf_htons(e->family == FAMILY_IPV6 ? ETH_P_IPV6 : ETH_P_IP);
+	*ether_type = bpf_htons(family == FAMILY_IPV6 ? ETH_P_IPV6 : ETH_P_IP);
 
 	ip = data + l2_len;
-	pkt->ip = NULL;
-	pkt->ip6 = NULL;
 	/* Each family checks its own bound: one shared pointer would leave
 	 * the verifier only the shorter one. */
-	if (e->family == FAMILY_IPV6) {
+	if (family == FAMILY_IPV6) {
 		udp = ip + sizeof(struct ipv6hdr);
 		if ((void *)(udp + 1) > data_end)
 			return -1;
-		outer_ipv6(ip, e, b->addr, tos);
-		pkt->ip6 = ip;
+		outer_ipv6(ip, e, src, b->addr, e->tos);
 	} else {
 		udp = ip + sizeof(struct iphdr);
 		if ((void *)(udp + 1) > data_end)
 			return -1;
-		outer_ipv4(ip, e, b->addr[0], tos);
-		pkt->ip = ip;
+		outer_ipv4(ip, e, src, b->addr[0], e->tos);
 	}
 	if (e->gue) {
 		udp->source = bpf_htons(GUE_SPORT_BASE | (e->hash & GUE_SPORT_BITS));
@@ -290,6 +293,26 @@ static __noinline int encap_push(struct xdp_md *ctx, struct packet *pkt,
 		udp->len = bpf_htons(e->inner_len + sizeof(*udp));
 		udp->check = 0;         /* IPv4, and RFC 6935 over IPv6: see the top */
 	}
+	return 0;
+}
+
+/* encap_push(), and the packet's pointers after it: pkt->eth at the new
+ * link-layer header, from a fresh load checked for its own length only;
+ * pkt->ip and pkt->ip6 NULL (only the link-layer header is written after
+ * this). 0 on success, -1 if nothing can be sent. */
+static __always_inline int encap_apply(struct xdp_md *ctx, struct packet *pkt,
+				       const struct encap *e, const struct backend *b,
+				       const struct lb_config *cfg)
+{
+	void *data, *data_end;
+	int rc = encap_push(ctx, e, b, cfg);
+
+	pkt->ip = NULL;
+	pkt->ip6 = NULL;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	if (rc || data + ETH_HLEN > data_end)
+		return -1;
 	pkt->eth = data;
 	return 0;
 }

@@ -217,7 +217,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 		/* Encapsulated now, before the state is written (the plan's
 		 * stack slots are free again there): a drop below drops the
 		 * tunnel packet, which nothing reads. */
-		if (why == DROP_NONE && encap_push(ctx, pkt, &enc, b, cfg))
+		if (why == DROP_NONE && encap_apply(ctx, pkt, &enc, b, cfg))
 			why = DROP_ENCAP;
 	} else {
 		why = fib_verdict(rc, &fib, snat);
