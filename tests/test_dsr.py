@@ -31,12 +31,12 @@ from scapy.layers.l2 import Ether
 
 from lb.demo import curl_many
 from lb.lab import REPO_ROOT, Lab, build_lb_lab, start_backends
-from lbtest import (ENCAP_SOURCE, ENCAP_SOURCE6, GUE_VIP, GUE_VIP6, IPIP_VIP, IPIP_VIP6, VIP_4IN6, daemons, download,
-                    pin_dir, stats, wait_for, with_dsr6_services, with_dsr_services, xdplb)
+from lbtest import (ENCAP_SOURCE, ENCAP_SOURCE6, GUE_VIP, GUE_VIP6, IPIP_VIP, IPIP_VIP6, VIP_4IN6, VIP_6IN4, daemons,
+                    download, pin_dir, stats, wait_for, with_dsr6_services, with_dsr_services, xdplb)
 
 PORT = 8080
 VIPS = (IPIP_VIP, GUE_VIP)
-VIPS6 = (IPIP_VIP6, GUE_VIP6, VIP_4IN6)
+VIPS6 = (IPIP_VIP6, GUE_VIP6, VIP_4IN6, VIP_6IN4)
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
 
@@ -338,18 +338,18 @@ def url(vip: str, path: str = "/") -> str:
     return f"http://[{vip}]:{PORT}{path}" if ":" in vip else f"http://{vip}:{PORT}{path}"
 
 
-@pytest.mark.parametrize("name,vip", [("dsr6-ipip", IPIP_VIP6), ("dsr6-gue", GUE_VIP6),
-                                      ("dsr-4in6", VIP_4IN6)])
-def test_ipv6_balance_policy_and_replies_bypass_the_lb(dsr6_lab, dsr6_daemon, name, vip):
+@pytest.mark.parametrize("name,vip,mode", [("dsr6-ipip", IPIP_VIP6, "ipip"), ("dsr6-gue", GUE_VIP6, "gue"),
+                                           ("dsr-4in6", VIP_4IN6, "ipip"), ("dsr-6in4", VIP_6IN4, "gue")])
+def test_ipv6_balance_policy_and_replies_bypass_the_lb(dsr6_lab, dsr6_daemon, name, vip, mode):
     """As for IPv4: 300 connections over the 3 IPv6 backends within +-8 %,
     a denied identity answered 0 of 5 times, every client packet sent in
     its IPv6 tunnel and no answer through the LB (its counters and a
-    capture on its client side); the 4in6 service carries IPv4 clients."""
+    capture on its client side); the 4in6 service carries IPv4 clients to
+    IPv6 backends, the 6in4 one (gue) IPv6 clients to IPv4 backends."""
     lab, topo, _ = dsr6_lab
     d = dsr6_daemon()
     v6 = ":" in vip
     client, denied = (topo.client_ip6, topo.denied_client_ip6) if v6 else (topo.client_ip, topo.denied_client_ip)
-    mode = "gue" if "gue" in name else "ipip"
     before = stats(d)
     caps = {"c0": Capture(lab, topo.client_ns, "c0")}
     caps.update({f"r{b.index}": Capture(lab, topo.client_ns, f"r{b.index}") for b in topo.backends})
@@ -377,7 +377,8 @@ def test_ipv6_balance_policy_and_replies_bypass_the_lb(dsr6_lab, dsr6_daemon, na
     src = f"[{client}]:40000" if v6 else f"{client}:40000"
     dst = f"[{vip}]:{PORT}" if v6 else f"{vip}:{PORT}"
     res = json.loads(xdplb(d, "flow", src, dst, "tcp", "--json").stdout)
-    assert res["verdict"] == "FORWARDED" and res["encapsulated"]["src"] == ENCAP_SOURCE6
+    outer_source = ENCAP_SOURCE if name == "dsr-6in4" else ENCAP_SOURCE6
+    assert res["verdict"] == "FORWARDED" and res["encapsulated"]["src"] == outer_source
 
     assert from_vips(frames["c0"], (vip,)) == []
     for b in topo.backends:
@@ -420,3 +421,35 @@ def test_ipv6_path_mtu_discovery_through_the_tunnel(dsr6_lab, dsr6_daemon, vip, 
         route = lab.ipr(topo.client_ns).route("get", dst=vip)[0]
     metrics = route.get_attr("RTA_METRICS")
     assert metrics is not None and metrics.get_attr("RTAX_MTU") == 1500 - overhead, route
+
+
+def test_ipv6_health_checks_go_through_the_tunnel(dsr6_lab, dsr6_daemon):
+    """The IPv6 tunnels' probes (lb/tunnel_probe.py: a SYN in 6in6, in GUE
+    over IPv6, an IPv4 SYN in IPv6 and an IPv6 one in GUE over IPv4, those
+    two from the encap_source of the VIP's family): a backend whose
+    decapsulation is detached goes down on every DSR service and comes back
+    once it decapsulates again."""
+    lab, topo, pins = dsr6_lab
+    d = dsr6_daemon(health_check={"type": "tcp", "interval": 0.3, "timeout": 0.25, "fall": 2, "rise": 2})
+    b3 = topo.backends[2]
+    keys = {"dsr6-ipip": f"[{b3.ip6}]:{PORT}", "dsr6-gue": f"[{b3.ip6}]:{PORT}",
+            "dsr-4in6": f"[{b3.ip6}]:{PORT}", "dsr-6in4": f"{b3.ip}:{PORT}"}
+
+    def health() -> dict:
+        st = json.loads(xdplb(d, "status", "--json").stdout)["health"]
+        return {(h["service"], h["backend"]): h for h in st["backends"] if h["service"] in keys}
+
+    wait_for(lambda: len(health()) == 12 and all(h["up"] and h["probes"] >= 2 for h in health().values()),
+             10, "the first probes to pass")
+    backend_cli(lab, b3, pins[b3.name], "detach", "eth0")
+    try:
+        down = wait_for(lambda: (lambda h: h if not any(h[k]["up"] for k in keys.items()) else None)(health()),
+                        10, "b3 to go down")
+        assert all(h["up"] for k, h in down.items() if k not in keys.items())
+        wait_for(lambda: all(health()[k]["in_rotation"] is False for k in keys.items()), 5,
+                 f"b3 out of rotation: {health()}")
+        answers = curl_many(lab, topo, url(IPIP_VIP6), 30, topo.client_ip6)
+        assert len(answers) == 30 and "b3" not in answers
+    finally:
+        backend_cli(lab, b3, pins[b3.name], "attach", "eth0", *(f"--vip={v}" for v in VIPS6))
+    wait_for(lambda: all(h["up"] for h in health().values()), 10, "b3 to come back")
