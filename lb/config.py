@@ -226,7 +226,7 @@ def _encap_source_one(v: Any) -> IPv4Network | IPv6Network:
         net = v
     elif isinstance(v, str) and "/" not in v:
         ip = _ip_address(v)
-        net = ip_network(f"{ip}/{ip.max_prefixlen}")
+        net = ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}")
     else:
         net = _ip_network(v)
     least = net.max_prefixlen - ENCAP_SOURCE_SPREAD_BITS
@@ -246,10 +246,6 @@ def _encap_source(v: Any) -> Any:
     if len({n.version for n in nets}) != len(nets):
         raise ValueError("takes at most one source per family")
     return nets
-
-
-def ip_network(text: str) -> IPv4Network | IPv6Network:
-    return IPv6Network(text) if ":" in text else IPv4Network(text)
 
 
 def _protocol(v: Any) -> Any:

@@ -13,6 +13,7 @@ sides show which way every packet came.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import re
 import signal
@@ -50,8 +51,8 @@ def backend_cli(lab: Lab, b, pins: Path, *args: str, check: bool = True) -> subp
                    timeout=60, check=check, cwd=REPO_ROOT)
 
 
-def attach_decap(lab: Lab, b, pins: Path) -> None:
-    backend_cli(lab, b, pins, "attach", "eth0", *(f"--vip={v}" for v in VIPS))
+def attach_decap(lab: Lab, b, pins: Path, vips=VIPS) -> None:
+    backend_cli(lab, b, pins, "attach", "eth0", *(f"--vip={v}" for v in vips))
 
 
 def add_return_paths(lab: Lab, topo) -> None:
@@ -80,39 +81,36 @@ def add_return_paths(lab: Lab, topo) -> None:
                 lab.route(b.ns, net, gateway=f"fd00:172:{b.index:x}::1")
 
 
-@pytest.fixture(scope="module")
-def dsr_lab(bpf_object):
-    subprocess.run(["make", "-s", "-C", str(REPO_ROOT), "bpf"], check=True)
-    with Lab() as lab:
+@contextlib.contextmanager
+def decap_lab(vips, *, ipv6: bool = False):
+    """The lab, return paths, and every backend decapsulating `vips`."""
+    with Lab(ipv6=ipv6) as lab:
         topo = build_lb_lab(lab, 3)
         start_backends(lab, topo)
         add_return_paths(lab, topo)
         pins = {b.name: Path(pin_dir()) for b in topo.backends}
         try:
             for b in topo.backends:
-                attach_decap(lab, b, pins[b.name])
+                attach_decap(lab, b, pins[b.name], vips)
             yield lab, topo, pins
         finally:
             for b in topo.backends:
                 backend_cli(lab, b, pins[b.name], "detach", "eth0", "--purge", check=False)
+
+
+@pytest.fixture(scope="module")
+def dsr_lab(bpf_object):
+    subprocess.run(["make", "-s", "-C", str(REPO_ROOT), "bpf"], check=True)
+    with decap_lab(VIPS) as lab:
+        yield lab
 
 
 @pytest.fixture(scope="module")
 def dsr6_lab(bpf_object):
     """The same with IPv6 on every link: the backends decapsulate the IPv6
     VIPs and the IPv4 one of the 4in6 service."""
-    with Lab(ipv6=True) as lab:
-        topo = build_lb_lab(lab, 3)
-        start_backends(lab, topo)
-        add_return_paths(lab, topo)
-        pins = {b.name: Path(pin_dir()) for b in topo.backends}
-        try:
-            for b in topo.backends:
-                backend_cli(lab, b, pins[b.name], "attach", "eth0", *(f"--vip={v}" for v in VIPS6))
-            yield lab, topo, pins
-        finally:
-            for b in topo.backends:
-                backend_cli(lab, b, pins[b.name], "detach", "eth0", "--purge", check=False)
+    with decap_lab(VIPS6, ipv6=True) as lab:
+        yield lab
 
 
 @pytest.fixture
@@ -175,6 +173,57 @@ def service(st: dict, name: str) -> dict:
     return next(s for s in st["services"] if s["name"] == name)
 
 
+def curls_with_captures(lab: Lab, topo, url: str, client: str, denied: str):
+    """300 curls from `client` and 5 from `denied`, with captures on the
+    client's side of the LB (c0) and on each backend's return link."""
+    caps = {"c0": Capture(lab, topo.client_ns, "c0")}
+    caps.update({f"r{b.index}": Capture(lab, topo.client_ns, f"r{b.index}") for b in topo.backends})
+    try:
+        answers = curl_many(lab, topo, url, 300, client)
+        refused = curl_many(lab, topo, url, 5, denied, timeout=1.0)
+    finally:
+        frames = {k: c.stop() for k, c in caps.items()}
+    return answers, refused, frames
+
+
+def assert_balanced(answers: list[str], topo) -> None:
+    assert len(answers) == 300
+    counts = collections.Counter(answers)
+    for b in topo.backends:
+        assert abs(counts[b.name] / 300 - 1 / 3) <= 0.08, counts
+
+
+def download_across_kill_9(lab: Lab, topo, d, url: str) -> None:
+    """A 64 MiB download, the daemon killed (-9) a second in and restarted."""
+    n = 64 * 2**20
+    result: dict = {}
+    t = download(lab, topo, f"{url}/bytes?n={n}&rate={16 * 2**20}", result, max_time=60)
+    time.sleep(1.0)
+    d.kill(signal.SIGKILL)
+    time.sleep(0.5)
+    d.start()
+    t.join(90)
+    assert result["out"] == f"{n} 200", result
+
+
+def upload_through_pmtud(lab: Lab, topo, d, url: str, vip: str, overhead: int) -> None:
+    """An 8 MiB upload completes; the LB answered too big packets and the
+    client's kernel learnt the path MTU 1500 less the overhead."""
+    n = 8 * 2**20
+    before = stats(d)
+    code = (f"import sys, urllib.request as u; r = u.urlopen(u.Request('{url}/sink', "
+            f"data=b'x' * {n}, method='POST'), timeout=60); print(r.read().decode().strip())")
+    out = lab.run(topo.client_ns, [sys.executable, "-c", code], timeout=90).stdout
+    assert re.match(rf"backend=b\d received={n}$", out), out
+    after = stats(d)
+    assert counter(after, "frag_needed") > counter(before, "frag_needed")
+    assert after["drops"]["encap_mtu"]["packets"] > before["drops"]["encap_mtu"]["packets"]
+    with lab.inside(topo.client_ns):
+        route = lab.ipr(topo.client_ns).route("get", dst=vip)[0]
+    metrics = route.get_attr("RTA_METRICS")
+    assert metrics is not None and metrics.get_attr("RTAX_MTU") == 1500 - overhead, route
+
+
 # -- tests --------------------------------------------------------------------------
 
 
@@ -189,22 +238,14 @@ def test_balance_policy_and_replies_bypass_the_lb(dsr_lab, dsr_daemon, mode):
     d = dsr_daemon()
     vip = IPIP_VIP if mode == "ipip" else GUE_VIP
     name = f"dsr-{mode}"
+    out = lab.run(topo.client_ns, ["curl", "-s", "--max-time", "3", f"http://{vip}:{PORT}/"]).stdout
+    assert re.match(rf"backend=b\d client={topo.client_ip}:\d+", out), out
     before = stats(d)
-    caps = {"c0": Capture(lab, topo.client_ns, "c0")}
-    caps.update({f"r{b.index}": Capture(lab, topo.client_ns, f"r{b.index}") for b in topo.backends})
-    try:
-        out = lab.run(topo.client_ns, ["curl", "-s", "--max-time", "3", f"http://{vip}:{PORT}/"]).stdout
-        assert re.match(rf"backend=b\d client={topo.client_ip}:\d+", out), out
-        answers = curl_many(lab, topo, f"http://{vip}:{PORT}/", 300, topo.client_ip)
-        denied = curl_many(lab, topo, f"http://{vip}:{PORT}/", 5, topo.denied_client_ip, timeout=1.0)
-    finally:
-        frames = {k: c.stop() for k, c in caps.items()}
+    answers, denied, frames = curls_with_captures(lab, topo, f"http://{vip}:{PORT}/", topo.client_ip,
+                                                  topo.denied_client_ip)
     after = stats(d)
 
-    assert len(answers) == 300
-    counts = collections.Counter(answers)
-    for b in topo.backends:
-        assert abs(counts[b.name] / 300 - 1 / 3) <= 0.08, counts
+    assert_balanced(answers, topo)
     assert denied == []
     drops = [x for x in after["drop_detail"]
              if x["identity"] == "blocked" and x["service"] == name and x["reason"] == "policy"]
@@ -284,15 +325,7 @@ def test_kill_9_during_a_64_mib_download_and_restart(dsr_lab, dsr_daemon, tmp_pa
     is dead, and whose restart keeps the flow's conntrack entry."""
     lab, topo, _ = dsr_lab
     d = dsr_daemon()
-    n = 64 * 2**20
-    result: dict = {}
-    t = download(lab, topo, f"http://{IPIP_VIP}:{PORT}/bytes?n={n}&rate={16 * 2**20}", result, max_time=60)
-    time.sleep(1.0)
-    d.kill(signal.SIGKILL)
-    time.sleep(0.5)
-    d.start()
-    t.join(90)
-    assert result["out"] == f"{n} 200", result
+    download_across_kill_9(lab, topo, d, f"http://{IPIP_VIP}:{PORT}")
     assert service(stats(d), "dsr-ipip")["packets"] > 0
     # One DSR service changed through the API (validated with the running
     # encap_source): b3 leaves it.
@@ -315,27 +348,14 @@ def test_path_mtu_discovery_through_the_tunnel(dsr_lab, dsr_daemon, mode, overhe
     lab, topo, _ = dsr_lab
     d = dsr_daemon()
     vip = IPIP_VIP if mode == "ipip" else GUE_VIP
-    n = 8 * 2**20
-    before = stats(d)
-    code = (f"import sys, urllib.request as u; r = u.urlopen(u.Request('http://{vip}:{PORT}/sink', "
-            f"data=b'x' * {n}, method='POST'), timeout=60); print(r.read().decode().strip())")
-    out = lab.run(topo.client_ns, [sys.executable, "-c", code], timeout=90).stdout
-    assert re.match(rf"backend=b\d received={n}$", out), out
-    after = stats(d)
-    assert counter(after, "frag_needed") > counter(before, "frag_needed")
-    assert after["drops"]["encap_mtu"]["packets"] > before["drops"]["encap_mtu"]["packets"]
-    # The client's kernel learnt the path MTU from the LB's answers.
-    with lab.inside(topo.client_ns):
-        route = lab.ipr(topo.client_ns).route("get", dst=vip)[0]
-    metrics = route.get_attr("RTA_METRICS")
-    assert metrics is not None and metrics.get_attr("RTAX_MTU") == 1500 - overhead, route
+    upload_through_pmtud(lab, topo, d, f"http://{vip}:{PORT}", vip, overhead)
 
 
 # -- IPv6: 6in6 (ipip, gue) and 4in6 --------------------------------------------------
 
 
-def url(vip: str, path: str = "/") -> str:
-    return f"http://[{vip}]:{PORT}{path}" if ":" in vip else f"http://{vip}:{PORT}{path}"
+def url(vip: str) -> str:
+    return f"http://[{vip}]:{PORT}" if ":" in vip else f"http://{vip}:{PORT}"
 
 
 @pytest.mark.parametrize("name,vip,mode", [("dsr6-ipip", IPIP_VIP6, "ipip"), ("dsr6-gue", GUE_VIP6, "gue"),
@@ -351,19 +371,10 @@ def test_ipv6_balance_policy_and_replies_bypass_the_lb(dsr6_lab, dsr6_daemon, na
     v6 = ":" in vip
     client, denied = (topo.client_ip6, topo.denied_client_ip6) if v6 else (topo.client_ip, topo.denied_client_ip)
     before = stats(d)
-    caps = {"c0": Capture(lab, topo.client_ns, "c0")}
-    caps.update({f"r{b.index}": Capture(lab, topo.client_ns, f"r{b.index}") for b in topo.backends})
-    try:
-        answers = curl_many(lab, topo, url(vip), 300, client)
-        refused = curl_many(lab, topo, url(vip), 5, denied, timeout=1.0)
-    finally:
-        frames = {k: c.stop() for k, c in caps.items()}
+    answers, refused, frames = curls_with_captures(lab, topo, url(vip), client, denied)
     after = stats(d)
 
-    assert len(answers) == 300
-    counts = collections.Counter(answers)
-    for b in topo.backends:
-        assert abs(counts[b.name] / 300 - 1 / 3) <= 0.08, counts
+    assert_balanced(answers, topo)
     assert refused == []
     blocked = "blocked6" if v6 else "blocked"
     drops = [x for x in after["drop_detail"]
@@ -389,15 +400,7 @@ def test_ipv6_balance_policy_and_replies_bypass_the_lb(dsr6_lab, dsr6_daemon, na
 def test_ipv6_kill_9_during_a_64_mib_download_and_restart(dsr6_lab, dsr6_daemon):
     lab, topo, _ = dsr6_lab
     d = dsr6_daemon()
-    n = 64 * 2**20
-    result: dict = {}
-    t = download(lab, topo, url(IPIP_VIP6, f"/bytes?n={n}&rate={16 * 2**20}"), result, max_time=60)
-    time.sleep(1.0)
-    d.kill(signal.SIGKILL)
-    time.sleep(0.5)
-    d.start()
-    t.join(90)
-    assert result["out"] == f"{n} 200", result
+    download_across_kill_9(lab, topo, d, url(IPIP_VIP6))
     assert service(stats(d), "dsr6-ipip")["packets"] > 0
 
 
@@ -408,19 +411,7 @@ def test_ipv6_path_mtu_discovery_through_the_tunnel(dsr6_lab, dsr6_daemon, vip, 
     LB answers packet too big (fragmentation needed for the IPv4 client of
     4in6) with 1500 less the overhead, and the client's TCP shrinks."""
     lab, topo, _ = dsr6_lab
-    d = dsr6_daemon()
-    n = 8 * 2**20
-    before = stats(d)
-    code = (f"import sys, urllib.request as u; r = u.urlopen(u.Request('{url(vip, '/sink')}', "
-            f"data=b'x' * {n}, method='POST'), timeout=60); print(r.read().decode().strip())")
-    out = lab.run(topo.client_ns, [sys.executable, "-c", code], timeout=90).stdout
-    assert re.match(rf"backend=b\d received={n}$", out), out
-    after = stats(d)
-    assert counter(after, "frag_needed") > counter(before, "frag_needed")
-    with lab.inside(topo.client_ns):
-        route = lab.ipr(topo.client_ns).route("get", dst=vip)[0]
-    metrics = route.get_attr("RTA_METRICS")
-    assert metrics is not None and metrics.get_attr("RTAX_MTU") == 1500 - overhead, route
+    upload_through_pmtud(lab, topo, dsr6_daemon(), url(vip), vip, overhead)
 
 
 def test_ipv6_health_checks_go_through_the_tunnel(dsr6_lab, dsr6_daemon):
@@ -451,5 +442,5 @@ def test_ipv6_health_checks_go_through_the_tunnel(dsr6_lab, dsr6_daemon):
         answers = curl_many(lab, topo, url(IPIP_VIP6), 30, topo.client_ip6)
         assert len(answers) == 30 and "b3" not in answers
     finally:
-        backend_cli(lab, b3, pins[b3.name], "attach", "eth0", *(f"--vip={v}" for v in VIPS6))
+        attach_decap(lab, b3, pins[b3.name], VIPS6)
     wait_for(lambda: all(h["up"] for h in health().values()), 10, "b3 to come back")

@@ -108,12 +108,18 @@ def test_flows_spread_over_backends_and_stick(lb):
     assert len({syn[IP].dst for syn, _ in pairs}) == 3
 
 
-def test_policy_drops_before_encapsulation(lb):
-    before = (counters(lb, "encap_ipip"), lb.drop_count("policy"), lb.entries("conntrack"))
-    rc, _ = lb.run(tcp(DENIED, 40001, IPIP_VIP, PORT))
+def assert_dropped_before_encapsulation(h, pkt) -> None:
+    """A denied identity's packet: a policy drop, nothing encapsulated, no
+    conntrack entry."""
+    before = (counters(h, "encap_ipip"), h.drop_count("policy"), h.entries("conntrack"))
+    rc, _ = h.run(pkt)
     assert rc == XDP_DROP
-    assert (counters(lb, "encap_ipip"), lb.drop_count("policy"), lb.entries("conntrack")) == \
+    assert (counters(h, "encap_ipip"), h.drop_count("policy"), h.entries("conntrack")) == \
         (before[0], before[1] + 1, before[2])
+
+
+def test_policy_drops_before_encapsulation(lb):
+    assert_dropped_before_encapsulation(lb, tcp(DENIED, 40001, IPIP_VIP, PORT))
 
 
 def test_no_reply_state_and_the_backends_answer_passes_untouched(lb):
@@ -144,13 +150,31 @@ def test_conntrack_entry_points_at_the_backend(lb):
     assert str(word_addr(rec.addr[0])) == syn[IP].dst
 
 
-def test_vlan_tag_is_kept_in_front_of_the_outer_header(lb):
-    pkt = tcp(CLIENT, 46000, IPIP_VIP, PORT)
-    tagged = Ether(src=pkt.src, dst=pkt.dst) / Dot1Q(vlan=7) / pkt[IP]
-    rc, out = lb.run(tagged)
+def assert_vlan_tag_kept(h, pkt, layer, ethertype: int, proto: int) -> None:
+    """`pkt` tagged: the tag stays in front of the outer header (of
+    `ethertype`, carrying `proto`), the inner packet untouched."""
+    tagged = Ether(src=pkt.src, dst=pkt.dst) / Dot1Q(vlan=7) / pkt[layer]
+    rc, out = h.run(tagged)
     assert rc == XDP_REDIRECT
-    assert out[Dot1Q].vlan == 7 and out[Dot1Q].type == 0x0800
-    assert out[IP].proto == 4 and bytes(out[IP].payload) == bytes(pkt[IP])
+    assert out[Dot1Q].vlan == 7 and out[Dot1Q].type == ethertype
+    outer = out[Dot1Q].payload
+    assert (outer.nh if isinstance(outer, IPv6) else outer.proto) == proto
+    assert bytes(outer.payload) == bytes(pkt[layer])
+
+
+def test_vlan_tag_is_kept_in_front_of_the_outer_header(lb):
+    assert_vlan_tag_kept(lb, tcp(CLIENT, 46000, IPIP_VIP, PORT), IP, 0x0800, 4)
+
+
+def too_big_answer(h, big: Ether) -> Ether:
+    """`big` is dropped as encap_mtu and answered back out of the ingress
+    interface (the MACs swapped); the answer."""
+    drops = h.drop_count("encap_mtu")
+    rc, out = h.run(big)
+    assert rc == XDP_REDIRECT, "the answer goes back out of the ingress interface"
+    assert out[Ether].dst == big[Ether].src and out[Ether].src == big[Ether].dst
+    assert h.drop_count("encap_mtu") == drops + 1
+    return out
 
 
 @pytest.mark.parametrize("gue,cache_ms", [(False, 1000), (False, 0), (True, 1000), (True, 0)],
@@ -176,15 +200,12 @@ def test_too_big_is_answered_with_fragmentation_needed(lab, bpf_object, gue, cac
         big[IP].flags = "DF"
         big = Ether(bytes(big))
         drops = h.drop_count("encap_mtu")
-        rc, out = h.run(big)
-        assert rc == XDP_REDIRECT, "the answer goes back out of the ingress interface"
-        assert out[Ether].dst == big[Ether].src and out[Ether].src == big[Ether].dst
+        out = too_big_answer(h, big)
         assert (out[IP].src, out[IP].dst, out[ICMP].type, out[ICMP].code) == (vip, CLIENT, 3, 4)
         assert out[ICMP].nexthopmtu == 1500 - overhead
         assert bytes(out[IPerror])[:28] == bytes(big[IP])[:28]        # its header and 8 bytes
         assert len(out) == 14 + 20 + 8 + 28
         assert_checksums_valid(out)
-        assert h.drop_count("encap_mtu") == drops + 1
         assert h.counters("global_stats", h.dp.consts.CNT_FRAG_NEEDED)[0] >= 1
         # DF clear: XDP cannot fragment, so it is only dropped (and counted).
         rc, _ = h.run(tcp(CLIENT, 47000, vip, PORT, flags="A", payload=b"x" * (1500 - 40)))
@@ -261,9 +282,13 @@ def tcp6(src, sport, dst, dport, flags="S", payload=b"", tc=0) -> Ether:
                        TCP(sport=sport, dport=dport, flags=flags, seq=1000) / payload))
 
 
-def client_packet(src, sport, vip, **kw) -> Ether:
-    return tcp6(src, sport, vip, PORT, **kw) if ":" in vip else \
-        Ether(bytes(tcp(src, sport, vip, PORT, flags=kw.get("flags", "S"), payload=kw.get("payload", b""))))
+def client_packet(src, sport, vip, flags="S", payload=b"") -> Ether:
+    """A TCP packet to a DSR VIP of either family; IPv4 with DF set."""
+    if ":" in vip:
+        return tcp6(src, sport, vip, PORT, flags=flags, payload=payload)
+    pkt = tcp(src, sport, vip, PORT, flags=flags, payload=payload)
+    pkt[IP].flags = "DF"
+    return Ether(bytes(pkt))
 
 
 def backend6_of(topo, addr):
@@ -340,20 +365,14 @@ def test_flow_label_and_gue_port_vary_by_flow_and_not_within_it(lb6):
 
 
 def test_ipv6_policy_drops_before_encapsulation(lb6):
-    before = (counters(lb6, "encap_ipip"), lb6.drop_count("policy"), lb6.entries("conntrack"))
-    rc, _ = lb6.run(tcp6(DENIED6, 40001, IPIP_VIP6, PORT))
-    assert rc == XDP_DROP
-    assert (counters(lb6, "encap_ipip"), lb6.drop_count("policy"), lb6.entries("conntrack")) == \
-        (before[0], before[1] + 1, before[2])
+    assert_dropped_before_encapsulation(lb6, tcp6(DENIED6, 40001, IPIP_VIP6, PORT))
+    assert_dropped_before_encapsulation(lb6, tcp6(DENIED6, 40002, VIP_6IN4, PORT))
+    assert_dropped_before_encapsulation(lb6, tcp(DENIED, 40003, VIP_4IN6, PORT))
 
 
 def test_ipv6_vlan_tag_is_kept(lb6):
-    pkt = tcp6(CLIENT6, 46000, IPIP_VIP6, PORT)
-    tagged = Ether(src=pkt.src, dst=pkt.dst) / Dot1Q(vlan=7) / pkt[IPv6]
-    rc, out = lb6.run(tagged)
-    assert rc == XDP_REDIRECT
-    assert out[Dot1Q].vlan == 7 and out[Dot1Q].type == 0x86DD
-    assert out[IPv6].nh == 41 and bytes(out[IPv6].payload) == bytes(pkt[IPv6])
+    assert_vlan_tag_kept(lb6, tcp6(CLIENT6, 46000, IPIP_VIP6, PORT), IPv6, 0x86DD, 41)
+    assert_vlan_tag_kept(lb6, client_packet(CLIENT, 46001, VIP_4IN6), IP, 0x86DD, 4)
 
 
 @pytest.mark.parametrize("vip,overhead,cache_ms", [
@@ -374,20 +393,12 @@ def test_too_big_answers_packet_too_big(lab6, bpf_object, vip, overhead, cache_m
         say_hello(lab_, topo)
         rc, _ = h.run(client_packet(src, 47000, vip))
         assert rc == XDP_REDIRECT
-        fits = client_packet(src, 47000, vip, flags="A", payload=b"x" * (1500 - overhead - (60 if v6 else 40)))
-        if not v6:
-            fits[IP].flags = "DF"
-            fits = Ether(bytes(fits))
+        headers = 60 if v6 else 40
+        fits = client_packet(src, 47000, vip, flags="A", payload=b"x" * (1500 - overhead - headers))
         rc, out = h.run(fits)
         assert rc == XDP_REDIRECT and len(out) - 14 == 1500
-        big = client_packet(src, 47000, vip, flags="A", payload=b"x" * (1500 - (60 if v6 else 40)))
-        if not v6:
-            big[IP].flags = "DF"
-            big = Ether(bytes(big))
-        drops = h.drop_count("encap_mtu")
-        rc, out = h.run(big)
-        assert rc == XDP_REDIRECT, "the answer goes back out of the ingress interface"
-        assert out[Ether].dst == big[Ether].src and out[Ether].src == big[Ether].dst
+        big = client_packet(src, 47000, vip, flags="A", payload=b"x" * (1500 - headers))
+        out = too_big_answer(h, big)
         if v6:
             assert (out[IPv6].src, out[IPv6].dst, out[IPv6].nh) == (vip, CLIENT6, 58)
             assert out[ICMPv6PacketTooBig].mtu == 1500 - overhead
@@ -397,7 +408,6 @@ def test_too_big_answers_packet_too_big(lab6, bpf_object, vip, overhead, cache_m
             assert (out[IP].src, out[IP].dst, out[ICMP].type, out[ICMP].code) == (vip, CLIENT, 3, 4)
             assert out[ICMP].nexthopmtu == 1500 - overhead
             assert_checksums_valid(out)
-        assert h.drop_count("encap_mtu") == drops + 1
         assert h.counters("global_stats", h.dp.consts.CNT_FRAG_NEEDED)[0] >= 1
 
 

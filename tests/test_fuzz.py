@@ -24,6 +24,7 @@ long run. Counts are printed at the end (-s shows them).
 from __future__ import annotations
 
 import collections
+import contextlib
 import ipaddress
 import os
 import random
@@ -53,19 +54,27 @@ ALLOWED, DENIED = "10.1.0.10", "192.0.2.10"
 DSR_PORT = 8080
 
 
-@pytest.fixture(scope="module")
-def fz(lab, bpf_object):
-    lab_, topo = lab
-    cfg = with_dsr_services(lab_config(topo, fillers=0, bpffs="/unused", socket="/unused"), topo)
+@contextlib.contextmanager
+def fuzz_harness(lab_, topo, with_services, name: str):
+    """The lab's program with `with_services`' config; the harness keeps
+    a tally, printed at the end."""
+    cfg = with_services(lab_config(topo, fillers=0, bpffs="/unused", socket="/unused"), topo)
     with Harness(lab_, topo, cfg, attach=False) as h:
-        h.backends = {(b.ip, topo.backend_port) for b in topo.backends} | \
-                     {(b.ip, topo.udp_port) for b in topo.backends}
-        h.backend_ips = {b.ip for b in topo.backends}
+        h.backend_ips = {b.ip for b in topo.backends} | {b.ip6 for b in topo.backends if b.ip6}
         h.l0 = topo.lb_client.ifindex
         h.tally = collections.Counter()
         yield h
-        print(f"\nfuzz: {sum(h.tally.values())} packets: " +
+        print(f"\n{name}: {sum(h.tally.values())} packets: " +
               ", ".join(f"{k}={v}" for k, v in sorted(h.tally.items())))
+
+
+@pytest.fixture(scope="module")
+def fz(lab, bpf_object):
+    lab_, topo = lab
+    with fuzz_harness(lab_, topo, with_dsr_services, "fuzz") as h:
+        h.backends = {(b.ip, topo.backend_port) for b in topo.backends} | \
+                     {(b.ip, topo.udp_port) for b in topo.backends}
+        yield h
 
 
 def seeds() -> list:
@@ -154,11 +163,17 @@ def check_too_big(fz, data: bytes, out: Ether, src: str, dst: str) -> None:
     fz.tally["frag_needed"] += 1
 
 
-def check(fz, data: bytes) -> int:
+def run_counted(fz, data: bytes):
+    """`data` through the program, its verdict tallied; never XDP_ABORTED."""
     res = test_run(fz.dp.prog.fd, data, ingress_ifindex=fz.l0)
+    fz.tally[{XDP_DROP: "drop", XDP_PASS: "pass", XDP_TX: "tx", XDP_REDIRECT: "redirect"}.get(res.retval, "other")] += 1
+    assert res.retval != XDP_ABORTED, data.hex()
+    return res
+
+
+def check(fz, data: bytes) -> int:
+    res = run_counted(fz, data)
     rc = res.retval
-    fz.tally[{XDP_DROP: "drop", XDP_PASS: "pass", XDP_TX: "tx", XDP_REDIRECT: "redirect"}.get(rc, "other")] += 1
-    assert rc != XDP_ABORTED, data.hex()
     src, dst = src_of(data)
     if rc in (XDP_TX, XDP_REDIRECT):
         assert not (src == DENIED and dst in POLICED), f"denied identity crossed the policy: {data.hex()}"
@@ -260,16 +275,10 @@ POLICED6 = {IPIP_VIP6, GUE_VIP6, VIP_4IN6, VIP_6IN4}
 @pytest.fixture(scope="module")
 def fz6(lab6, bpf_object):
     lab_, topo = lab6
-    cfg = with_dsr6_services(lab_config(topo, fillers=0, bpffs="/unused", socket="/unused"), topo)
-    with Harness(lab_, topo, cfg, attach=False) as h:
-        h.backend_ips = {b.ip6 for b in topo.backends} | {b.ip for b in topo.backends}
-        h.l0 = topo.lb_client.ifindex
-        h.tally = collections.Counter()
+    with fuzz_harness(lab_, topo, with_dsr6_services, "fuzz6") as h:
         with lab_.inside(topo.client_ns), socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
             s.sendto(b"hello", (topo.lb_client_ip6, 9))     # the LB learns the client (ND)
         yield h
-        print(f"\nfuzz6: {sum(h.tally.values())} packets: " +
-              ", ".join(f"{k}={v}" for k, v in sorted(h.tally.items())))
 
 
 def seeds6() -> list:
@@ -353,10 +362,8 @@ def check_too_big6(fz, data: bytes, out: Ether, version: int, src: str, dst: str
 
 
 def check6(fz, data: bytes) -> int:
-    res = test_run(fz.dp.prog.fd, data, ingress_ifindex=fz.l0)
+    res = run_counted(fz, data)
     rc = res.retval
-    fz.tally[{XDP_DROP: "drop", XDP_PASS: "pass", XDP_TX: "tx", XDP_REDIRECT: "redirect"}.get(rc, "other")] += 1
-    assert rc != XDP_ABORTED, data.hex()
     l2, version, src, dst = addrs_of(data)
     if rc in (XDP_TX, XDP_REDIRECT):
         assert src not in (DENIED, DENIED6) or dst not in POLICED6, f"denied identity crossed the policy: {data.hex()}"
