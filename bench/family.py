@@ -1,13 +1,15 @@
 """IPv6 beside IPv4: the program's time per packet, in one lab and one program.
 
-    python -m bench.family [--rounds 5] [--calls 2000] [--v4-only]
+    python -m bench.family [--rounds 5] [--calls 2000] [--v4-only] [--dsr]
 
 A Lab(ipv6=True) with 3 backends; one TCP service per family (10.96.0.10
-and fd00:96::10, gateway mode). Per round and family, BPF test-run, one
+and fd00:96::10, gateway mode), and with --dsr one per family and DSR mode
+too (ipip and gue: 6in6 and 4in4). Per round and row, BPF test-run, one
 packet per call, the kernel's own duration: new flows (a new source port
 each call: conntrack miss, Maglev, conntrack insert) and established ones
-(the same flow). Families alternate every round, so a busy neighbour moves
-both. Prints the medians and the IPv6 / IPv4 ratios. --v4-only measures
+(the same flow). Rows alternate every round, so a busy neighbour moves
+them all. Prints the medians, the IPv6 / IPv4 ratios per mode and the DSR /
+NAT ratios per family. --v4-only measures
 IPv4 alone, for an object without IPv6 (XDPLB_OBJECT=old.o): the IPv4 cost
 before and after, side by side, is two runs of this alternated.
 """
@@ -31,16 +33,23 @@ from lb.reconcile import Reconciler
 from loader.testrun import test_run
 
 VIP4, VIP6 = "10.96.0.10", "fd00:96::10"
+# (mode, IPv6?) -> VIP; DSR services serve the backends' port (8080).
+VIPS = {("nat", False): VIP4, ("nat", True): VIP6,
+        ("ipip", False): "10.96.0.20", ("ipip", True): "fd00:96::20",
+        ("gue", False): "10.96.0.21", ("gue", True): "fd00:96::21"}
 
 
-def _config(topo, bpffs: str, v6: bool) -> dict:
-    services = [{"name": "web", "vip": VIP4, "port": 80, "protocol": "tcp",
-                 "backends": [f"{b.ip}:{topo.backend_port}" for b in topo.backends]}]
-    if v6:
-        services.append({"name": "web6", "vip": VIP6, "port": 80, "protocol": "tcp",
-                         "backends": [f"[{b.ip6}]:{topo.backend_port}" for b in topo.backends]})
+def _config(topo, bpffs: str, rows) -> dict:
+    services = []
+    for mode, v6 in rows:
+        backends = [f"[{b.ip6}]:{topo.backend_port}" if v6 else f"{b.ip}:{topo.backend_port}"
+                    for b in topo.backends]
+        services.append({"name": f"{mode}{6 if v6 else 4}", "vip": VIPS[(mode, v6)],
+                         "port": 80 if mode == "nat" else topo.backend_port, "protocol": "tcp",
+                         "backends": backends, "forwarding": mode})
     return {"interfaces": [i.name for i in topo.lb_ifaces], "bpffs": bpffs,
             "api_socket": f"/run/xdplb/family-{os.getpid()}.sock", "metrics_address": False,
+            "encap_source": ["10.255.0.1", "fd00:255::1"],
             "flood_guard": {"new_flows_per_second": 0}, "services": services}
 
 
@@ -50,10 +59,16 @@ def _hello(lab: Lab, ns: str, to: str, family: int) -> None:
         s.sendto(b"x", (to, 9))
 
 
-def _packet(v6: bool, sport: int) -> bytes:
-    ip = IPv6(src="fd00:1::10", dst=VIP6) if v6 else IP(src="10.1.0.10", dst=VIP4)
+def _packet(row: tuple[str, bool], sport: int, port: int) -> bytes:
+    mode, v6 = row
+    vip = VIPS[row]
+    ip = IPv6(src="fd00:1::10", dst=vip) if v6 else IP(src="10.1.0.10", dst=vip)
     return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / ip /
-                 TCP(sport=sport, dport=80, flags="S"))
+                 TCP(sport=sport, dport=80 if mode == "nat" else port, flags="S"))
+
+
+def _name(row: tuple[str, bool]) -> str:
+    return f"{'IPv6' if row[1] else 'IPv4'}{'' if row[0] == 'nat' else ' ' + row[0]}"
 
 
 def _median_ns(fd: int, ifindex: int, packets) -> float:
@@ -65,13 +80,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--v4-only", action="store_true")
+    ap.add_argument("--dsr", action="store_true", help="DSR rows too (ipip, gue), each family")
     a = ap.parse_args()
     families = [False] if a.v4_only else [False, True]
+    rows = [(m, f) for m in (("nat", "ipip", "gue") if a.dsr else ("nat",)) for f in families]
     bpffs = f"/sys/fs/bpf/xdplb-family-{os.getpid()}"
-    res: dict[tuple[bool, str], list[float]] = {(f, k): [] for f in families for k in ("new", "est")}
+    res: dict[tuple[tuple[str, bool], str], list[float]] = {(r, k): [] for r in rows for k in ("new", "est")}
     with Lab(ipv6=True) as lab:
         topo = build_lb_lab(lab, 3)
-        cfg = config_from_dict(_config(topo, bpffs, not a.v4_only))
+        port = topo.backend_port
+        cfg = config_from_dict(_config(topo, bpffs, rows))
         dp = Dataplane.open(cfg)
         try:
             Reconciler(dp).apply(cfg)
@@ -87,28 +105,34 @@ def main() -> None:
             fd, l0 = dp.prog.fd, topo.lb_client.ifindex
             sport = 1024
             with lab.inside(topo.lb_ns):
-                for v6 in families:      # measured only if forwarded (XDP_REDIRECT)
-                    rc = test_run(fd, _packet(v6, 1), ingress_ifindex=l0).retval
+                for row in rows:         # measured only if forwarded (XDP_REDIRECT)
+                    rc = test_run(fd, _packet(row, 1, port), ingress_ifindex=l0).retval
                     if rc != 4:
-                        raise SystemExit(f"{'IPv6' if v6 else 'IPv4'} packet not forwarded: verdict {rc}")
+                        raise SystemExit(f"{_name(row)} packet not forwarded: verdict {rc}")
                 for _ in range(a.rounds):
-                    for v6 in families:
-                        new = [_packet(v6, sport + k) for k in range(a.calls)]
+                    for row in rows:
+                        new = [_packet(row, sport + k, port) for k in range(a.calls)]
                         sport += a.calls
-                        res[(v6, "new")].append(_median_ns(fd, l0, new))
-                        res[(v6, "est")].append(_median_ns(fd, l0, [new[0]] * a.calls))
+                        res[(row, "new")].append(_median_ns(fd, l0, new))
+                        res[(row, "est")].append(_median_ns(fd, l0, [new[0]] * a.calls))
         finally:
             dp.close()
             Dataplane.detach(__import__("pathlib").Path(bpffs), purge=True)
-    for v6 in families:
-        name = "IPv6" if v6 else "IPv4"
-        print(f"{name}: new-flow {statistics.median(res[(v6, 'new')]):.0f} ns/pkt, "
-              f"established {statistics.median(res[(v6, 'est')]):.0f} ns/pkt "
-              f"(rounds: new {[round(x) for x in res[(v6, 'new')]]}, est {[round(x) for x in res[(v6, 'est')]]})")
-    if not a.v4_only:
+    for row in rows:
+        print(f"{_name(row)}: new-flow {statistics.median(res[(row, 'new')]):.0f} ns/pkt, "
+              f"established {statistics.median(res[(row, 'est')]):.0f} ns/pkt "
+              f"(rounds: new {[round(x) for x in res[(row, 'new')]]}, est {[round(x) for x in res[(row, 'est')]]})")
+
+    def ratios(label: str, num, den) -> None:
         for k in ("new", "est"):
-            r = [b / a_ for a_, b in zip(res[(False, k)], res[(True, k)])]
-            print(f"IPv6/IPv4 {k}: median ratio {statistics.median(r):.2f} (per round {[round(x, 2) for x in r]})")
+            r = [b / a_ for a_, b in zip(res[(den, k)], res[(num, k)])]
+            print(f"{label} {k}: median ratio {statistics.median(r):.2f} (per round {[round(x, 2) for x in r]})")
+    for mode in dict.fromkeys(m for m, _ in rows):
+        if not a.v4_only:
+            ratios(f"IPv6/IPv4{'' if mode == 'nat' else ' ' + mode}", (mode, True), (mode, False))
+        if mode != "nat":
+            for v6 in families:
+                ratios(f"{mode}/NAT {'IPv6' if v6 else 'IPv4'}", (mode, v6), ("nat", v6))
 
 
 if __name__ == "__main__":

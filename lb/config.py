@@ -184,21 +184,6 @@ def _ip_address(v: Any) -> Any:
         raise ValueError(f"is not a valid IPv4 address: {v!r}") from None
 
 
-def _ipv4_address(v: Any) -> Any:
-    if isinstance(v, IPv4Address):
-        return v
-    if isinstance(v, str) and (fast := _fast_ipv4(v)) is not None:
-        return fast
-    if not isinstance(v, str):
-        raise ValueError("must be an IPv4 address string")
-    if _is_ipv6(v):
-        raise ValueError(f"must be an IPv4 address (DSR tunnels are IPv4 only for now), not {v}")
-    try:
-        return IPv4Address(v)
-    except ValueError:
-        raise ValueError(f"is not a valid IPv4 address: {v!r}") from None
-
-
 def _ip_network(v: Any) -> Any:
     """An IPv4 or IPv6 CIDR, host bits clear."""
     if isinstance(v, (IPv4Network, IPv6Network)):
@@ -219,12 +204,6 @@ def _ip_network(v: Any) -> Any:
     raise ValueError(f"host bits are set (did you mean {loose}?)")
 
 
-def _ipv4_network(v: Any) -> Any:
-    if isinstance(v, str) and _is_ipv6(v):
-        raise ValueError("must be an IPv4 prefix (DSR tunnels are IPv4 only for now)")
-    return _ip_network(v)
-
-
 def _lower(v: Any) -> Any:
     return v.lower() if isinstance(v, str) else v
 
@@ -238,21 +217,35 @@ def _forwarding(v: Any) -> Any:
 
 # encap_source as a prefix: its host bits come from the flow hash (the
 # data plane takes at most 16 of them, encap.h).
-ENCAP_SOURCE_MIN_PREFIX = 16
+ENCAP_SOURCE_SPREAD_BITS = 16
+
+
+def _encap_source_one(v: Any) -> IPv4Network | IPv6Network:
+    """An address of this LB, or a prefix routed to it (`10.0.0.16/28`)."""
+    if isinstance(v, (IPv4Network, IPv6Network)):
+        net = v
+    elif isinstance(v, str) and "/" not in v:
+        ip = _ip_address(v)
+        net = ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}")
+    else:
+        net = _ip_network(v)
+    least = net.max_prefixlen - ENCAP_SOURCE_SPREAD_BITS
+    if net.prefixlen < least:
+        raise ValueError(f"a prefix of at most {2 ** ENCAP_SOURCE_SPREAD_BITS} addresses "
+                         f"(/{least} or longer), not /{net.prefixlen}")
+    return net
 
 
 def _encap_source(v: Any) -> Any:
-    """An address of this LB, or a prefix routed to it (`10.0.0.16/28`)."""
-    if isinstance(v, IPv4Network):
-        net = v
-    elif isinstance(v, str) and "/" not in v:
-        net = IPv4Network(f"{_ipv4_address(v)}/32")
-    else:
-        net = _ipv4_network(v)
-    if net.prefixlen < ENCAP_SOURCE_MIN_PREFIX:
-        raise ValueError(f"a prefix of at most {2 ** (32 - ENCAP_SOURCE_MIN_PREFIX)} addresses "
-                         f"(/{ENCAP_SOURCE_MIN_PREFIX} or longer), not /{net.prefixlen}")
-    return net
+    """One source, or a list of one per family (`[10.0.0.1, fd00::1]`):
+    a tunnel's outer header is of its backend's family."""
+    items = list(v) if isinstance(v, (list, tuple)) else [v]
+    if not items:
+        raise ValueError("must name an address (or one per family)")
+    nets = tuple(_encap_source_one(x) for x in items)
+    if len({n.version for n in nets}) != len(nets):
+        raise ValueError("takes at most one source per family")
+    return nets
 
 
 def _protocol(v: Any) -> Any:
@@ -336,7 +329,7 @@ Address = Annotated[IPv4Address | IPv6Address, BeforeValidator(_ip_address)]
 Network = Annotated[IPv4Network | IPv6Network, BeforeValidator(_ip_network)]
 Protocol = Annotated[Literal["tcp", "udp"], BeforeValidator(_protocol)]
 Forwarding = Annotated[Literal["nat", "ipip", "gue"], BeforeValidator(_forwarding)]
-EncapSource = Annotated[IPv4Network, BeforeValidator(_encap_source)]
+EncapSources = Annotated[tuple[IPv4Network | IPv6Network, ...], BeforeValidator(_encap_source)]
 ServiceName = Annotated[str, Strict(), AfterValidator(_service_name)]
 IdentityName = Annotated[str, Strict(), AfterValidator(_identity_name)]
 IdentityRef = Annotated[str, Strict()]  # checked against the defined names later
@@ -684,6 +677,10 @@ class Bgp(_Model):
 class Config(_Model):
     """The whole desired state of one load balancer."""
 
+    def encap_source_of(self, version: int) -> IPv4Network | IPv6Network | None:
+        """The DSR outer source for backends of IP `version` (4 or 6)."""
+        return next((n for n in self.encap_source or () if n.version == version), None)
+
     interfaces: tuple[IfName, ...]
     xdp_mode: Annotated[Literal["native", "generic"], BeforeValidator(_lower)] = "native"
     # None: DNAT-only gateway mode (NAT services only). Either family: SNAT
@@ -691,8 +688,9 @@ class Config(_Model):
     # mode (lb_config holds one SNAT address).
     snat_address: Address | None = None
     # Outer source of DSR tunnels (ipip/gue services): an address of this
-    # LB, or a prefix routed to it whose host bits vary with the flow.
-    encap_source: EncapSource | None = None
+    # LB, or a prefix routed to it whose host bits vary with the flow; one
+    # per family (a list) when backends are of both.
+    encap_source: EncapSources | None = None
     # GUE's UDP destination port: the backends' decapsulation port.
     gue_port: Port = GUE_PORT_DEFAULT
     snat_ports: SnatPorts = Field(default_factory=SnatPorts)
@@ -834,10 +832,6 @@ def _dsr_problems(svc: Service) -> list[str]:
     problems = [f"backends[{i}] '{b.key}': forwarding {svc.forwarding} does not rewrite the port: "
                 f"the backend must serve the service's port {svc.port}"
                 for i, b in enumerate(svc.backends) if b.port != svc.port]
-    if svc.vip.version == 6:
-        problems.append(f"vip: forwarding {svc.forwarding} supports IPv4 only for now")
-    problems += [f"backends[{i}] '{b.key}': forwarding {svc.forwarding} supports IPv4 only for now"
-                 for i, b in enumerate(svc.backends) if b.address.version == 6]
     hc = svc.health_check
     if hc is not None and hc.type != "tcp":
         # DSR probes go through the tunnel as a bare SYN (lb/tunnel_probe.py).
@@ -885,6 +879,12 @@ def _cross_checks(cfg: Config) -> list[str]:
         if s.dsr and cfg.encap_source is None:
             problems.append(f"{_svc(i, s)}: forwarding {s.forwarding} needs encap_source "
                             f"(an address of this LB for the tunnels' outer source)")
+        elif s.dsr:
+            # The outer header is of the backend's family (either inner one).
+            have = {n.version for n in cfg.encap_source}
+            problems += [f"{_svc(i, s)}: backends[{k}] '{b.key}': forwarding {s.forwarding} to an "
+                         f"IPv{b.address.version} backend needs an IPv{b.address.version} encap_source"
+                         for k, b in enumerate(s.backends) if b.address.version not in have]
         if s.name in names:
             j = names[s.name]
             problems.append(f"{_svc(i, s)}: name already used by services[{j}]")

@@ -63,7 +63,8 @@ def probe(dry: Dataplane, rec, src: str, sport: int, dst: str, dport: int, proto
         "backend": backend, "conntrack_hit": bool(p.ct_hit),
     }
     forwarding = forwarding_name(svc.flags, c) if svc else "nat"
-    outer = out[IP] if IP in out else out[IPv6] if IPv6 in out else None
+    # The outermost IP header: a 4in6 tunnel also holds an IPv4 one inside.
+    outer = next((layer for layer in out.iterpayloads() if isinstance(layer, (IP, IPv6))), None)
     if outer is not None and action != "DROP" and forwarding != "nat":
         # DSR: the packet is not rewritten but sent in a tunnel (the outer header's addresses).
         result["encapsulated"] = {"forwarding": forwarding, "src": outer.src, "dst": outer.dst}

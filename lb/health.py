@@ -79,6 +79,9 @@ class Target:
     forwarding: str = "nat"
     vip: str = ""
     gue_port: int = GUE_PORT_DEFAULT
+    # The probe's inner source when the VIP's family is not the backend's
+    # (4in6, 6in4): the encap_source of the VIP's family, if configured.
+    inner_source: str = ""
 
     @property
     def key(self) -> Key:
@@ -139,7 +142,7 @@ async def probe(target: Target) -> str | None:
     check = target.check
     if target.forwarding != "nat":
         return await syn_through_tunnel(target.host, target.vip, target.port, target.forwarding,
-                                        target.gue_port, check.timeout)
+                                        target.gue_port, check.timeout, target.inner_source or None)
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET6 if ":" in target.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
@@ -197,6 +200,7 @@ class HealthChecker:
         self._lock = threading.Lock()
         self._sources: dict[str, tuple] = {}                       # name -> what its targets follow from
         self._gue_port = GUE_PORT_DEFAULT                          # the config's, for DSR probes
+        self._inner_sources: dict[int, str] = {}                   # IP version -> encap_source
         self._services: dict[str, dict[str, Target]] = {}          # name -> backend -> target
         self._states: dict[Key, BackendHealth] = {}
         self._down: dict[str, set[str]] = {}
@@ -237,6 +241,7 @@ class HealthChecker:
         # would cost twice the work itself (as in Reconciler._apply).
         with gcpause.paused(), self._lock:
             self._gue_port = cfg.gue_port
+            self._inner_sources = {n.version: str(n.network_address) for n in cfg.encap_source or ()}
             names = set()
             for svc in cfg.services:
                 names.add(svc.name)
@@ -265,7 +270,8 @@ class HealthChecker:
             if svc.name in self._services:
                 self._drop_locked(svc.name)
             return
-        tunnel = (svc.forwarding, str(svc.vip), self._gue_port) if svc.dsr else ("nat", "", GUE_PORT_DEFAULT)
+        tunnel = ((svc.forwarding, str(svc.vip), self._gue_port, self._inner_sources.get(svc.vip.version, ""))
+                  if svc.dsr else ("nat", "", GUE_PORT_DEFAULT, ""))
         src = (hc, svc.backends, tunnel)
         if self._sources.get(svc.name) == src:
             return

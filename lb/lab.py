@@ -589,7 +589,8 @@ def build_lb_lab(
         lab.addr(client_ns, "c0", "fd00:2::10/64")
         lab.addr(lb_ns, "l0", "fd00:1::1/64")
         lab.addr(lb_ns, "l0", "fd00:2::1/64")
-        lab.route(client_ns, "fd00:96::/64", gateway="fd00:1::1")
+        # From the allowed address, as the IPv4 route (curl --interface picks another).
+        lab.route(client_ns, "fd00:96::/64", gateway="fd00:1::1", prefsrc="fd00:1::10")
         lab.addr(lb_ns, "lo", "fd00:255::1/128")
 
     backends = [_build_backend(lab, lb_ns, i) for i in range(1, n_backends + 1)]

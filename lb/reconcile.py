@@ -650,11 +650,11 @@ class Reconciler:
         want.new_flow_burst = cfg.flood_guard.burst
         want.reject_rate = cfg.no_backend_reject.icmp_per_second
         want.reject_burst = cfg.no_backend_reject.burst
-        if cfg.encap_source is not None:
-            src = cfg.encap_source
-            set_addr(want.encap_v4.addr, src.network_address)
-            want.encap_v4.spread_mask = int(src.hostmask)
-            want.encap_v4.family = c.FAMILY_IPV4
+        for src in cfg.encap_source or ():
+            slot = want.encap_v6 if src.version == 6 else want.encap_v4
+            set_addr(slot.addr, src.network_address)
+            slot.spread_mask = int(src.hostmask)
+            slot.family = family_of(src.network_address, c)
         want.gue_port = htons(cfg.gue_port)
         if bytes(want) == self._config_written:      # what this reconciler last saw active
             self._config_of = cfg

@@ -93,5 +93,5 @@ def parse_service(raw: Any, cfg: Config, source: str = "<api>") -> Service:
 def _parse(raw: Any, cfg: Config, identities: dict, source: str) -> Service:
     mini = {"interfaces": list(cfg.interfaces), "services": [raw], "identities": identities}
     if cfg.encap_source is not None:        # what a DSR service needs
-        mini["encap_source"] = str(cfg.encap_source)
+        mini["encap_source"] = [str(n) for n in cfg.encap_source]
     return config_from_dict(mini, source=source).services[0]

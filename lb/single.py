@@ -82,7 +82,9 @@ class OneService:
     def _compute_ring(self) -> None:
         ch = self.ch
         ch.ring_size = service_table_size(ch.svc, len(self.active))
-        if self.rows and ch.svc.vip.version == 6:     # by Backend.key, as the batch path
+        # IPv6 backends (of a VIP of either family: DSR's 4in6) by
+        # Backend.key, as the batch path.
+        if self.rows and any(b.address.version == 6 for b in self.members):
             self.slots = maglev.build_table([(m.key, w) for m, (_, _, w) in zip(self.members, self.rows)],
                                             ch.ring_size)
         elif self.rows:

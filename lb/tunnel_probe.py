@@ -207,17 +207,22 @@ async def _tunnel_error(tx: socket.socket, mode: str) -> str:
 
 
 async def syn_through_tunnel(backend: str, vip: str, port: int, mode: str, gue_port: int,
-                             timeout: float) -> str | None:
+                             timeout: float, inner_source: str | None = None) -> str | None:
     """Probe `vip`:`port` on `backend` through its `mode` tunnel (ipip or
     gue). None if the backend answered with a SYN-ACK, else why not. The
     probe's source is this host's address towards the backend, or, when
-    the VIP is of the other family (IPv4 in IPv6), towards the VIP."""
+    the VIP is of the other family (4in6, 6in4), `inner_source` (an address
+    of this host of the VIP's family that the backend routes back to: the
+    encap_source), else this host's address towards the VIP."""
     sport = _take_port()
     seq, ident = random.getrandbits(32), random.getrandbits(16)
     rx = tx = None
     tasks: list[asyncio.Task] = []
     try:
-        src = _source_towards(backend if _family(backend) == _family(vip) else vip)
+        if _family(backend) == _family(vip):
+            src = _source_towards(backend)
+        else:
+            src = inner_source or _source_towards(vip)
         try:
             rx = socket.socket(_family(vip), socket.SOCK_RAW, socket.IPPROTO_TCP)
             _attach_filter(rx, answer_filter(vip, port, src, sport))

@@ -139,6 +139,12 @@ class Harness:
 # service's own port, since the packet reaches them unchanged.
 IPIP_VIP, GUE_VIP, DSR_UDP_VIP = "10.96.0.20", "10.96.0.21", "10.96.0.22"
 ENCAP_SOURCE = "10.255.0.1"        # the lab LB's address on lo
+# IPv6 DSR services of a Lab(ipv6=True) (with_dsr6_services): IPv6 in IPv6
+# (ipip, gue, udp), IPv4 in IPv6 (an IPv4 VIP, IPv6 backends) and IPv6 in
+# IPv4 (an IPv6 VIP, IPv4 backends).
+IPIP_VIP6, GUE_VIP6, DSR_UDP_VIP6 = "fd00:96::20", "fd00:96::21", "fd00:96::22"
+VIP_4IN6, VIP_6IN4 = "10.96.0.23", "fd00:96::24"
+ENCAP_SOURCE6 = "fd00:255::1"      # the lab LB's IPv6 address on lo
 
 
 def with_dsr_services(cfg: dict, topo, *, encap_source: str = ENCAP_SOURCE,
@@ -156,6 +162,32 @@ def with_dsr_services(cfg: dict, topo, *, encap_source: str = ENCAP_SOURCE,
          "backends": backends, "forwarding": "gue", "allow": ["frontend"], **extra},
         {"name": "dsr-udp", "vip": DSR_UDP_VIP, "port": port, "protocol": "udp",
          "backends": backends, "forwarding": "ipip"},
+    ]
+    return cfg
+
+
+def with_dsr6_services(cfg: dict, topo, *, health_check: dict | None = None) -> dict:
+    """`cfg` (lab_config()'s, in a Lab(ipv6=True)) plus the IPv6 DSR
+    services, with an encap_source of each family: TCP ones for the
+    frontend identities (fd00:1::/64 and 10.1.0.0/24), udp for everyone;
+    fd00:2::/64 is `blocked6`."""
+    b6 = [f"[{b.ip6}]:{topo.backend_port}" for b in topo.backends]
+    b4 = [f"{b.ip}:{topo.backend_port}" for b in topo.backends]
+    port = topo.backend_port
+    extra = {"health_check": health_check} if health_check else {}
+    cfg["encap_source"] = [ENCAP_SOURCE, ENCAP_SOURCE6]
+    cfg["identities"].update({"frontend6": ["fd00:1::/64"], "blocked6": ["fd00:2::/64"]})
+
+    def svc(name, vip, forwarding, backends, allow, protocol="tcp"):
+        return {"name": name, "vip": vip, "port": port, "protocol": protocol, "backends": backends,
+                "forwarding": forwarding, **({"allow": allow} if allow else {}),
+                **(extra if protocol == "tcp" else {})}
+    cfg["services"] += [
+        svc("dsr6-ipip", IPIP_VIP6, "ipip", b6, ["frontend6"]),
+        svc("dsr6-gue", GUE_VIP6, "gue", b6, ["frontend6"]),
+        svc("dsr6-udp", DSR_UDP_VIP6, "ipip", b6, None, "udp"),
+        svc("dsr-4in6", VIP_4IN6, "ipip", b6, ["frontend"]),
+        svc("dsr-6in4", VIP_6IN4, "gue", b4, ["frontend6"]),
     ]
     return cfg
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
 
 import pytest
@@ -645,7 +645,7 @@ def test_forwarding_defaults_to_nat_and_is_case_insensitive():
     assert cfg.services[0].forwarding == "gue" and cfg.services[0].dsr
     assert cfg.services[1].forwarding == "nat" and not cfg.services[1].dsr
     assert cfg.gue_port == cfgmod.GUE_PORT_DEFAULT == 6080
-    assert cfg.encap_source == IPv4Network("10.255.0.1/32")
+    assert cfg.encap_source == (IPv4Network("10.255.0.1/32"),)
 
 
 @pytest.mark.parametrize("value", ["vxlan", 4, None, ""])
@@ -680,7 +680,9 @@ def test_snat_does_not_stop_dsr_services():
     ("10.255.0.300", "encap_source is not a valid IPv4 address: '10.255.0.300'"),
     ("10.255.0.1/24", "encap_source: host bits are set (did you mean 10.255.0.0/24?)"),
     ("10.0.0.0/8", "encap_source: a prefix of at most 65536 addresses (/16 or longer), not /8"),
-    ("fd00::1", "encap_source must be an IPv4 address (DSR tunnels are IPv4 only for now), not fd00::1"),
+    ("fd00::/64", "encap_source: a prefix of at most 65536 addresses (/112 or longer), not /64"),
+    (["10.255.0.1", "10.255.0.2"], "encap_source: takes at most one source per family"),
+    ([], "encap_source must name an address (or one per family)"),
 ])
 def test_encap_source_errors(source, message):
     d = dsr()
@@ -693,14 +695,26 @@ def test_encap_source_prefix_and_gue_port_round_trip():
     d["encap_source"] = "10.255.1.16/28"
     d["gue_port"] = 7000
     cfg = config_from_dict(d)
-    assert cfg.encap_source == IPv4Network("10.255.1.16/28") and cfg.gue_port == 7000
+    assert cfg.encap_source == (IPv4Network("10.255.1.16/28"),) and cfg.gue_port == 7000
     assert config_from_dict(config_to_dict(cfg)) == cfg
     d["gue_port"] = 0
     assert one_error(d) == "gue_port must be in 1..65535"
 
 
-def test_dsr_with_ipv6_is_a_clear_error():
-    d = dsr(vip="fd00::20", backends=["[fd00:1::2]:8080"])
-    errs = errors_of(d)
-    assert "services[0] 'web': vip: forwarding ipip supports IPv4 only for now" in errs
-    assert "services[0] 'web': backends[0] '[fd00:1::2]:8080': forwarding ipip supports IPv4 only for now" in errs
+def test_dsr_takes_either_family_with_a_source_of_the_backends_family():
+    """The outer header is of the backend's family, the inner one the
+    client's: every pair is valid (4in4, 6in6, 4in6, 6in4), given an
+    encap_source of each backend family."""
+    d = dsr(vip="fd00::20", backends=["[fd00:1::2]:8080", "10.244.1.2:8080"])
+    assert errors_of(d) == [
+        "services[0] 'web': backends[0] '[fd00:1::2]:8080': forwarding ipip to an IPv6 backend "
+        "needs an IPv6 encap_source"]
+    d["encap_source"] = ["10.255.0.1", "fd00:255::/112"]
+    cfg = config_from_dict(d)
+    assert cfg.encap_source_of(6) == IPv6Network("fd00:255::/112")
+    assert cfg.encap_source_of(4) == IPv4Network("10.255.0.1/32")
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    d["encap_source"] = "fd00:255::1"
+    assert errors_of(d) == [
+        "services[0] 'web': backends[1] '10.244.1.2:8080': forwarding ipip to an IPv4 backend "
+        "needs an IPv4 encap_source"]

@@ -5,16 +5,19 @@ for byte with the one scapy builds from the client's packet."""
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv4Network
+import socket
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
-from scapy.layers.inet import ICMP, IP, UDP, IPerror
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror
+from scapy.layers.inet6 import ICMPv6PacketTooBig, IPerror6, IPv6
 from scapy.layers.l2 import Dot1Q, Ether
 
 from lb.dataplane import ntohs, word_addr
 from lb.demo import lab_config
-from lbtest import (DSR_UDP_VIP, ENCAP_SOURCE, GUE_VIP, IPIP_VIP, XDP_DROP, XDP_PASS, XDP_REDIRECT,
-                    Harness, assert_checksums_valid, tcp, udp, with_dsr_services)
+from lbtest import (DSR_UDP_VIP, ENCAP_SOURCE, ENCAP_SOURCE6, GUE_VIP, GUE_VIP6, IPIP_VIP, IPIP_VIP6, VIP_4IN6,
+                    VIP_6IN4, XDP_DROP, XDP_PASS, XDP_REDIRECT, Harness, assert_checksums_valid, tcp, udp,
+                    with_dsr6_services, with_dsr_services)
 
 CLIENT, DENIED = "10.1.0.10", "192.0.2.10"
 UDP_VIP = DSR_UDP_VIP
@@ -105,12 +108,18 @@ def test_flows_spread_over_backends_and_stick(lb):
     assert len({syn[IP].dst for syn, _ in pairs}) == 3
 
 
-def test_policy_drops_before_encapsulation(lb):
-    before = (counters(lb, "encap_ipip"), lb.drop_count("policy"), lb.entries("conntrack"))
-    rc, _ = lb.run(tcp(DENIED, 40001, IPIP_VIP, PORT))
+def assert_dropped_before_encapsulation(h, pkt) -> None:
+    """A denied identity's packet: a policy drop, nothing encapsulated, no
+    conntrack entry."""
+    before = (counters(h, "encap_ipip"), h.drop_count("policy"), h.entries("conntrack"))
+    rc, _ = h.run(pkt)
     assert rc == XDP_DROP
-    assert (counters(lb, "encap_ipip"), lb.drop_count("policy"), lb.entries("conntrack")) == \
+    assert (counters(h, "encap_ipip"), h.drop_count("policy"), h.entries("conntrack")) == \
         (before[0], before[1] + 1, before[2])
+
+
+def test_policy_drops_before_encapsulation(lb):
+    assert_dropped_before_encapsulation(lb, tcp(DENIED, 40001, IPIP_VIP, PORT))
 
 
 def test_no_reply_state_and_the_backends_answer_passes_untouched(lb):
@@ -141,13 +150,31 @@ def test_conntrack_entry_points_at_the_backend(lb):
     assert str(word_addr(rec.addr[0])) == syn[IP].dst
 
 
-def test_vlan_tag_is_kept_in_front_of_the_outer_header(lb):
-    pkt = tcp(CLIENT, 46000, IPIP_VIP, PORT)
-    tagged = Ether(src=pkt.src, dst=pkt.dst) / Dot1Q(vlan=7) / pkt[IP]
-    rc, out = lb.run(tagged)
+def assert_vlan_tag_kept(h, pkt, layer, ethertype: int, proto: int) -> None:
+    """`pkt` tagged: the tag stays in front of the outer header (of
+    `ethertype`, carrying `proto`), the inner packet untouched."""
+    tagged = Ether(src=pkt.src, dst=pkt.dst) / Dot1Q(vlan=7) / pkt[layer]
+    rc, out = h.run(tagged)
     assert rc == XDP_REDIRECT
-    assert out[Dot1Q].vlan == 7 and out[Dot1Q].type == 0x0800
-    assert out[IP].proto == 4 and bytes(out[IP].payload) == bytes(pkt[IP])
+    assert out[Dot1Q].vlan == 7 and out[Dot1Q].type == ethertype
+    outer = out[Dot1Q].payload
+    assert (outer.nh if isinstance(outer, IPv6) else outer.proto) == proto
+    assert bytes(outer.payload) == bytes(pkt[layer])
+
+
+def test_vlan_tag_is_kept_in_front_of_the_outer_header(lb):
+    assert_vlan_tag_kept(lb, tcp(CLIENT, 46000, IPIP_VIP, PORT), IP, 0x0800, 4)
+
+
+def too_big_answer(h, big: Ether) -> Ether:
+    """`big` is dropped as encap_mtu and answered back out of the ingress
+    interface (the MACs swapped); the answer."""
+    drops = h.drop_count("encap_mtu")
+    rc, out = h.run(big)
+    assert rc == XDP_REDIRECT, "the answer goes back out of the ingress interface"
+    assert out[Ether].dst == big[Ether].src and out[Ether].src == big[Ether].dst
+    assert h.drop_count("encap_mtu") == drops + 1
+    return out
 
 
 @pytest.mark.parametrize("gue,cache_ms", [(False, 1000), (False, 0), (True, 1000), (True, 0)],
@@ -173,15 +200,12 @@ def test_too_big_is_answered_with_fragmentation_needed(lab, bpf_object, gue, cac
         big[IP].flags = "DF"
         big = Ether(bytes(big))
         drops = h.drop_count("encap_mtu")
-        rc, out = h.run(big)
-        assert rc == XDP_REDIRECT, "the answer goes back out of the ingress interface"
-        assert out[Ether].dst == big[Ether].src and out[Ether].src == big[Ether].dst
+        out = too_big_answer(h, big)
         assert (out[IP].src, out[IP].dst, out[ICMP].type, out[ICMP].code) == (vip, CLIENT, 3, 4)
         assert out[ICMP].nexthopmtu == 1500 - overhead
         assert bytes(out[IPerror])[:28] == bytes(big[IP])[:28]        # its header and 8 bytes
         assert len(out) == 14 + 20 + 8 + 28
         assert_checksums_valid(out)
-        assert h.drop_count("encap_mtu") == drops + 1
         assert h.counters("global_stats", h.dp.consts.CNT_FRAG_NEEDED)[0] >= 1
         # DF clear: XDP cannot fragment, so it is only dropped (and counted).
         rc, _ = h.run(tcp(CLIENT, 47000, vip, PORT, flags="A", payload=b"x" * (1500 - 40)))
@@ -225,3 +249,210 @@ def test_defaults_agree_with_the_objects(lb):
     c = lb.dp.consts
     flags = [c.SVC_F_HAS_POLICY, c.SVC_F_DEFAULT_DENY, c.SVC_F_REV_NAT, c.SVC_F_IPIP, c.SVC_F_GUE]
     assert len(set(flags)) == len(flags) and all(f & (f - 1) == 0 for f in flags)
+
+
+# ---- IPv6: 6in6, 4in6, 6in4 (a Lab(ipv6=True)) ---------------------------------------
+
+CLIENT6, DENIED6 = "fd00:1::10", "fd00:2::10"
+
+
+def dsr6_config(topo, **kw) -> dict:
+    cfg = lab_config(topo, fillers=0, bpffs="/unused", socket="/unused", **kw)
+    return with_dsr6_services(cfg, topo)
+
+
+def say_hello(lab_, topo) -> None:
+    """A real datagram from the client to the LB (test_packets6.py's): the
+    LB learns the client by neighbour discovery, as on a real link."""
+    with lab_.inside(topo.client_ns), socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+        s.sendto(b"hello", (topo.lb_client_ip6, 9))
+
+
+@pytest.fixture(scope="module")
+def lb6(lab6, bpf_object):
+    lab_, topo = lab6
+    with Harness(lab_, topo, dsr6_config(topo), attach=False) as h:
+        say_hello(lab_, topo)
+        yield h
+
+
+def tcp6(src, sport, dst, dport, flags="S", payload=b"", tc=0) -> Ether:
+    return Ether(bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") /
+                       IPv6(src=src, dst=dst, hlim=64, tc=tc) /
+                       TCP(sport=sport, dport=dport, flags=flags, seq=1000) / payload))
+
+
+def client_packet(src, sport, vip, flags="S", payload=b"") -> Ether:
+    """A TCP packet to a DSR VIP of either family; IPv4 with DF set."""
+    if ":" in vip:
+        return tcp6(src, sport, vip, PORT, flags=flags, payload=payload)
+    pkt = tcp(src, sport, vip, PORT, flags=flags, payload=payload)
+    pkt[IP].flags = "DF"
+    return Ether(bytes(pkt))
+
+
+def backend6_of(topo, addr):
+    return next(b for b in topo.backends if addr in (b.ip, b.ip6))
+
+
+def expected_tunnel6(topo, out: Ether, inner, *, gue: bool) -> bytes:
+    """The frame encap.h must write for `inner` (IPv4 or IPv6) to the IPv6
+    backend `out` went to; the flow label and GUE port are the flow's, read
+    from the output and checked by the callers."""
+    b = backend6_of(topo, out[IPv6].dst)
+    tos = inner.tc if isinstance(inner, IPv6) else inner.tos
+    payload = bytes(inner)
+    if gue:
+        payload = bytes(UDP(sport=out[UDP].sport, dport=GUE_PORT, len=8 + len(payload), chksum=0)) + payload
+    outer = IPv6(version=6, tc=tos & 0xFC, fl=out[IPv6].fl, plen=len(payload),
+                 nh=17 if gue else (41 if isinstance(inner, IPv6) else 4), hlim=64, src=ENCAP_SOURCE6, dst=b.ip6)
+    return bytes(Ether(src=b.lb_iface.mac, dst=b.iface.mac) / outer / payload)
+
+
+@pytest.mark.parametrize("vip,gue", [(IPIP_VIP6, False), (GUE_VIP6, True), (VIP_4IN6, False)],
+                         ids=["6in6-ipip", "6in6-gue", "4in6"])
+def test_ipv6_tunnel_is_exact(lb6, vip, gue):
+    """Every outer field: traffic class the inner DSCP without ECN, hop
+    limit 64, next header 41 (IPv6), 4 (IPv4) or 17 (GUE, checksum 0: RFC
+    6935), from the IPv6 encap_source to the backend; the inner packet
+    untouched, checksums too."""
+    v6 = ":" in vip
+    src = CLIENT6 if v6 else CLIENT
+    pkt = client_packet(src, 40000, vip, payload=b"GET / HTTP/1.0\r\n\r\n")
+    if v6:
+        pkt[IPv6].tc = 0xB9
+    else:
+        pkt[IP].tos = 0xB9
+        pkt = Ether(bytes(pkt))
+    inner = pkt[IPv6] if v6 else pkt[IP]
+    counter = "encap_gue" if gue else "encap_ipip"
+    before = counters(lb6, counter)
+    rc, out = lb6.run(pkt)
+    assert rc == XDP_REDIRECT, lb6.drop_count("encap")
+    assert bytes(out) == expected_tunnel6(lb6.topo, out, inner, gue=gue)
+    assert out[IPv6].tc == 0xB8 and out[IPv6].fl != 0
+    carried = bytes(out[UDP].payload) if gue else bytes(out[IPv6].payload)
+    assert carried == bytes(inner)
+    if gue:
+        assert 49152 <= out[UDP].sport <= 65535 and out[UDP].chksum == 0
+    assert counters(lb6, counter) == before + 1
+
+
+def test_6in4_gue_to_ipv4_backends(lb6):
+    """An IPv6 VIP with IPv4 backends: the IPv6 packet in UDP in IPv4,
+    from the IPv4 encap_source, the outer header's checksum valid."""
+    pkt = client_packet(CLIENT6, 40100, VIP_6IN4)
+    rc, out = lb6.run(pkt)
+    assert rc == XDP_REDIRECT
+    b = backend6_of(lb6.topo, out[IP].dst)
+    assert (out[IP].src, out[IP].proto, out[IP].flags, out[IP].ttl) == (ENCAP_SOURCE, 17, 2, 64)
+    assert out[Ether].type == 0x0800 and out[Ether].dst == b.iface.mac
+    assert out[UDP].dport == GUE_PORT and bytes(out[UDP].payload) == bytes(pkt[IPv6])
+    assert_checksums_valid(IP(bytes(out[IP])[:20] + b"\0" * 8))
+
+
+def test_flow_label_and_gue_port_vary_by_flow_and_not_within_it(lb6):
+    labels, ports = set(), set()
+    for sport in range(43000, 43064):
+        syn = lb6.run(tcp6(CLIENT6, sport, GUE_VIP6, PORT))[1]
+        ack = lb6.run(tcp6(CLIENT6, sport, GUE_VIP6, PORT, flags="A"))[1]
+        assert (syn[IPv6].dst, syn[IPv6].fl, syn[UDP].sport) == (ack[IPv6].dst, ack[IPv6].fl, ack[UDP].sport)
+        labels.add(syn[IPv6].fl)
+        ports.add(syn[UDP].sport)
+    assert len(labels) >= 60 and len(ports) >= 56, (len(labels), len(ports))
+    dsts = {lb6.run(tcp6(CLIENT6, sport, IPIP_VIP6, PORT))[1][IPv6].dst for sport in range(44000, 44060)}
+    assert dsts == {b.ip6 for b in lb6.topo.backends}
+
+
+def test_ipv6_policy_drops_before_encapsulation(lb6):
+    assert_dropped_before_encapsulation(lb6, tcp6(DENIED6, 40001, IPIP_VIP6, PORT))
+    assert_dropped_before_encapsulation(lb6, tcp6(DENIED6, 40002, VIP_6IN4, PORT))
+    assert_dropped_before_encapsulation(lb6, tcp(DENIED, 40003, VIP_4IN6, PORT))
+
+
+def test_ipv6_vlan_tag_is_kept(lb6):
+    assert_vlan_tag_kept(lb6, tcp6(CLIENT6, 46000, IPIP_VIP6, PORT), IPv6, 0x86DD, 41)
+    assert_vlan_tag_kept(lb6, client_packet(CLIENT, 46001, VIP_4IN6), IP, 0x86DD, 4)
+
+
+@pytest.mark.parametrize("vip,overhead,cache_ms", [
+    (IPIP_VIP6, 40, 1000), (IPIP_VIP6, 40, 0), (GUE_VIP6, 48, 1000), (GUE_VIP6, 48, 0),
+    (VIP_4IN6, 40, 1000), (VIP_6IN4, 28, 0)],
+    ids=["6in6-cached", "6in6-fib", "gue6-cached", "gue6-fib", "4in6", "6in4-gue"])
+def test_too_big_answers_packet_too_big(lab6, bpf_object, vip, overhead, cache_ms):
+    """A 1500-byte packet (the links' MTU) cannot take the tunnel's bytes:
+    an IPv6 client gets ICMPv6 packet too big from the VIP with the MTU
+    less the overhead (DF or not: IPv6 is never fragmented on the way), an
+    IPv4 one (4in6) ICMP fragmentation needed, as for IPv4 tunnels."""
+    lab_, topo = lab6
+    cfg = dsr6_config(topo)
+    cfg["nexthop_cache_ms"] = cache_ms
+    v6 = ":" in vip
+    src = CLIENT6 if v6 else CLIENT
+    with Harness(lab_, topo, cfg, attach=False) as h:
+        say_hello(lab_, topo)
+        rc, _ = h.run(client_packet(src, 47000, vip))
+        assert rc == XDP_REDIRECT
+        headers = 60 if v6 else 40
+        fits = client_packet(src, 47000, vip, flags="A", payload=b"x" * (1500 - overhead - headers))
+        rc, out = h.run(fits)
+        assert rc == XDP_REDIRECT and len(out) - 14 == 1500
+        big = client_packet(src, 47000, vip, flags="A", payload=b"x" * (1500 - headers))
+        out = too_big_answer(h, big)
+        if v6:
+            assert (out[IPv6].src, out[IPv6].dst, out[IPv6].nh) == (vip, CLIENT6, 58)
+            assert out[ICMPv6PacketTooBig].mtu == 1500 - overhead
+            assert bytes(out[IPerror6])[:48] == bytes(big[IPv6])[:48]
+            assert icmp6_checksum_ok(out)
+        else:
+            assert (out[IP].src, out[IP].dst, out[ICMP].type, out[ICMP].code) == (vip, CLIENT, 3, 4)
+            assert out[ICMP].nexthopmtu == 1500 - overhead
+            assert_checksums_valid(out)
+        assert h.counters("global_stats", h.dp.consts.CNT_FRAG_NEEDED)[0] >= 1
+
+
+def icmp6_checksum_ok(pkt: Ether) -> bool:
+    fresh = Ether(bytes(pkt))
+    del fresh[ICMPv6PacketTooBig].cksum
+    return Ether(bytes(fresh))[ICMPv6PacketTooBig].cksum == pkt[ICMPv6PacketTooBig].cksum
+
+
+def test_no_packet_too_big_below_the_ipv6_minimum_mtu(lab6, bpf_object):
+    """Backend links of MTU 1300: 6in6 leaves 1260 for the client, below
+    IPv6's 1280, to which a client raises any smaller MTU (RFC 8201): a
+    packet too big would bring the same packets back, so the LB only drops
+    and counts them. Packets that fit still go."""
+    lab_, topo = lab6
+    cfg = dsr6_config(topo)
+    cfg["nexthop_cache_ms"] = 0
+    try:
+        for b in topo.backends:
+            lab_.run(topo.lb_ns, ["ip", "link", "set", b.lb_iface.name, "mtu", "1300"])
+        with Harness(lab_, topo, cfg, attach=False) as h:
+            say_hello(lab_, topo)
+            rc, out = h.run(tcp6(CLIENT6, 48000, IPIP_VIP6, PORT, payload=b"x" * (1260 - 60)))
+            assert rc == XDP_REDIRECT and len(out) - 14 == 1300
+            drops, ptb = h.drop_count("encap_mtu"), h.counters("global_stats", h.dp.consts.CNT_FRAG_NEEDED)[0]
+            rc, _ = h.run(tcp6(CLIENT6, 48000, IPIP_VIP6, PORT, flags="A", payload=b"x" * (1280 - 60)))
+            assert rc == XDP_DROP
+            assert h.drop_count("encap_mtu") == drops + 1
+            assert h.counters("global_stats", h.dp.consts.CNT_FRAG_NEEDED)[0] == ptb
+    finally:
+        for b in topo.backends:
+            lab_.run(topo.lb_ns, ["ip", "link", "set", b.lb_iface.name, "mtu", "1500"])
+
+
+def test_ipv6_outer_source_prefix_spreads_by_flow(lab6, bpf_object):
+    lab_, topo = lab6
+    cfg = dsr6_config(topo)
+    cfg["encap_source"] = [ENCAP_SOURCE, "fd00:255::10/124"]
+    with Harness(lab_, topo, cfg, attach=False) as h:
+        say_hello(lab_, topo)
+        sources = set()
+        for sport in range(48100, 48164):
+            syn = h.run(tcp6(CLIENT6, sport, IPIP_VIP6, PORT))[1]
+            ack = h.run(tcp6(CLIENT6, sport, IPIP_VIP6, PORT, flags="A"))[1]
+            assert syn[IPv6].src == ack[IPv6].src
+            assert IPv6Address(syn[IPv6].src) in IPv6Network("fd00:255::10/124")
+            sources.add(syn[IPv6].src)
+        assert len(sources) >= 12, "64 flows over 16 sources"

@@ -10,7 +10,11 @@ checked on every packet:
   (valid checksum, exact lengths, DF, the GUE port) to a backend, and
   carries the received IP packet byte for byte, so its checksums are valid
   exactly when the received ones were; a packet too big for the tunnel is
-  answered with a well-formed ICMP fragmentation needed, or dropped.
+  answered with a well-formed ICMP fragmentation needed, or dropped;
+- IPv6 DSR (6in6 ipip/gue, 4in6, 6in4, a Lab(ipv6=True)): the same, the
+  outer IPv6 header exact (traffic class, payload length, next header, hop
+  limit, the flow's label, GUE checksum 0), and too big answered with
+  ICMPv6 packet too big (ICMP fragmentation needed for an IPv4 client).
 
 CI runs XDPLB_FUZZ_PACKETS (default 100,000) mutated packets plus hypothesis
 examples; `XDPLB_FUZZ_PACKETS=10000000 pytest tests/test_fuzz.py` is the
@@ -20,22 +24,25 @@ long run. Counts are printed at the end (-s shows them).
 from __future__ import annotations
 
 import collections
+import contextlib
 import ipaddress
 import os
 import random
+import socket
 import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR, IPerror, TCPerror
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import Dot1Q, Ether
 
 from lb.config import GUE_PORT_DEFAULT
 from lb.demo import lab_config
-from lbtest import (DSR_UDP_VIP, ENCAP_SOURCE, GUE_VIP, IPIP_VIP, XDP_ABORTED, XDP_DROP, XDP_PASS,
-                    XDP_REDIRECT, XDP_TX, Harness, checksum_errors, with_dsr_services)
+from lbtest import (DSR_UDP_VIP, DSR_UDP_VIP6, ENCAP_SOURCE, ENCAP_SOURCE6, GUE_VIP, GUE_VIP6, IPIP_VIP, IPIP_VIP6,
+                    VIP_4IN6, VIP_6IN4, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, Harness,
+                    checksum_errors, with_dsr6_services, with_dsr_services)
 from loader.testrun import test_run
 
 PACKETS = int(os.environ.get("XDPLB_FUZZ_PACKETS", "100000"))
@@ -47,19 +54,27 @@ ALLOWED, DENIED = "10.1.0.10", "192.0.2.10"
 DSR_PORT = 8080
 
 
-@pytest.fixture(scope="module")
-def fz(lab, bpf_object):
-    lab_, topo = lab
-    cfg = with_dsr_services(lab_config(topo, fillers=0, bpffs="/unused", socket="/unused"), topo)
+@contextlib.contextmanager
+def fuzz_harness(lab_, topo, with_services, name: str):
+    """The lab's program with `with_services`' config; the harness keeps
+    a tally, printed at the end."""
+    cfg = with_services(lab_config(topo, fillers=0, bpffs="/unused", socket="/unused"), topo)
     with Harness(lab_, topo, cfg, attach=False) as h:
-        h.backends = {(b.ip, topo.backend_port) for b in topo.backends} | \
-                     {(b.ip, topo.udp_port) for b in topo.backends}
-        h.backend_ips = {b.ip for b in topo.backends}
+        h.backend_ips = {b.ip for b in topo.backends} | {b.ip6 for b in topo.backends if b.ip6}
         h.l0 = topo.lb_client.ifindex
         h.tally = collections.Counter()
         yield h
-        print(f"\nfuzz: {sum(h.tally.values())} packets: " +
+        print(f"\n{name}: {sum(h.tally.values())} packets: " +
               ", ".join(f"{k}={v}" for k, v in sorted(h.tally.items())))
+
+
+@pytest.fixture(scope="module")
+def fz(lab, bpf_object):
+    lab_, topo = lab
+    with fuzz_harness(lab_, topo, with_dsr_services, "fuzz") as h:
+        h.backends = {(b.ip, topo.backend_port) for b in topo.backends} | \
+                     {(b.ip, topo.udp_port) for b in topo.backends}
+        yield h
 
 
 def seeds() -> list:
@@ -148,11 +163,17 @@ def check_too_big(fz, data: bytes, out: Ether, src: str, dst: str) -> None:
     fz.tally["frag_needed"] += 1
 
 
-def check(fz, data: bytes) -> int:
+def run_counted(fz, data: bytes):
+    """`data` through the program, its verdict tallied; never XDP_ABORTED."""
     res = test_run(fz.dp.prog.fd, data, ingress_ifindex=fz.l0)
+    fz.tally[{XDP_DROP: "drop", XDP_PASS: "pass", XDP_TX: "tx", XDP_REDIRECT: "redirect"}.get(res.retval, "other")] += 1
+    assert res.retval != XDP_ABORTED, data.hex()
+    return res
+
+
+def check(fz, data: bytes) -> int:
+    res = run_counted(fz, data)
     rc = res.retval
-    fz.tally[{XDP_DROP: "drop", XDP_PASS: "pass", XDP_TX: "tx", XDP_REDIRECT: "redirect"}.get(rc, "other")] += 1
-    assert rc != XDP_ABORTED, data.hex()
     src, dst = src_of(data)
     if rc in (XDP_TX, XDP_REDIRECT):
         assert not (src == DENIED and dst in POLICED), f"denied identity crossed the policy: {data.hex()}"
@@ -177,7 +198,15 @@ def check(fz, data: bytes) -> int:
     return rc
 
 
-def mutations(seed: bytes, rnd: random.Random):
+# (offset, size) of the fields mutations() damages besides random bytes:
+# IPv4's version/IHL, total length, flags/offset and the L4 header's word
+# at 12 (TCP data offset and flags); IPv6's version/class, payload length,
+# next header + hop limit and the same L4 word.
+IPV4_FIELDS = ((14, 1), (16, 2), (20, 2), (46, 2))
+IPV6_FIELDS = ((14, 1), (18, 2), (20, 2), (66, 2))
+
+
+def mutations(seed: bytes, rnd: random.Random, fields=IPV4_FIELDS):
     """Truncation at every offset, then random byte, field and flag damage."""
     # Test-run refuses frames shorter than an Ethernet header (EINVAL), as
     # no driver would hand one to XDP: truncation starts there.
@@ -189,14 +218,9 @@ def mutations(seed: bytes, rnd: random.Random):
         if kind == 0:                                    # random bytes
             for _ in range(rnd.randint(1, 4)):
                 b[rnd.randrange(len(b))] = rnd.randrange(256)
-        elif kind == 1 and len(b) > 14:                  # IHL / version byte
-            b[14] = rnd.randrange(256)
-        elif kind == 2 and len(b) > 17:                  # total length
-            b[16:18] = struct.pack("!H", rnd.randrange(65536))
-        elif kind == 3 and len(b) > 21:                  # flags + fragment offset
-            b[20:22] = struct.pack("!H", rnd.randrange(65536))
-        elif kind == 4 and len(b) > 46:                  # TCP data offset / flags, UDP length
-            b[46:48] = struct.pack("!H", rnd.randrange(65536))
+        elif 1 <= kind <= 4 and len(b) >= sum(fields[kind - 1]):     # a header field
+            off, size = fields[kind - 1]
+            b[off:off + size] = rnd.randrange(256 ** size).to_bytes(size, "big")
         else:                                            # cut and pad
             b = b[:rnd.randrange(14, len(b) + 1)] + bytes(rnd.randrange(8))
         yield bytes(b)
@@ -238,3 +262,132 @@ def test_structured_packets_keep_the_invariants(fz, src, dst, sport, dport, prot
         rc = check(fz, bytes(pkt))
     if src == DENIED and dst in POLICED:
         assert rc == XDP_DROP
+
+
+# ---- IPv6 DSR ------------------------------------------------------------------------
+
+ALLOWED6, DENIED6 = "fd00:1::10", "fd00:2::10"
+# VIP -> (outer header's family, overhead): 6in6 ipip/udp, GUE over IPv6, 4in6, 6in4 (GUE over IPv4).
+TUNNELS6 = {IPIP_VIP6: (6, 40), DSR_UDP_VIP6: (6, 40), GUE_VIP6: (6, 48), VIP_4IN6: (6, 40), VIP_6IN4: (4, 28)}
+POLICED6 = {IPIP_VIP6, GUE_VIP6, VIP_4IN6, VIP_6IN4}
+
+
+@pytest.fixture(scope="module")
+def fz6(lab6, bpf_object):
+    lab_, topo = lab6
+    with fuzz_harness(lab_, topo, with_dsr6_services, "fuzz6") as h:
+        with lab_.inside(topo.client_ns), socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.sendto(b"hello", (topo.lb_client_ip6, 9))     # the LB learns the client (ND)
+        yield h
+
+
+def seeds6() -> list:
+    e = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    return [
+        e / IPv6(src=ALLOWED6, dst=IPIP_VIP6, tc=0xB9) / TCP(sport=40020, dport=DSR_PORT, flags="S"),
+        e / IPv6(src=ALLOWED6, dst=GUE_VIP6) / TCP(sport=40021, dport=DSR_PORT, flags="PA") / b"GET / HTTP/1.0\r\n",
+        e / IPv6(src=DENIED6, dst=IPIP_VIP6) / TCP(sport=40022, dport=DSR_PORT, flags="S"),
+        e / IPv6(src=DENIED6, dst=GUE_VIP6) / TCP(sport=40023, dport=DSR_PORT, flags="A") / (b"d" * 1440),
+        e / IPv6(src=ALLOWED6, dst=IPIP_VIP6) / TCP(sport=40024, dport=DSR_PORT, flags="A") / (b"b" * 1440),
+        e / IPv6(src=ALLOWED6, dst=GUE_VIP6) / IPv6ExtHdrDestOpt() / TCP(sport=40025, dport=DSR_PORT) / (b"g" * 1400),
+        e / IPv6(src=DENIED6, dst=DSR_UDP_VIP6) / UDP(sport=5360, dport=DSR_PORT) / b"open",
+        e / IPv6(src=ALLOWED6, dst=DSR_UDP_VIP6) / UDP(sport=5361, dport=DSR_PORT, chksum=0x4321) / b"badcsum",
+        e / IPv6(src=DENIED6, dst=IPIP_VIP6) / IPv6ExtHdrHopByHop() / IPv6ExtHdrFragment() / TCP(dport=DSR_PORT),
+        e / Dot1Q(vlan=5) / IPv6(src=ALLOWED6, dst=IPIP_VIP6) / TCP(sport=40026, dport=DSR_PORT),
+        e / IPv6(src=ALLOWED6, dst=VIP_6IN4) / TCP(sport=40027, dport=DSR_PORT, flags="S"),
+        e / IPv6(src=DENIED6, dst=VIP_6IN4) / TCP(sport=40028, dport=DSR_PORT, flags="S"),
+        e / IPv6(src=ALLOWED6, dst=VIP_6IN4) / TCP(sport=40029, dport=DSR_PORT, flags="A") / (b"f" * 1440),
+        e / IP(src=ALLOWED, dst=VIP_4IN6) / TCP(sport=40030, dport=DSR_PORT, flags="S"),
+        e / IP(src=DENIED, dst=VIP_4IN6) / TCP(sport=40031, dport=DSR_PORT, flags="S"),
+        e / IP(src=ALLOWED, dst=VIP_4IN6, flags="DF") / TCP(sport=40032, dport=DSR_PORT, flags="A") / (b"4" * 1460),
+        e / IPv6(src=ALLOWED6, dst="fd00:1::1") / TCP(sport=40033, dport=22),
+    ]
+
+
+def addrs_of(data: bytes) -> tuple[int, int, str | None, str | None]:
+    """(l2 length, IP version, source, destination) as the data plane reads them."""
+    l2 = l2_len(data)
+    eth = data[l2 - 2:l2]
+    if eth == b"\x86\xdd" and len(data) >= l2 + 40:
+        return l2, 6, str(ipaddress.IPv6Address(data[l2 + 8:l2 + 24])), str(ipaddress.IPv6Address(data[l2 + 24:l2 + 40]))
+    if eth == b"\x08\x00" and len(data) >= l2 + 20:
+        return l2, 4, str(ipaddress.IPv4Address(data[l2 + 12:l2 + 16])), str(ipaddress.IPv4Address(data[l2 + 16:l2 + 20]))
+    return l2, 0, None, None
+
+
+def check_tunnel6(fz, data: bytes, out: bytes, l2: int, version: int, dst: str) -> None:
+    """Outer header as encap.h writes it for `dst`'s tunnel, the received IP
+    packet inside byte for byte."""
+    outer_v, overhead = TUNNELS6[dst]
+    inner_len = 40 + struct.unpack("!H", data[l2 + 4:l2 + 6])[0] if version == 6 else \
+        struct.unpack("!H", data[l2 + 2:l2 + 4])[0]
+    assert out[12:l2 - 2] == data[12:l2 - 2], "the VLAN tag is kept"
+    assert out[l2 - 2:l2] == (b"\x86\xdd" if outer_v == 6 else b"\x08\x00")
+    gue = dst in (GUE_VIP6, VIP_6IN4)
+    if outer_v == 6:
+        outer = IPv6(out[l2:l2 + 40])
+        tc = (data[l2] & 0x0F) << 4 | data[l2 + 1] >> 4 if version == 6 else data[l2 + 1]
+        assert (outer.version, outer.tc, outer.plen, outer.hlim) == (6, tc & 0xFC, inner_len + overhead - 40, 64)
+        assert outer.nh == (17 if gue else 41 if version == 6 else 4)
+        assert outer.src == ENCAP_SOURCE6 and outer.dst in fz.backend_ips
+    else:
+        outer = IP(out[l2:l2 + 20])
+        fresh = IP(bytes(outer))
+        del fresh.chksum
+        assert IP(bytes(fresh)).chksum == outer.chksum, "outer IPv4 checksum"
+        assert (outer.version, outer.ihl, outer.flags, outer.ttl, outer.proto) == (4, 5, 2, 64, 17)
+        assert outer.src == ENCAP_SOURCE and outer.dst in fz.backend_ips and outer.len == inner_len + overhead
+    if gue:
+        o = l2 + overhead - 8
+        sport, dport, length, csum = struct.unpack("!HHHH", out[o:o + 8])
+        assert sport >= 49152 and dport == GUE_PORT_DEFAULT and length == inner_len + 8 and csum == 0
+    assert out[l2 + overhead:l2 + overhead + inner_len] == data[l2:l2 + inner_len], "the inner packet"
+    fz.tally["tunnelled"] += 1
+
+
+def check_too_big6(fz, data: bytes, out: Ether, version: int, src: str, dst: str) -> None:
+    _, overhead = TUNNELS6[dst]
+    if version == 4:
+        assert data[20] & 0x40 and (out[IP].src, out[IP].dst, out[ICMP].type, out[ICMP].code) == (dst, src, 3, 4)
+        assert out[ICMP].nexthopmtu == 1500 - overhead and checksum_errors(out) == []
+        fz.tally["frag_needed"] += 1
+        return
+    assert (out[IPv6].src, out[IPv6].dst, out[IPv6].nh) == (dst, src, 58)
+    ptb = out[ICMPv6PacketTooBig]
+    assert ptb.mtu == 1500 - overhead and bytes(out)[62:110] == data[14:62]
+    fresh = Ether(bytes(out))
+    del fresh[ICMPv6PacketTooBig].cksum
+    assert Ether(bytes(fresh))[ICMPv6PacketTooBig].cksum == ptb.cksum, "ICMPv6 checksum"
+    fz.tally["packet_too_big"] += 1
+
+
+def check6(fz, data: bytes) -> int:
+    res = run_counted(fz, data)
+    rc = res.retval
+    l2, version, src, dst = addrs_of(data)
+    if rc in (XDP_TX, XDP_REDIRECT):
+        assert src not in (DENIED, DENIED6) or dst not in POLICED6, f"denied identity crossed the policy: {data.hex()}"
+        assert dst in TUNNELS6, data.hex()
+        out = Ether(res.data_out)
+        if ICMP in out or ICMPv6PacketTooBig in out:
+            check_too_big6(fz, data, out, version, src, dst)
+        else:
+            check_tunnel6(fz, data, res.data_out, l2, version, dst)
+    elif dst not in TUNNELS6 and dst not in VIPS:
+        assert rc == XDP_PASS and res.data_out == data, data.hex()
+    return rc
+
+
+@pytest.mark.timeout(max(300, PACKETS // 1000))
+def test_mutated_ipv6_dsr_packets_keep_the_invariants(fz6):
+    rnd = random.Random(20261203)
+    base = [bytes(p) for p in seeds6()]
+    per_seed = max(1, PACKETS // len(base))
+    with fz6.lab.inside(fz6.topo.lb_ns):
+        for seed in base:
+            gen = mutations(seed, rnd, IPV6_FIELDS if seed[12:14] == b"\x86\xdd" else IPV4_FIELDS)
+            for _ in range(per_seed):
+                check6(fz6, next(gen))
+    assert sum(fz6.tally.values()) >= PACKETS - len(base)
+    assert fz6.tally["tunnelled"] > 0 and fz6.tally["packet_too_big"] > 0 and fz6.tally["frag_needed"] > 0
+    assert fz6.tally["drop"] > 0 and fz6.tally["pass"] > 0

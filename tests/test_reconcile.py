@@ -470,3 +470,32 @@ def test_a_fixed_table_size_keeps_maglevs_bound(rec, fixed):
     to_new = sum(b == new for _, b in moved)
     assert to_new >= 0.9 * len(moved), (to_new, len(moved))
     assert 0.2 < len(moved) / fixed < 0.33, len(moved) / fixed
+
+
+def test_mixed_family_dsr_services_single_and_batch_paths_agree(rec_pair):
+    """DSR services whose backends are of the other family (4in6, 6in4):
+    a one-service update (upsert_service, as a health transition makes)
+    builds each table by the backends' family, the same table as a full
+    apply of the result (it once took a 4in6 service's IPv6 backends for
+    IPv4 ones and failed)."""
+    one, batch = rec_pair
+    services = [
+        {"name": "4in6", "vip": "10.96.0.1", "port": 80, "protocol": "tcp", "forwarding": "ipip",
+         "backends": [f"[fd00:244:{i}::2]:80" for i in range(1, 4)]},
+        {"name": "6in4", "vip": "fd00:96::1", "port": 80, "protocol": "tcp", "forwarding": "gue",
+         "backends": [f"10.244.{i}.2:80" for i in range(1, 4)]},
+    ]
+    base = {"interfaces": ["l0"], "encap_source": ["10.255.0.1", "fd00:255::1"]}
+    one.apply(config_from_dict({**base, "bpffs": str(one.dp.pin_dir), "services": services}))
+    for i in range(2):
+        services[i]["backends"] = services[i]["backends"][1:]
+        cfg = config_from_dict({**base, "bpffs": str(one.dp.pin_dir), "services": services})
+        one.upsert_service(cfg, cfg.services[i])
+    batch.apply(config_from_dict({**base, "bpffs": str(batch.dp.pin_dir), "services": services}))
+
+    def tables(rec: Reconciler) -> dict:
+        pool, bview = rec.dp.view("maglev_pool"), rec.dp.view("backends")
+        return {key: [tuple(bview["addr"][i].tolist()) for i in pool[s.ring_offset:s.ring_offset + s.ring_size]]
+                for key, s in rec.services.items()}
+    assert tables(one) == tables(batch)
+    assert all(len(set(t)) == 2 for t in tables(one).values())

@@ -145,11 +145,13 @@ enum drop_reason {
 	DROP_NO_NEIGH = 15,
 	/* Bigger than the egress MTU, with a rewritten source (as above). */
 	DROP_MTU = 16,
-	/* DSR: the encapsulated packet would exceed the egress MTU. With DF
-	 * set the client is answered with ICMP fragmentation needed carrying
-	 * the MTU less the tunnel overhead (CNT_FRAG_NEEDED), so its path MTU
-	 * discovery shrinks its packets; with DF clear it is only dropped
-	 * (XDP cannot fragment, and fragments to a VIP are dropped anyway). */
+	/* DSR: the encapsulated packet would exceed the egress MTU. An IPv4
+	 * client's packet with DF set is answered with ICMP fragmentation
+	 * needed, an IPv6 one with ICMPv6 packet too big, carrying the MTU
+	 * less the tunnel overhead (CNT_FRAG_NEEDED), so its path MTU
+	 * discovery shrinks its packets; with DF clear, or for IPv6 when that
+	 * MTU is below 1280, it is only dropped (XDP cannot fragment, and
+	 * fragments to a VIP are dropped anyway). */
 	DROP_ENCAP_MTU = 17,
 	/* DSR: no encapsulation source of the backend's family configured,
 	 * or no headroom for the outer headers (bpf_xdp_adjust_head). */
@@ -189,7 +191,7 @@ enum xdplb_counter {
 	CNT_REPLY_STATELESS = 14,
 	CNT_ENCAP_IPIP = 15,        /* DSR: sent to a backend in IPIP (encap.h) */
 	CNT_ENCAP_GUE = 16,         /* DSR: sent to a backend in GUE */
-	CNT_FRAG_NEEDED = 17,       /* DSR: ICMP fragmentation needed sent for a DROP_ENCAP_MTU */
+	CNT_FRAG_NEEDED = 17,       /* DSR: ICMP frag. needed / ICMPv6 too big sent for a DROP_ENCAP_MTU */
 	CNT_MAX = 18,
 };
 

@@ -55,6 +55,7 @@ struct icmp_unreach {
 #define ICMP6_TYPE_PACKET_TOO_BIG 2
 #define ICMP6_CODE_PORT_UNREACH 4
 #define IPPROTO_ICMP6 58
+#define IPV6_MIN_MTU 1280           /* RFC 8200 section 5 */
 #define REJECT6_QUOTE_LEN (sizeof(struct ipv6hdr) + 8)
 #define REJECT6_PREPEND (sizeof(struct ipv6hdr) + sizeof(struct icmp_unreach))
 #define REJECT6_FRAME_LEN (ETH_HLEN + REJECT6_PREPEND + REJECT6_QUOTE_LEN)
@@ -205,7 +206,8 @@ static __always_inline int reject_in_place(struct xdp_md *ctx, struct packet *pk
 }
 
 /* RFC 1191: fragmentation needed and DF set, with the next-hop MTU in the
- * low 16 bits of the second word. Not budgeted: each answer is smaller than
+ * low 16 bits of the second word; for IPv6 packet too big (RFC 4443), the
+ * MTU the whole second word. Not budgeted: each answer is smaller than
  * the packet that caused it, and a flow cannot progress without it. */
 static __always_inline int frag_needed_in_place(struct xdp_md *ctx, struct packet *pkt, __u32 mtu)
 {

@@ -92,16 +92,22 @@ static __always_inline int no_backend(struct xdp_md *ctx, struct packet *pkt, __
 	return bpf_redirect_map(&tx_ports, ctx->ingress_ifindex, XDP_DROP);
 }
 
-/* A DSR packet that would outgrow the egress MTU: dropped, and with DF set
- * answered with ICMP fragmentation needed carrying fib->mtu_result, the
- * MTU less the tunnel's overhead (encap.h). */
+/* A DSR packet that would outgrow the egress MTU: dropped, and answered
+ * with fib->mtu_result, the MTU less the tunnel's overhead (encap.h): ICMP
+ * fragmentation needed if the client's IPv4 packet has DF set, ICMPv6
+ * packet too big for every IPv6 one (routers never fragment IPv6) unless
+ * that MTU is below IPv6's minimum: a client raises any smaller value to
+ * 1280 (RFC 8201 section 4), so the answer would bring the same packets
+ * back; those are only dropped (the path to the backend needs an MTU of
+ * 1280 plus the overhead for IPv6 clients). */
 static __always_inline int too_big(struct xdp_md *ctx, struct packet *pkt, __u32 identity,
 				   __u32 svc_id, const struct bpf_fib_lookup *fib)
 {
 	int verdict = drop(ctx, pkt, identity, svc_id, DROP_ENCAP_MTU);
+	int answer = pkt->ip ? (pkt->ip->frag_off & bpf_htons(IP_DF)) != 0 :
+		fib->mtu_result >= IPV6_MIN_MTU;
 
-	if (!pkt->ip || !(pkt->ip->frag_off & bpf_htons(IP_DF)) ||
-	    !frag_needed_in_place(ctx, pkt, fib->mtu_result))
+	if (!answer || !frag_needed_in_place(ctx, pkt, fib->mtu_result))
 		return verdict;
 	count_global(CNT_FRAG_NEEDED, pkt->len);
 	return bpf_redirect_map(&tx_ports, ctx->ingress_ifindex, XDP_DROP);
@@ -197,7 +203,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 		why = encap_plan(pkt, b, cfg, svc.flags, &enc);
 		if (why != DROP_NONE)
 			return drop(ctx, pkt, identity, svc.svc_id, why);
-		hop_saddr = &enc.saddr;
+		hop_saddr = enc.src->addr;
 		hop_len += enc.overhead;
 		hop_proto = enc.proto;
 		hop_family = enc.family;
@@ -211,7 +217,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 		/* Encapsulated now, before the state is written (the plan's
 		 * stack slots are free again there): a drop below drops the
 		 * tunnel packet, which nothing reads. */
-		if (why == DROP_NONE && encap_push(ctx, pkt, &enc, b, cfg))
+		if (why == DROP_NONE && encap_apply(ctx, pkt, &enc, b, cfg))
 			why = DROP_ENCAP;
 	} else {
 		why = fib_verdict(rc, &fib, snat);
