@@ -530,7 +530,7 @@ class Daemon:
                 "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
                 "config": self.config_path, "generation": self.rec.generation,
                 "interfaces": self.dp.attached(), "xdp_mode": self.cfg.xdp_mode,
-                "snat_address": str(self.cfg.snat_address) if self.cfg.snat_address else None,
+                "snat_address": ", ".join(map(str, self.cfg.snat_address or ())) or None,
                 "services": len(self.rec.services),
                 "backends": sum(len(s.backends) for s in self.rec.services.values()),
                 "identities": len(self.rec.identities), "last_apply": self.last_apply,

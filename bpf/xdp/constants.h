@@ -21,7 +21,8 @@ enum xdplb_layout {
 	 *    COUNTER_SLOTS (room for new reasons and counters without a
 	 *    layout change); DROP_NO_NEIGH, DROP_MTU, neigh_requests
 	 * 6: DSR (encap.h): lb_config.encap_v4/encap_v6/gue_port,
-	 *    SVC_F_IPIP, SVC_F_GUE */
+	 *    SVC_F_IPIP, SVC_F_GUE; lb_config.snat_v4/snat_v6 (one SNAT
+	 *    address per family) */
 	XDPLB_LAYOUT_VERSION = 6,
 };
 

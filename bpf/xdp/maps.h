@@ -143,11 +143,19 @@ struct encap_source {
 	__u32 family;               /* FAMILY_NONE: not configured (DROP_ENCAP) */
 };
 
+/* The SNAT source of one family: NAT services of that family leave from
+ * this address and a port of lb_config's range (nat.h). The port range is
+ * shared; each address has all of it, as rev_nat keys carry the address. */
+struct snat_source {
+	__u32 addr[4];              /* network order; IPv4 in addr[0] */
+	__u32 family;               /* FAMILY_NONE: gateway mode for this family */
+};
+
 /* Global settings. Two copies: the control plane writes the inactive one and
  * then flips meta.active_config, so a packet never sees a half-written copy. */
 struct lb_config {
-	__u32 snat_addr[4];
-	__u32 snat_family;          /* FAMILY_NONE = no SNAT (gateway mode) */
+	struct snat_source snat_v4;
+	struct snat_source snat_v6;
 	__u16 snat_port_min;        /* host order, inclusive */
 	__u16 snat_port_max;        /* host order, inclusive */
 	__u32 hash_seed;

@@ -115,6 +115,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 	struct svc_value svc = *svc_ptr;
 	struct bpf_fib_lookup fib = {};
 	struct lb_config *cfg = active_config();
+	const struct snat_source *snat_src;
 	struct ct_entry ct = {};
 	struct ct_entry *cte;
 	struct encap enc;
@@ -131,9 +132,10 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 
 	if (!cfg)
 		return count_verdict(XDP_ABORTED, pkt->len);
-	/* SNAT applies to NAT services of the SNAT address's family (the
+	/* SNAT applies to NAT services of a family with a SNAT address (the
 	 * others are in gateway mode): DSR replies never cross the LB. */
-	snat = cfg->snat_family == pkt->flow.family && !(svc.flags & SVC_F_ENCAP);
+	snat_src = snat_source(cfg, pkt->flow.family);
+	snat = snat_src->family == pkt->flow.family && !(svc.flags & SVC_F_ENCAP);
 
 	/* Policy first: a denied source costs no conntrack or backend work. */
 	if (dry_run || (svc.flags & SVC_F_HAS_POLICY))
@@ -182,7 +184,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 		ct.nat_port = 0;
 	}
 
-	rw.saddr = snat ? cfg->snat_addr : pkt->flow.src;
+	rw.saddr = snat ? snat_src->addr : pkt->flow.src;
 	rw.sport = snat ? ct.nat_port : pkt->flow.sport;
 	rw.daddr = b->addr;
 	rw.dport = b->port;
@@ -291,7 +293,7 @@ static __always_inline int handle_other(struct xdp_md *ctx, struct packet *pkt)
 	struct nat_entry *nat;
 
 	/* SNAT has no gateway flows: its family's replies are all in rev_nat. */
-	if (cfg && cfg->snat_family != pkt->flow.family && reply_from_index(ctx, pkt, cfg, &reply))
+	if (cfg && !snat_on(cfg, pkt->flow.family) && reply_from_index(ctx, pkt, cfg, &reply))
 		return handle_reply(ctx, pkt, &reply, cfg);
 	nat = bpf_map_lookup_elem(&rev_nat, &pkt->flow);
 	if (nat)
