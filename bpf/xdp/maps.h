@@ -390,6 +390,20 @@ struct {
 	__type(value, __u32);
 } tx_ports SEC(".maps");
 
+/* ifindex -> the MAC of an interface the program is attached to, written
+ * by the control plane at attach (dmac.h). */
+struct if_mac {
+	__u8 addr[6];
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, DEVMAP_ENTRIES);
+	__type(key, __u32);
+	__type(value, struct if_mac);
+} if_macs SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);

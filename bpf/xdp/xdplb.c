@@ -9,6 +9,7 @@
  *   replies to translated flows -> reply index + conntrack (gateway mode)
  *         or reverse NAT (SNAT) -> FIB -> out
  *   everything else (neighbour discovery, ICMP, ...) -> XDP_PASS, untouched
+ *   unicast frames for another MAC (flooded, promiscuous) -> XDP_PASS (dmac.h)
  *
  * IPv4 and IPv6 take the same path: the family is a parameter of each
  * step (parse.h, nat.h, forward.h), not a second program.
@@ -33,6 +34,7 @@
 #include "forward.h"
 #include "encap.h"
 #include "monitor.h"
+#include "dmac.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -308,8 +310,12 @@ int xdplb_main(struct xdp_md *ctx)
 {
 	struct packet pkt = {};
 	struct svc_value *svc;
-	int res = parse_packet(ctx, &pkt);
+	int res;
 
+	/* First, while nothing else is live across the call. */
+	if (for_another_host(ctx))
+		return count_verdict(XDP_PASS, ctx->data_end - ctx->data);
+	res = parse_packet(ctx, &pkt);
 	if (res == PARSE_NOT_IP || res == PARSE_NO_IP_HEADER)
 		return count_verdict(XDP_PASS, pkt.len);
 	if (res != PARSE_OK) {
