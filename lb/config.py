@@ -923,6 +923,21 @@ def _cross_checks(cfg: Config) -> list[str]:
                     problems.append(
                         f"{_svc(i, s)}: {field}[{k}] '{ref}': unknown identity '{ref}' (defined: {defined})"
                     )
+    if cfg.bgp is not None:
+        problems += _bgp_family_problems(cfg)
+    return problems
+
+
+def _bgp_family_problems(cfg: Config) -> list[str]:
+    """A VIP is announced to the peers of its family only (lb.announce): a
+    family of VIPs without a peer would never be announced."""
+    peer_versions = {p.address.version for p in cfg.bgp.peers}
+    problems = []
+    for version in (4, 6):
+        first = next(((i, s) for i, s in enumerate(cfg.services) if s.vip.version == version), None)
+        if first is not None and version not in peer_versions:
+            problems.append(f"bgp.peers: no IPv{version} peer to announce the IPv{version} VIPs "
+                            f"(first: {_svc(*first)}); BGP sessions carry their own family only")
     return problems
 
 

@@ -717,3 +717,18 @@ def test_dsr_with_ipv6_is_a_clear_error():
     errs = errors_of(d)
     assert "services[0] 'web': vip: forwarding ipip supports IPv4 only for now" in errs
     assert "services[0] 'web': backends[0] '[fd00:1::2]:8080': forwarding ipip supports IPv4 only for now" in errs
+
+
+def test_bgp_needs_a_peer_of_each_vip_family():
+    """A BGP session carries its own family: IPv6 VIPs without an IPv6 peer
+    would never be announced, so the config says so in one line."""
+    d = base()
+    d["services"].append({"name": "web6", "vip": "fd00::10", "port": 80, "protocol": "tcp",
+                          "backends": ["[fd00:1::2]:80"]})
+    d["bgp"] = {"local_asn": 65001, "peers": [{"address": "10.0.0.1", "asn": 65000}]}
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(d)
+    assert str(e.value) == ("bgp.peers: no IPv6 peer to announce the IPv6 VIPs (first: services[1] 'web6'); "
+                            "BGP sessions carry their own family only")
+    d["bgp"]["peers"].append({"address": "fd00::1", "asn": 65000})
+    assert [p.address.version for p in config_from_dict(d).bgp.peers] == [4, 6]
