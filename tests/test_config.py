@@ -725,10 +725,11 @@ def test_bgp_needs_a_peer_of_each_vip_family():
     d = base()
     d["services"].append({"name": "web6", "vip": "fd00::10", "port": 80, "protocol": "tcp",
                           "backends": ["[fd00:1::2]:80"]})
+    i = len(d["services"]) - 1
     d["bgp"] = {"local_asn": 65001, "peers": [{"address": "10.0.0.1", "asn": 65000}]}
     with pytest.raises(ConfigError) as e:
         config_from_dict(d)
-    assert str(e.value) == ("bgp.peers: no IPv6 peer to announce the IPv6 VIPs (first: services[1] 'web6'); "
+    assert str(e.value) == (f"bgp.peers: no IPv6 peer to announce the IPv6 VIPs (first: services[{i}] 'web6'); "
                             "BGP sessions carry their own family only")
     d["bgp"]["peers"].append({"address": "fd00::1", "asn": 65000})
     assert [p.address.version for p in config_from_dict(d).bgp.peers] == [4, 6]
