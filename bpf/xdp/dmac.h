@@ -14,9 +14,10 @@
 #include "counters.h"
 
 /* 1 (and counted as CNT_OTHER_HOST) if the frame is unicast to a MAC other
- * than that of the interface it arrived on. Broadcast and multicast frames (the group bit) are never for
- * another host. An interface without an if_macs entry (the control plane
- * writes it at attach; BPF test-run's ingress) is not checked.
+ * than that of the interface it arrived on. Broadcast and multicast frames
+ * (the group bit) are never for another host. An interface without an
+ * if_macs entry (the control plane writes it at attach; BPF test-run's
+ * ingress) is not checked.
  * A subprogram: its stack slots (the lookup keys), inlined into the entry
  * program, took the deepest call chain past the verifier's 512 bytes. */
 static __noinline int for_another_host(struct xdp_md *ctx)
