@@ -133,6 +133,12 @@ def build_scaleout_lab(lab: Lab, workdir: Path, *, nodes: int = 3, backends: int
     for n in range(1, nodes + 1):
         ns = lab.netns(f"lb{n}")
         _forwarding_sysctls(lab, ns)      # bpf_fib_lookup() needs ip_forward
+        if lab.ipv6:
+            # A node's links go down and up in the tests: Linux drops IPv6
+            # addresses on link down unless told to keep them (as a node's
+            # network configuration would put them back).
+            for scope in ("all", "default"):
+                lab.sysctl(ns, f"net.ipv6.conf.{scope}.keep_addr_on_down", 1)
         node = Node(f"lb{n}", n, ns, f"10.0.0.{10 + n}", f"10.244.0.{n}", workdir / f"lb{n}",
                     f"fd00:10::{10 + n:x}" if lab.ipv6 else None)
         node.workdir.mkdir(parents=True, exist_ok=True)
