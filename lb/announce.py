@@ -20,7 +20,7 @@ import socket
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 from pathlib import Path
 
 from .config import Bgp
@@ -28,8 +28,10 @@ from .reconcile import LiveService
 
 log = logging.getLogger("xdplb.announce")
 
-# The static protocol's name: the BGP export filter takes its routes only.
-VIPS_PROTOCOL = "xdplb_vips"
+# The static protocols' names, one per family (a BIRD 2 static protocol
+# has one channel): the BGP export filters take their routes only.
+VIPS_PROTOCOL = {4: "xdplb_vips", 6: "xdplb_vips6"}
+HOST_PREFIX = {4: 32, 6: 128}
 
 
 class BirdError(RuntimeError):
@@ -56,17 +58,22 @@ def vips_path(bgp: Bgp) -> Path:
 
 
 def render_vips(vips: Iterable[str]) -> str:
-    """The static protocol holding one /32 per VIP (blackhole: the routes
-    exist to be exported, never to be used by this node's kernel)."""
-    routes = "".join(f"  route {IPv4Address(v)}/32 blackhole;\n"
-                     for v in sorted(vips, key=lambda v: IPv4Address(v)))
-    return f"protocol static {VIPS_PROTOCOL} {{\n  ipv4;\n{routes}}}\n"
+    """Two static protocols, IPv4 and IPv6, holding one host route per VIP
+    of their family (blackhole: the routes exist to be exported, never to
+    be used by this node's kernel)."""
+    ips = sorted((ip_address(v) for v in vips), key=lambda ip: (ip.version, ip))
+    text = ""
+    for version in (4, 6):
+        routes = "".join(f"  route {ip}/{HOST_PREFIX[version]} blackhole;\n"
+                         for ip in ips if ip.version == version)
+        text += f"protocol static {VIPS_PROTOCOL[version]} {{\n  ipv{version};\n{routes}}}\n"
+    return text
 
 
 def render_bird_config(bgp: Bgp) -> str:
     """BIRD 2's config for this node: one eBGP session per peer exporting
-    the VIP routes only and importing nothing (the node's own routing stays
-    the kernel's), BFD on the sessions if asked."""
+    the VIP routes of the peer's family only and importing nothing (the
+    node's own routing stays the kernel's), BFD on the sessions if asked."""
     lines = ["# Written by xdplb from the bgp: section of its config: edits are overwritten.",
              "log stderr all;"]
     if bgp.router_id is not None:
@@ -86,7 +93,8 @@ def render_bird_config(bgp: Bgp) -> str:
             # A peer that comes back is met again within a second or two.
             "  connect retry time 1; error wait time 1, 5;",
             f"  bfd {'on' if bgp.bfd else 'off'};",
-            f'  ipv4 {{ import none; export where proto = "{VIPS_PROTOCOL}"; next hop self; }};',
+            f"  ipv{peer.address.version} {{ import none; "
+            f'export where proto = "{VIPS_PROTOCOL[peer.address.version]}"; next hop self; }};',
             "}",
         ]
     return "\n".join(lines) + "\n"
@@ -184,6 +192,9 @@ class Announcer:
         self.draining = False
         self.announced: set[str] | None = None     # as BIRD last accepted them
         self.error: str | None = None
+        # Files written that BIRD has not re-read (its socket failed): the
+        # retry must `configure` although the files no longer change.
+        self._unread = False
         self._mu = threading.Lock()
 
     def reconfigure(self, bgp: Bgp) -> None:
@@ -203,8 +214,10 @@ class Announcer:
             try:
                 changed = write_if_changed(self.bgp.bird_config, render_bird_config(self.bgp))
                 changed |= write_if_changed(vips_path(self.bgp), render_vips(want))
-                if changed or self.announced is None:
+                self._unread |= changed
+                if self._unread or self.announced is None:
                     bird_command(self.bgp.bird_socket, "configure")
+                self._unread = False
             except (BirdError, OSError) as e:
                 if str(e) != self.error:
                     log.error("bgp: announcing failed, retrying every second: %s", e)

@@ -248,6 +248,20 @@ def _encap_source(v: Any) -> Any:
     return nets
 
 
+def _snat_addresses(v: Any) -> Any:
+    """`snat_address`: one address, or a list of at most one per family."""
+    items = list(v) if isinstance(v, (list, tuple)) else [v]
+    if not items:
+        raise ValueError("must name an address (leave it out for gateway mode)")
+    if len(items) > 2:
+        raise ValueError(f"takes at most two addresses, one per family, not {len(items)}")
+    ips = sorted((_ip_address(x) for x in items), key=lambda ip: ip.version)
+    if len(ips) == 2 and ips[0].version == ips[1].version:
+        raise ValueError(f"takes one address per family, not two IPv{ips[0].version} "
+                         f"addresses ({ips[0]}, {ips[1]})")
+    return tuple(ips)
+
+
 def _protocol(v: Any) -> Any:
     v = _lower(v)
     if v == "sctp":
@@ -330,6 +344,8 @@ Network = Annotated[IPv4Network | IPv6Network, BeforeValidator(_ip_network)]
 Protocol = Annotated[Literal["tcp", "udp"], BeforeValidator(_protocol)]
 Forwarding = Annotated[Literal["nat", "ipip", "gue"], BeforeValidator(_forwarding)]
 EncapSources = Annotated[tuple[IPv4Network | IPv6Network, ...], BeforeValidator(_encap_source)]
+# IPv4 first, at most one of each family.
+SnatAddresses = Annotated[tuple[Address, ...], BeforeValidator(_snat_addresses)]
 ServiceName = Annotated[str, Strict(), AfterValidator(_service_name)]
 IdentityName = Annotated[str, Strict(), AfterValidator(_identity_name)]
 IdentityRef = Annotated[str, Strict()]  # checked against the defined names later
@@ -683,10 +699,10 @@ class Config(_Model):
 
     interfaces: tuple[IfName, ...]
     xdp_mode: Annotated[Literal["native", "generic"], BeforeValidator(_lower)] = "native"
-    # None: DNAT-only gateway mode (NAT services only). Either family: SNAT
-    # applies to the NAT services of its family, the others stay in gateway
-    # mode (lb_config holds one SNAT address).
-    snat_address: Address | None = None
+    # None: DNAT-only gateway mode (NAT services only). One address, or a
+    # list of one per family: SNAT applies to the NAT services of the
+    # families given, the others stay in gateway mode.
+    snat_address: SnatAddresses | None = None
     # Outer source of DSR tunnels (ipip/gue services): an address of this
     # LB, or a prefix routed to it whose host bits vary with the flow; one
     # per family (a list) when backends are of both.
@@ -732,6 +748,10 @@ class Config(_Model):
     @property
     def snat(self) -> bool:
         return self.snat_address is not None
+
+    def snat_for(self, version: int) -> IPv4Address | IPv6Address | None:
+        """The SNAT address of IP `version` (4 or 6); None: gateway mode."""
+        return next((ip for ip in self.snat_address or () if ip.version == version), None)
 
     def service(self, name: str) -> Service:
         for s in self.services:
@@ -903,6 +923,21 @@ def _cross_checks(cfg: Config) -> list[str]:
                     problems.append(
                         f"{_svc(i, s)}: {field}[{k}] '{ref}': unknown identity '{ref}' (defined: {defined})"
                     )
+    if cfg.bgp is not None:
+        problems += _bgp_family_problems(cfg)
+    return problems
+
+
+def _bgp_family_problems(cfg: Config) -> list[str]:
+    """A VIP is announced to the peers of its family only (lb.announce): a
+    family of VIPs without a peer would never be announced."""
+    peer_versions = {p.address.version for p in cfg.bgp.peers}
+    problems = []
+    for version in (4, 6):
+        first = next(((i, s) for i, s in enumerate(cfg.services) if s.vip.version == version), None)
+        if first is not None and version not in peer_versions:
+            problems.append(f"bgp.peers: no IPv{version} peer to announce the IPv{version} VIPs "
+                            f"(first: {_svc(*first)}); BGP sessions carry their own family only")
     return problems
 
 

@@ -194,6 +194,8 @@ class Daemon:
 
         self.k8s = KubernetesWatcher(self.cfg.kubernetes, self._k8s_apply)
         self.k8s.syncer.identity_limit = self.dp.maps["identities"].max_entries
+        # Services annotated ipip/gue are served so only with a tunnel source.
+        self.k8s.syncer.dsr_ready = self.cfg.encap_source is not None
         self.k8s.start_reflectors()
         log.info(kv("kubernetes: listing", node=self.cfg.kubernetes.node_name))
         plan = self.k8s.initial(abort=self.stop)
@@ -466,6 +468,9 @@ class Daemon:
                                "restart the daemon"])
         if (cfg.bgp is None) != (self.announcer is None):
             raise ConfigError(["bgp cannot be turned on or off while running: restart the daemon"])
+        if self.k8s is not None and (cfg.encap_source is None) != (self.cfg.encap_source is None):
+            raise ConfigError(["encap_source cannot be added or removed in Kubernetes mode while "
+                               "running (annotated DSR services depend on it): restart the daemon"])
         if self.k8s is not None:
             with self.lock:      # the cluster's services stay; the rest of the file applies
                 cfg = cfg.model_copy(update={"services": self.cfg.services,
@@ -534,7 +539,7 @@ class Daemon:
                 "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
                 "config": self.config_path, "generation": self.rec.generation,
                 "interfaces": self.dp.attached(), "xdp_mode": self.cfg.xdp_mode,
-                "snat_address": str(self.cfg.snat_address) if self.cfg.snat_address else None,
+                "snat_address": ", ".join(map(str, self.cfg.snat_address or ())) or None,
                 "services": len(self.rec.services),
                 "backends": sum(len(s.backends) for s in self.rec.services.values()),
                 "identities": len(self.rec.identities), "last_apply": self.last_apply,

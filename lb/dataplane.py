@@ -22,6 +22,7 @@ import numpy as np
 
 from loader import BpfError, BpfObject, InterfaceNotFound, LinkInfo, Map, XdpLink, xdp_query
 from loader.netlink import ifindex as lookup_ifindex
+from loader.netlink import mac as lookup_mac
 from loader.xdp import MODES
 
 from .config import Config
@@ -208,7 +209,17 @@ class Dataplane:
                             f"away; the maps and flows are kept) interface={ifname} ifindex={idx} "
                             f"old_ifindex={info.ifindex} old_link_id={info.id} pin={path}")
             self.maps["tx_ports"].update(idx, ctypes.c_uint32(idx))
+            self.record_mac(idx)
         return [idx for _, idx, _, _ in plan]
+
+    def record_mac(self, ifindex: int) -> None:
+        """Tell the program the MAC of `ifindex`: unicast frames for another
+        one are passed untouched (bpf/xdp/dmac.h). Read at every attach,
+        so `xdplb apply` picks up a changed address."""
+        m = self.maps["if_macs"]
+        mac = lookup_mac(ifindex)
+        if len(mac) == 6:       # an Ethernet address; other link types stay unchecked
+            m.update(ifindex, m.value_type(addr=(ctypes.c_uint8 * 6)(*mac)))
 
     def _pinned(self, ifname: str) -> LinkInfo | None:
         path = self.link_path(ifname)

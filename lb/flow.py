@@ -22,21 +22,24 @@ from .reconcile import forwarding_name
 XDP_ACTIONS = {0: "ABORTED", 1: "DROP", 2: "PASS", 3: "TX", 4: "REDIRECT"}
 
 
-def craft(src: str, sport: int, dst: str, dport: int, proto: str) -> bytes:
+def craft(src: str, sport: int, dst: str, dport: int, proto: str, dmac: str = "02:00:00:00:00:02") -> bytes:
     """A client's first packet from src:sport to dst:dport, IPv4 or IPv6
-    (both addresses of one family, else ValueError)."""
+    (both addresses of one family, else ValueError), in a frame to `dmac`."""
     s, d = parse_address(src), parse_address(dst)
     if s.version != d.version:
         raise ValueError(f"source {src} and destination {dst} are not of one address family")
     l3 = IP(src=str(s), dst=str(d), ttl=64) if s.version == 4 else IPv6(src=str(s), dst=str(d), hlim=64)
     l4 = TCP(sport=sport, dport=dport, flags="S") if proto == "tcp" else UDP(sport=sport, dport=dport)
-    return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / l3 / l4)
+    return bytes(Ether(src="02:00:00:00:00:01", dst=dmac) / l3 / l4)
 
 
 def probe(dry: Dataplane, rec, src: str, sport: int, dst: str, dport: int, proto: str,
           ingress_ifindex: int = 0) -> dict[str, Any]:
     c = dry.consts
-    packet = craft(src, sport, dst, dport, proto)
+    # Addressed to the ingress interface, as a client's frame is (the
+    # program passes frames for another MAC: bpf/xdp/dmac.h).
+    own = dry.maps["if_macs"].lookup(ingress_ifindex)
+    packet = craft(src, sport, dst, dport, proto, *([bytes(own.addr).hex(":")] if own else []))
     pm = dry.maps["probe"]
     pm.update(0, pm.value_type())
     res = test_run(dry.prog.fd, packet, ingress_ifindex=ingress_ifindex)

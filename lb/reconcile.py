@@ -636,9 +636,10 @@ class Reconciler:
         c, maps = self.c, self.dp.maps
         conf = maps["config"]
         want = conf.value_type()
-        if cfg.snat_address is not None:
-            set_addr(want.snat_addr, cfg.snat_address)
-            want.snat_family = family_of(cfg.snat_address, c)
+        for ip in cfg.snat_address or ():
+            src = want.snat_v6 if ip.version == 6 else want.snat_v4
+            set_addr(src.addr, ip)
+            src.family = family_of(ip, c)
         want.snat_port_min = cfg.snat_ports.min
         want.snat_port_max = cfg.snat_ports.max
         want.hash_seed = cfg.hash_seed

@@ -3,6 +3,10 @@
     client (10.1.0.10 + 10.1.0.100..) --c0-- router --br0 10.0.0.0/24-- lb1..lbN (u0)
                                              router --br1 10.244.0.0/24-- lb1..lbN (d0), b1..bM
 
+In a Lab(ipv6=True) br0 and br1 also carry IPv6 (fd00:10::/64 and
+fd00:244::/64): each node then peers with the router over IPv6 too, for its
+IPv6 VIPs (a BGP session carries its own family).
+
 The router namespace runs BIRD 2 with one eBGP session per LB node (BFD on
 them), installs the VIP as one multipath route (`merge paths`) and hashes
 flows on their 4-tuple (fib_multipath_hash_policy=1). Each LB node runs
@@ -22,6 +26,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Iterator
 
@@ -34,6 +39,8 @@ from .lab import REPO_ROOT, Lab, _forwarding_sysctls, _wait_ready
 ROUTER_ASN, NODE_ASN = 65000, 65001
 ROUTER_UPLINK_IP = "10.0.0.1"
 ROUTER_BACKEND_IP = "10.244.0.254"
+ROUTER_UPLINK_IP6 = "fd00:10::1"
+ROUTER_BACKEND_IP6 = "fd00:244::fe"
 CLIENT_GATEWAY = "10.1.0.1"
 VIP = "10.96.0.20"
 ECHO_PORT, HTTP_PORT = 7000, 8080
@@ -50,6 +57,7 @@ class Node:
     uplink_ip: str     # u0, on br0: BGP and the VIP's traffic come in here
     backend_ip: str    # d0, on br1: the tunnels leave here (and their outer source)
     workdir: Path
+    uplink_ip6: str | None = None      # u0's IPv6 address in a Lab(ipv6=True)
 
     @property
     def snat_ip(self) -> str:
@@ -69,6 +77,7 @@ class BackendHost:
     name: str
     ns: str
     ip: str
+    ip6: str | None = None
 
 
 @dataclass
@@ -106,6 +115,9 @@ def build_scaleout_lab(lab: Lab, workdir: Path, *, nodes: int = 3, backends: int
     lab.sysctl(router, "net.ipv4.fib_multipath_hash_policy", 1)
     _bridge(lab, router, "br0", f"{ROUTER_UPLINK_IP}/24")
     _bridge(lab, router, "br1", f"{ROUTER_BACKEND_IP}/24")
+    if lab.ipv6:
+        lab.addr(router, "br0", f"{ROUTER_UPLINK_IP6}/64")
+        lab.addr(router, "br1", f"{ROUTER_BACKEND_IP6}/64")
 
     lab.veth(client, "c0", router, "c0r")
     lab.addr(router, "c0r", f"{CLIENT_GATEWAY}/24")
@@ -121,20 +133,29 @@ def build_scaleout_lab(lab: Lab, workdir: Path, *, nodes: int = 3, backends: int
     for n in range(1, nodes + 1):
         ns = lab.netns(f"lb{n}")
         _forwarding_sysctls(lab, ns)      # bpf_fib_lookup() needs ip_forward
-        node = Node(f"lb{n}", n, ns, f"10.0.0.{10 + n}", f"10.244.0.{n}", workdir / f"lb{n}")
+        if lab.ipv6:
+            # A node's links go down and up in the tests: Linux drops IPv6
+            # addresses on link down unless told to keep them (as a node's
+            # network configuration would put them back).
+            for scope in ("all", "default"):
+                lab.sysctl(ns, f"net.ipv6.conf.{scope}.keep_addr_on_down", 1)
+        node = Node(f"lb{n}", n, ns, f"10.0.0.{10 + n}", f"10.244.0.{n}", workdir / f"lb{n}",
+                    f"fd00:10::{10 + n:x}" if lab.ipv6 else None)
         node.workdir.mkdir(parents=True, exist_ok=True)
         for mine, theirs, bridge, ip in (("u0", f"u{n}", "br0", node.uplink_ip),
                                          ("d0", f"d{n}", "br1", node.backend_ip)):
             lab.veth(ns, mine, router, theirs)
             lab.addr(ns, mine, f"{ip}/24")
+            if lab.ipv6:
+                lab.addr(ns, mine, f"{node.uplink_ip6}/64" if mine == "u0" else f"fd00:244::{n:x}/64")
             _port(lab, router, theirs, bridge)
             # The node's XDP redirects/transmits into this veth: its peer
             # needs NAPI (GRO) to take the frames.
             lab.offload(router, theirs, gro=True)
         # No flooding of unknown unicast to the nodes: once a dead node's
-        # MAC is forgotten, the others' XDP (which takes any frame to the
-        # VIP, whatever its destination MAC) would get its flows as copies,
-        # and the test would no longer show that BFD took the node out.
+        # MAC is forgotten, the others would get its flows as copies (their
+        # XDP passes frames for another MAC, bpf/xdp/dmac.h, but the copies
+        # would still load them), as on a switch that learned every port.
         lab.run(router, ["bridge", "link", "set", "dev", f"u{n}", "flood", "off"])
         # NAT services: the node's SNAT address, on the backends' network,
         # and a way back to the clients for the translated replies.
@@ -145,9 +166,11 @@ def build_scaleout_lab(lab: Lab, workdir: Path, *, nodes: int = 3, backends: int
     hosts = []
     for i in range(1, backends + 1):
         ns = lab.netns(f"b{i}")
-        b = BackendHost(f"b{i}", ns, f"10.244.0.{10 + i}")
+        b = BackendHost(f"b{i}", ns, f"10.244.0.{10 + i}", f"fd00:244::{10 + i:x}" if lab.ipv6 else None)
         lab.veth(ns, "eth0", router, f"e{i}")
         lab.addr(ns, "eth0", f"{b.ip}/24")
+        if b.ip6:
+            lab.addr(ns, "eth0", f"{b.ip6}/64")
         _port(lab, router, f"e{i}", "br1")
         # Answers go to the router, never through an LB node (DSR).
         lab.route(ns, "default", gateway=ROUTER_BACKEND_IP)
@@ -191,10 +214,13 @@ def router_bird_config(topo: ScaleoutTopology) -> str:
     to its kernel as one multipath route, announces nothing."""
     peers = "".join(f"protocol bgp {n.name} from lbs {{ neighbor {n.uplink_ip} as {NODE_ASN}; }}\n"
                     for n in topo.nodes)
+    peers += "".join(f"protocol bgp {n.name}_6 from lbs6 {{ neighbor {n.uplink_ip6} as {NODE_ASN}; }}\n"
+                     for n in topo.nodes if n.uplink_ip6)
     return f"""log stderr all;
 router id {ROUTER_UPLINK_IP};
 protocol device {{ scan time 10; }}
 protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; }}
+protocol kernel {{ ipv6 {{ import none; export all; }}; merge paths on; }}
 protocol bfd {{ interface "br0" {{ min rx interval {BFD_INTERVAL_MS} ms;
   min tx interval {BFD_INTERVAL_MS} ms; multiplier 3; }}; }}
 template bgp lbs {{
@@ -202,6 +228,9 @@ template bgp lbs {{
   hold time 3; keepalive time 1; connect retry time 1; error wait time 1, 5;
   bfd on;
   ipv4 {{ import all; export none; }};
+}}
+template bgp lbs6 from lbs {{
+  ipv6 {{ import all; export none; next hop prefer global; }};
 }}
 {peers}"""
 
@@ -219,8 +248,10 @@ def start_router(lab: Lab, topo: ScaleoutTopology) -> None:
 
 
 def bgp_section(node: Node) -> dict:
-    return {"local_asn": NODE_ASN, "router_id": node.uplink_ip,
-            "peers": [{"address": ROUTER_UPLINK_IP, "asn": ROUTER_ASN}],
+    peers = [{"address": ROUTER_UPLINK_IP, "asn": ROUTER_ASN}]
+    if node.uplink_ip6:
+        peers.append({"address": ROUTER_UPLINK_IP6, "asn": ROUTER_ASN})
+    return {"local_asn": NODE_ASN, "router_id": node.uplink_ip, "peers": peers,
             "bird_config": str(node.bird_config), "bird_socket": str(node.bird_socket),
             "bfd": True, "bfd_interval_ms": BFD_INTERVAL_MS, "hold_time": 3}
 
@@ -264,10 +295,11 @@ def with_snat(cfg: dict, node: Node) -> dict:
 def multipath_nexthops(lab: Lab, topo: ScaleoutTopology, vip: str = VIP) -> list[str]:
     """The gateways of the router's kernel route to `vip` (sorted)."""
     out = []
+    ip = ip_address(vip)
     # A dump, filtered here: get_routes(dst=...) would be a FIB lookup,
     # which answers with the one path it picked.
-    for r in lab.ipr(topo.router_ns).get_routes(family=2, table=254):
-        if r.get("dst_len") != 32 or r.get_attr("RTA_DST") != vip:
+    for r in lab.ipr(topo.router_ns).get_routes(family=10 if ip.version == 6 else 2, table=254):
+        if r.get("dst_len") != ip.max_prefixlen or ip_address(r.get_attr("RTA_DST") or "::") != ip:
             continue
         mp = r.get_attr("RTA_MULTIPATH")
         if mp:
@@ -277,13 +309,15 @@ def multipath_nexthops(lab: Lab, topo: ScaleoutTopology, vip: str = VIP) -> list
     return sorted(out)
 
 
-def wait_nexthops(lab: Lab, topo: ScaleoutTopology, want: list[Node], timeout: float = 30.0) -> float:
-    """Wait until the router's route to the VIP goes to exactly `want`;
-    return how long it took."""
-    goal, start = sorted(n.uplink_ip for n in want), time.monotonic()
-    while (hops := multipath_nexthops(lab, topo)) != goal:
+def wait_nexthops(lab: Lab, topo: ScaleoutTopology, want: list[Node], timeout: float = 30.0,
+                  vip: str = VIP) -> float:
+    """Wait until the router's route to `vip` goes to exactly `want` (by
+    their uplink address of its family); return how long it took."""
+    v6 = ip_address(vip).version == 6
+    goal, start = sorted(n.uplink_ip6 if v6 else n.uplink_ip for n in want), time.monotonic()
+    while (hops := multipath_nexthops(lab, topo, vip)) != goal:
         if time.monotonic() - start > timeout:
-            raise TimeoutError(f"router's next hops for {VIP}: {hops}, want {goal}; "
+            raise TimeoutError(f"router's next hops for {vip}: {hops}, want {goal}; "
                                f"sessions {bgp_sessions(topo.router_socket)}")
         time.sleep(0.01)
     return time.monotonic() - start
@@ -322,3 +356,5 @@ def running_cluster(lab: Lab, topo: ScaleoutTopology, pins: Path,
             d.kill(signal.SIGKILL)
             Dataplane.detach(Path(d.config["bpffs"]), purge=True)
         detach_backends(lab, topo, pins)
+        with contextlib.suppress(FileNotFoundError):
+            pins.rmdir()            # the backends' pin directories were in it

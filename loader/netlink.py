@@ -28,7 +28,7 @@ def ifindex(name: str, netns: str | None = None) -> int:
     return found[0]
 
 
-def ifname(index: int, netns: str | None = None) -> str:
+def _link(index: int, netns: str | None):
     with _iproute(f"ifindex {index}", netns) as ipr:
         try:
             links = ipr.get_links(index) if index > 0 else []
@@ -36,4 +36,14 @@ def ifname(index: int, netns: str | None = None) -> str:
             links = []
     if not links:
         raise InterfaceNotFound(f"ifindex {index}", netns)
-    return links[0].get("ifname")
+    return links[0]
+
+
+def mac(index: int, netns: str | None = None) -> bytes:
+    """The hardware address of interface `index` (6 bytes for Ethernet;
+    empty for a link without one)."""
+    return bytes.fromhex((_link(index, netns).get("IFLA_ADDRESS") or "").replace(":", ""))
+
+
+def ifname(index: int, netns: str | None = None) -> str:
+    return _link(index, netns).get("ifname")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 import pytest
@@ -82,7 +82,7 @@ def test_example_parses():
     cfg = parse_config(EXAMPLE)
     assert cfg.interfaces == ("eth0",)
     assert cfg.xdp_mode == "native"
-    assert cfg.snat_address == IPv4Address("10.0.0.1")
+    assert cfg.snat_address == (IPv4Address("10.0.0.1"),) and cfg.snat_for(6) is None
     assert cfg.snat_ports == SnatPorts(min=10000, max=32767)
     assert cfg.hash_seed == 1234
     assert cfg.bpffs == Path("/sys/fs/bpf/xdplb")
@@ -201,7 +201,7 @@ def test_ipv6_vip_backends_and_snat():
     d["identities"] = {"v6": ["fd00:2::/64"]}
     cfg = config_from_dict(d)
     svc = cfg.services[0]
-    assert str(svc.vip) == "fd00::10" and str(cfg.snat_address) == "fd00::1"
+    assert str(svc.vip) == "fd00::10" and cfg.snat_for(6) == IPv6Address("fd00::1")
     assert [b.key for b in svc.backends] == ["[fd00:1::2]:8080", "[fd00:1::3]:8080"]
     assert [str(n) for n in cfg.identities["v6"]] == ["fd00:2::/64"]
     # The short form round-trips.
@@ -550,6 +550,33 @@ def configs(draw) -> dict:
     return d
 
 
+def test_snat_address_one_per_family():
+    d = base()
+    d["snat_address"] = ["fd00::1", "10.0.0.1"]
+    cfg = config_from_dict(d)
+    assert cfg.snat_address == (IPv4Address("10.0.0.1"), IPv6Address("fd00::1"))   # IPv4 first
+    assert (cfg.snat_for(4), cfg.snat_for(6)) == cfg.snat_address
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    d["snat_address"] = ["10.0.0.1"]
+    assert config_from_dict(d).snat_for(6) is None
+
+
+@pytest.mark.parametrize("value, message", [
+    (["10.0.0.1", "10.0.0.2"], "snat_address: takes one address per family, not two IPv4 addresses "
+                               "(10.0.0.1, 10.0.0.2)"),
+    (["fd00::1", "fd00::2"], "snat_address: takes one address per family, not two IPv6"),
+    (["10.0.0.1", "fd00::1", "10.0.0.2"], "snat_address: takes at most two addresses"),
+    ([], "snat_address must name an address"),
+    (["10.0.0.1", "nope"], "snat_address is not a valid IPv4 address: 'nope'"),
+])
+def test_bad_snat_address_is_one_clear_line(value, message):
+    d = base()
+    d["snat_address"] = value
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(d)
+    assert len(e.value.errors) == 1 and str(e.value).startswith(message), str(e.value)
+
+
 @settings(max_examples=60, deadline=None)
 @given(configs())
 def test_round_trip_property(d):
@@ -718,3 +745,19 @@ def test_dsr_takes_either_family_with_a_source_of_the_backends_family():
     assert errors_of(d) == [
         "services[0] 'web': backends[1] '10.244.1.2:8080': forwarding ipip to an IPv4 backend "
         "needs an IPv4 encap_source"]
+
+
+def test_bgp_needs_a_peer_of_each_vip_family():
+    """A BGP session carries its own family: IPv6 VIPs without an IPv6 peer
+    would never be announced, so the config says so in one line."""
+    d = base()
+    d["services"].append({"name": "web6", "vip": "fd00::10", "port": 80, "protocol": "tcp",
+                          "backends": ["[fd00:1::2]:80"]})
+    i = len(d["services"]) - 1
+    d["bgp"] = {"local_asn": 65001, "peers": [{"address": "10.0.0.1", "asn": 65000}]}
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(d)
+    assert str(e.value) == (f"bgp.peers: no IPv6 peer to announce the IPv6 VIPs (first: services[{i}] 'web6'); "
+                            "BGP sessions carry their own family only")
+    d["bgp"]["peers"].append({"address": "fd00::1", "asn": 65000})
+    assert [p.address.version for p in config_from_dict(d).bgp.peers] == [4, 6]

@@ -48,3 +48,25 @@ def test_demo_tears_down_on_ctrl_c(bpf_object):
         if p.poll() is None:
             p.kill()
     assert _leftovers(p.pid) == []
+
+
+def test_scaleout_demo_with_three_nodes(bpf_object):
+    """`xdplb demo --nodes 3` as a user runs it (~40 s): the router's
+    multipath route over 3 nodes, 1000 new connections answered, spread
+    over every node; one node's links down, 1000 answered by the other two;
+    exit status 0 only then, and nothing left behind."""
+    import re
+
+    p = subprocess.Popen([sys.executable, "-m", "lb.cli", "demo", "--nodes", "3"], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, cwd=ROOT, env={**os.environ, "COLUMNS": "200"})
+    try:
+        out, _ = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, out
+    assert "3 next hops" in out, out
+    assert "all nodes: 1000 of 1000" in out and "without lb3: 1000 of 1000" in out, out
+    lb3 = [int(n) for n in re.findall(r"lb3\s+│\s+(\d+)\s+│", out)]
+    assert len(lb3) == 2 and lb3[0] > 200 and lb3[1] == 0, out
+    assert _leftovers(p.pid) == [] and not list(Path("/sys/fs/bpf").glob(f"xdplb-demo-{p.pid}*"))

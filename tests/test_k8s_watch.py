@@ -294,3 +294,84 @@ def test_in_cluster_service_account_credentials(tmp_path, monkeypatch):
     assert c.configuration.ssl_ca_cert == str(ca)
     auth = c.configuration.auth_settings()["BearerToken"]
     assert (auth["key"], auth["value"].lower()) == ("authorization", "bearer sa-token-123")
+
+
+def annotated(name: str, ip: str, port: int = 80, **annotations: str) -> dict:
+    s = svc(name, ip, port)
+    s["metadata"]["annotations"] = {f"xdplb.io/{k.replace('_', '-')}": v for k, v in annotations.items()}
+    return s
+
+
+def test_forwarding_and_table_size_annotations(caplog):
+    """xdplb.io/forwarding and xdplb.io/maglev-table-size set a Service's
+    forwarding and Maglev table size. A value that is not one, or that the
+    Service cannot take (ipip without encap_source, a backend on another
+    port, a table too small or not a table size), is logged once, counted
+    in the sync stats, and the Service is served with the default."""
+    from lb.sources import k8s_model as m
+    from lb.sources.kubernetes import Event, Syncer
+
+    def ev(obj, typ="ADDED"):
+        k = obj["kind"]
+        return Event(k, typ, m.key_of(k, obj), m.parse(k, obj), 1, 0)
+
+    def slice_on(name, service, port, addrs):
+        e = eps(name, service, addrs)
+        e["ports"][0]["port"] = port
+        return e
+
+    objs = [annotated("dsr", "10.96.0.1", forwarding="ipip", maglev_table_size="1009"),
+            slice_on("dsr-1", "dsr", 80, ["10.244.0.1", "10.244.0.2"]),
+            annotated("gue", "10.96.0.2", forwarding=" GUE "), slice_on("gue-1", "gue", 80, ["10.244.0.3"]),
+            annotated("typo", "10.96.0.3", forwarding="dsr"), slice_on("typo-1", "typo", 80, ["10.244.0.4"]),
+            annotated("port", "10.96.0.4", forwarding="ipip"), eps("port-1", "port", ["10.244.0.5"]),
+            annotated("nan", "10.96.0.5", maglev_table_size="big"), eps("nan-1", "nan", ["10.244.0.6"]),
+            annotated("odd", "10.96.0.6", maglev_table_size="1000"), eps("odd-1", "odd", ["10.244.0.7"]),
+            annotated("small", "10.96.0.7", maglev_table_size="101"),
+            eps("small-1", "small", ["10.244.0.8", "10.244.0.9"])]
+
+    def options(sy):
+        return {n.split(".")[1]: (s.forwarding, s.maglev_table_size) for n, s in sy.entries.items()}
+
+    # Without encap_source, ipip and gue cannot be: nat, and said so.
+    sy = Syncer(KubernetesSource(node_name="node-a"))
+    sy.plan([ev(o) for o in objs])
+    assert options(sy)["dsr"] == ("nat", 1009) and options(sy)["gue"] == ("nat", None)
+    assert "needs encap_source" in caplog.text
+
+    caplog.clear()
+    sy = Syncer(KubernetesSource(node_name="node-a"))
+    sy.dsr_ready = True
+    sy.plan([ev(o) for o in objs])
+    assert options(sy) == {"dsr": ("ipip", 1009), "gue": ("gue", None), "typo": ("nat", None),
+                           "port": ("nat", None), "nan": ("nat", None), "odd": ("nat", None),
+                           "small": ("nat", None)}
+    assert sy.stats.bad_annotations == 5 and sy.stats.rejected == 0
+    for reason in ("xdplb.io/forwarding='dsr' is not one of nat, ipip, gue",
+                   "the backend must serve the service's port 80",
+                   "xdplb.io/maglev-table-size='big' is not a number",
+                   "maglev_table_size 1000: must be one of the table sizes",
+                   "maglev_table_size 101: too small for 2 active backends"):
+        assert caplog.text.count(reason) == 1, reason
+    # Retranslating without a change says nothing again; fixing the value serves it.
+    sy.plan([ev(slice_on("typo-1", "typo", 80, ["10.244.0.4", "10.244.0.10"]), "MODIFIED")])
+    assert sy.stats.bad_annotations == 5
+    sy.plan([ev(annotated("typo", "10.96.0.3", forwarding="ipip"), "MODIFIED")])
+    assert options(sy)["typo"] == ("ipip", None) and sy.stats.bad_annotations == 5
+
+
+def test_annotations_through_the_watcher(api, harness):
+    """The same through the apiserver double and the real client: an
+    annotation added later changes the service; a bad one is counted in
+    `xdplb kubernetes` status and the Service keeps being served."""
+    api.apply_many([svc("web", "10.96.0.10"), eps("web-1", "web", ["10.244.0.1"])])
+    h = harness()
+    (name,) = [n for n in h.w.syncer.entries if ".web." in n]
+    assert h.w.syncer.entries[name].maglev_table_size is None
+    api.apply(annotated("web", "10.96.0.10", maglev_table_size="2039"))
+    wait_for(lambda: h.w.syncer.entries[name].maglev_table_size == 2039, what="annotation applied")
+    api.apply(annotated("web", "10.96.0.10", maglev_table_size="2039", forwarding="vxlan"))
+    wait_for(lambda: h.w.status()["sync"]["bad_annotations"] == 1, what="bad annotation counted")
+    s = h.w.syncer.entries[name]
+    assert (s.forwarding, s.maglev_table_size) == ("nat", 2039)
+    assert h.backends("web") == {"10.244.0.1:8080"}

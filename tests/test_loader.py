@@ -87,9 +87,10 @@ EXPECTED_MAPS = {
     "drop_stats": (MapType.PERCPU_ARRAY, 4, 16, 32, 0),
     "drop_detail": (MapType.LRU_PERCPU_HASH, 12, 16, 65536, 0),
     "global_stats": (MapType.PERCPU_ARRAY, 4, 16, 32, 0),
-    "config": (MapType.ARRAY, 4, 112, 2, 0),
+    "config": (MapType.ARRAY, 4, 132, 2, 0),
     "meta": (MapType.ARRAY, 4, 8, 1, 0),
     "tx_ports": (MapType.DEVMAP_HASH, 4, 4, 256, 0),
+    "if_macs": (MapType.HASH, 4, 8, 256, 0),
     "probe": (MapType.ARRAY, 4, 28, 1, 0),
     "events": (MapType.RINGBUF, 0, 0, 262144, 0),     # records are struct flow_event
     "monitor_bucket": (MapType.PERCPU_ARRAY, 4, 24, 1, 0),
@@ -160,7 +161,7 @@ def test_layout_types(btf: Btf) -> None:
 
 def test_enums(btf: Btf) -> None:
     assert btf.enum("drop_reason")["DROP_POLICY"] == 1
-    assert btf.enums()["xdplb_counter"]["CNT_MAX"] == 18
+    assert btf.enums()["xdplb_counter"]["CNT_MAX"] == 19
     lay = Layouts(btf)
     reason = lay.enum("drop_reason")
     assert reason.DROP_POLICY == 1 and reason(13).name == "DROP_REDIRECT"

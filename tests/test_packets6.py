@@ -14,7 +14,7 @@ from scapy.layers.inet import TCP, UDP
 from scapy.layers.l2 import Ether
 
 from lb.demo import lab_config
-from lbtest import XDP_DROP, XDP_PASS, XDP_REDIRECT, Harness, pin_dir
+from lbtest import XDP_DROP, XDP_PASS, XDP_REDIRECT, Harness, assert_checksums_valid, pin_dir, tcp
 
 VIP6 = "fd00:96::10"
 UDP_VIP6 = "fd00:96::53"
@@ -225,6 +225,58 @@ def test_snat66_reply_translated_back(lb6):
         assert (back[IPv6].src, back[TCP].sport) == (VIP6, 80)
         assert (back[IPv6].dst, back[TCP].dport) == (CLIENT6, 47000)
         assert l4_checksum_ok(back)
+    finally:
+        cfg.pop("snat_address")
+        lb6.apply(cfg)
+
+
+def checksums_valid(pkt) -> None:
+    if IPv6 in pkt:
+        assert l4_checksum_ok(pkt)
+    else:
+        assert_checksums_valid(pkt)
+
+
+def snat_round_trip(lb, pkt, snat_ip: str, ip_layer, client: tuple[str, int], vip: tuple[str, int]) -> int:
+    """Forward `pkt`, check it leaves from `snat_ip`, answer it as its
+    backend and check the answer goes back from the VIP to the client.
+    Returns the SNAT port."""
+    out = forward(lb, pkt)
+    lo, hi = lb.cfg.snat_ports.min, lb.cfg.snat_ports.max
+    assert out[ip_layer].src == snat_ip and lo <= out[TCP].sport <= hi, out.summary()
+    checksums_valid(out)
+    b = next(b for b in lb.topo.backends if out[ip_layer].dst in (b.ip, b.ip6))
+    reply = eth(b.lb_iface.mac) / ip_layer(src=out[ip_layer].dst, dst=snat_ip) / \
+        TCP(sport=out[TCP].dport, dport=out[TCP].sport, flags="SA", seq=5, ack=1001)
+    rc, back = lb.run(reply, ifname=b.lb_iface.name)
+    assert rc == XDP_REDIRECT
+    assert ((back[ip_layer].src, back[TCP].sport), (back[ip_layer].dst, back[TCP].dport)) == (vip, client)
+    checksums_valid(back)
+    return out[TCP].sport
+
+
+def test_snat_both_families_at_once(lb6):
+    """One SNAT address per family: IPv4 and IPv6 services are SNATed side
+    by side, each from its own address, and their replies reverse-NATed.
+    Dropping the IPv4 address puts IPv4 back in gateway mode only."""
+    from scapy.layers.inet import IP
+
+    topo = lb6.topo
+    cfg = lb6.edit()
+    cfg["snat_address"] = [topo.snat_ip6, topo.snat_ip]
+    lb6.apply(cfg)
+    try:
+        for sport in (47100, 47101, 47102):
+            snat_round_trip(lb6, tcp("10.1.0.10", sport, "10.96.0.10", 80), topo.snat_ip, IP,
+                            ("10.1.0.10", sport), ("10.96.0.10", 80))
+            snat_round_trip(lb6, tcp6(CLIENT6, sport, VIP6, 80), topo.snat_ip6, IPv6,
+                            (CLIENT6, sport), (VIP6, 80))
+        cfg["snat_address"] = topo.snat_ip6
+        lb6.apply(cfg)
+        out = forward(lb6, tcp("10.1.0.10", 47110, "10.96.0.10", 80))
+        assert out[IP].src == "10.1.0.10" and out[TCP].sport == 47110      # gateway mode
+        snat_round_trip(lb6, tcp6(CLIENT6, 47110, VIP6, 80), topo.snat_ip6, IPv6,
+                        (CLIENT6, 47110), (VIP6, 80))
     finally:
         cfg.pop("snat_address")
         lb6.apply(cfg)

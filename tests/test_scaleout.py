@@ -13,6 +13,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +21,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lb.announce import bgp_sessions
+from lb.announce import bgp_sessions, render_vips
 from lb.demo import DaemonProcess
 from lb.lab import REPO_ROOT, Lab
-from lb.scaleout_lab import (ECHO_PORT, VIP, Node, ScaleoutTopology, build_scaleout_lab, multipath_nexthops,
+from lb.scaleout_lab import (ECHO_PORT, HTTP_PORT, VIP, Node, ScaleoutTopology, build_scaleout_lab, multipath_nexthops,
                              node_config, running_cluster, set_node_links, wait_nexthops)
 from lb.streams import Streams, connect_burst, time_to_answer
 from lbtest import pin_dir, stats, wait_for, xdplb
@@ -69,8 +70,9 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(bpf_object, tmp_path_factory):
     subprocess.run(["make", "-s", "-C", str(REPO_ROOT), "bpf"], check=True)
-    with Lab() as lab:
+    with Lab(ipv6=True) as lab:
         # b4 is in the lab but not in the nodes' config: a test adds it.
+        # IPv6 on the router's links: every node also peers over IPv6.
         topo = build_scaleout_lab(lab, tmp_path_factory.mktemp("scaleout"), backends=4)
         with running_cluster(lab, topo, Path(pin_dir()), config_backends=3) as daemons:
             yield Cluster(lab, topo, daemons)
@@ -104,7 +106,7 @@ def test_router_has_a_multipath_route_over_every_node(all_up):
     for node in c.topo.nodes:
         st = json.loads(xdplb(c.daemons[node.name], "bgp", "--json").stdout)
         assert st == {"draining": False, "error": None, "announced": [VIP],
-                      "sessions": {"peer1": "Established"}}
+                      "sessions": {"peer1": "Established", "peer2": "Established"}}
         assert f"route {VIP}/32 blackhole;" in (node.workdir / "bird-vips.conf").read_text()
 
 
@@ -266,21 +268,138 @@ def test_backend_added_during_a_node_loss(all_up):
 @pytest.mark.parametrize("bfd", [True, False])
 def test_bird_parses_the_config_xdplb_writes(tmp_path, bfd):
     """`xdplb bird-config` writes files that BIRD 2 itself accepts (bird -p),
-    with two peers, BFD on or off, no router id; writing them again keeps
-    a VIP list already there (announced routes are never reset by it)."""
+    with two IPv4 peers and an IPv6 one, BFD on or off, no router id;
+    writing them again keeps a VIP list already there (announced routes
+    are never reset by it), IPv6 routes included."""
     conf = tmp_path / "bird.conf"
     cfg = tmp_path / "x.yaml"
     cfg.write_text(yaml.safe_dump({"interfaces": ["u0"], "bgp": {
         "local_asn": 4200000001, "bfd": bfd, "bird_config": str(conf),
-        "peers": [{"address": "10.0.0.1", "asn": 65000}, {"address": "10.0.1.1", "asn": 65002}]}}))
+        "peers": [{"address": "10.0.0.1", "asn": 65000}, {"address": "10.0.1.1", "asn": 65002},
+                  {"address": "fd00:10::1", "asn": 65000}]}}))
     cli = [sys.executable, "-m", "lb.cli", "bird-config", "--config", str(cfg)]
     subprocess.run(cli, check=True, cwd=REPO_ROOT, capture_output=True)
     subprocess.run(["bird", "-p", "-c", str(conf)], check=True)
     text = conf.read_text()
-    assert text.count("protocol bgp") == 2 and ("protocol bfd" in text) == bfd
+    assert text.count("protocol bgp") == 3 and ("protocol bfd" in text) == bfd
+    assert text.count('ipv6 { import none; export where proto = "xdplb_vips6"') == 1
     vips = tmp_path / "bird-vips.conf"
-    vips.write_text(vips.read_text().replace("ipv4;", f"ipv4;\n  route {VIP}/32 blackhole;"))
+    vips.write_text(render_vips([VIP, "fd00:96::20"]))
     subprocess.run(cli, check=True, cwd=REPO_ROOT, capture_output=True)
-    assert f"route {VIP}/32" in vips.read_text()
+    assert f"route {VIP}/32" in vips.read_text() and "route fd00:96::20/128" in vips.read_text()
     subprocess.run(["bird", "-p", "-c", str(conf)], check=True)
 
+
+
+VIP6 = "fd00:96::20"
+
+
+def with_ipv6_service(cfg: dict, c: Cluster) -> dict:
+    """`cfg` plus a NAT service on an IPv6 VIP, to the backends' IPv6
+    addresses (announced like any VIP, to the router's IPv6 session)."""
+    return {**cfg, "services": cfg["services"] + [
+        {"name": "web6", "vip": VIP6, "port": 80, "protocol": "tcp",
+         "backends": [f"[{b.ip6}]:{HTTP_PORT}" for b in c.topo.backends[:3]]}]}
+
+
+def test_ipv6_vip_announced_and_withdrawn(all_up):
+    """An IPv6 VIP in every node's config: the router gets a multipath
+    /128 over the 3 nodes' IPv6 addresses, from their IPv6 sessions. One
+    node's IPv6 service loses its active backends: that node withdraws the
+    IPv6 VIP only (the IPv4 one keeps all 3). The VIP leaves the configs:
+    the route disappears."""
+    c = all_up
+    for node in c.topo.nodes:
+        c.apply(node, edit=lambda cfg: with_ipv6_service(cfg, c))
+    took = wait_nexthops(c.lab, c.topo, c.topo.nodes, vip=VIP6, timeout=15)
+    print(f"\nIPv6 VIP in the router's route over 3 nodes after {took:.2f}s")
+    for node in c.topo.nodes:
+        st = json.loads(xdplb(c.daemons[node.name], "bgp", "--json").stdout)
+        assert st["announced"] == [VIP, VIP6] and st["error"] is None, st
+        assert f"route {VIP6}/128 blackhole;" in (node.workdir / "bird-vips.conf").read_text()
+
+    lb1 = c.node("lb1")
+
+    def web6_drained(cfg: dict) -> dict:
+        cfg = with_ipv6_service(cfg, c)
+        web6 = cfg["services"][-1]
+        web6["backends"] = [{"address": b.ip6, "port": HTTP_PORT, "state": "draining"}
+                            for b in c.topo.backends[:3]]
+        return cfg
+
+    c.apply(lb1, edit=web6_drained)
+    wait_nexthops(c.lab, c.topo, c.others(lb1.name), vip=VIP6, timeout=10)
+    assert multipath_nexthops(c.lab, c.topo) == sorted(n.uplink_ip for n in c.topo.nodes)
+
+    for node in c.topo.nodes:
+        c.apply(node)
+    wait_nexthops(c.lab, c.topo, [], vip=VIP6, timeout=10)
+    assert multipath_nexthops(c.lab, c.topo, VIP6) == []
+
+
+def test_bird_unreachable_is_one_line_and_forwarding_goes_on(all_up):
+    """lb1's BIRD control socket gone (BIRD itself still runs its sessions):
+    a change to announce fails with one line in `xdplb bgp`, `xdplb drain`
+    says so in one line, the config is applied all the same and the node
+    goes on forwarding; the socket back, the daemon announces within its
+    one-second retry."""
+    c = all_up
+    node = c.node("lb1")
+    d = c.daemons[node.name]
+    hidden = node.bird_socket.with_name("bird.ctl.hidden")
+    node.bird_socket.rename(hidden)
+    try:
+        before = c.new_flows(node.name)
+        c.apply(node, edit=lambda cfg: with_ipv6_service(cfg, c))
+        st = wait_for(lambda: (s := json.loads(xdplb(d, "bgp", "--json").stdout))["error"] and s,
+                      5, "the announcement error")
+        assert st["announced"] == [VIP] and "\n" not in st["error"], st
+        assert str(node.bird_socket) in st["error"], st
+        out = xdplb(d, "bgp").stdout
+        assert "error: BIRD control socket" in out and "Traceback" not in out, out
+        p = xdplb(d, "drain", "--timeout", "1", check=False)
+        assert p.returncode == 1 and "Traceback" not in p.stdout + p.stderr, p.stdout + p.stderr
+        assert len((p.stdout + p.stderr).strip().splitlines()) == 1, p.stdout + p.stderr
+        xdplb(d, "drain", "--undo")
+        # Still forwarding: the router still routes to lb1 (its BIRD runs).
+        burst = connect_burst(c.lab, c.topo.client_ns, c.topo.client_ips, VIP, ECHO_PORT, 2.0)
+        assert all(burst.values()), burst
+        assert c.new_flows(node.name) - before >= 10
+        assert len(multipath_nexthops(c.lab, c.topo)) == 3
+    finally:
+        hidden.rename(node.bird_socket)
+    wait_for(lambda: json.loads(xdplb(d, "bgp", "--json").stdout)["announced"] == [VIP, VIP6], 5,
+             "the announcement once BIRD is reachable again")
+    wait_nexthops(c.lab, c.topo, [node], vip=VIP6, timeout=10)
+
+
+def test_drain_times_out_while_new_flows_keep_coming(all_up):
+    """A router that keeps sending new flows to a drained node (here a
+    static route, preferred over BGP's, pins the VIP to lb2): `xdplb drain`
+    withdraws, waits, and gives up after --timeout with exit status 1."""
+    c = all_up
+    node = c.node("lb2")
+    ipr = c.lab.ipr(c.topo.router_ns)
+    ipr.route("add", dst=f"{VIP}/32", gateway=node.uplink_ip, priority=1)
+    stop = threading.Event()
+
+    def clients():
+        while not stop.is_set():
+            connect_burst(c.lab, c.topo.client_ns, c.topo.client_ips[:20], VIP, ECHO_PORT, 0.5)
+            time.sleep(0.1)
+
+    t = threading.Thread(target=clients, daemon=True)
+    t.start()
+    try:
+        t0 = time.monotonic()
+        p = xdplb(c.daemons[node.name], "drain", "--timeout", "3", "--quiet", "1", check=False)
+        took = time.monotonic() - t0
+        assert p.returncode == 1, p.stdout + p.stderr
+        assert "not drained: new flows still arrive after 3s" in p.stdout, p.stdout
+        assert 3 <= took < 8, took
+        st = json.loads(xdplb(c.daemons[node.name], "bgp", "--json").stdout)
+        assert st["draining"] and st["announced"] == []        # withdrawn all the same
+    finally:
+        stop.set()
+        t.join(10)
+        ipr.route("del", dst=f"{VIP}/32", gateway=node.uplink_ip, priority=1)

@@ -21,7 +21,8 @@ enum xdplb_layout {
 	 *    COUNTER_SLOTS (room for new reasons and counters without a
 	 *    layout change); DROP_NO_NEIGH, DROP_MTU, neigh_requests
 	 * 6: DSR (encap.h): lb_config.encap_v4/encap_v6/gue_port,
-	 *    SVC_F_IPIP, SVC_F_GUE */
+	 *    SVC_F_IPIP, SVC_F_GUE; lb_config.snat_v4/snat_v6 (one SNAT
+	 *    address per family); if_macs (dmac.h) */
 	XDPLB_LAYOUT_VERSION = 6,
 };
 
@@ -45,7 +46,7 @@ enum xdplb_limits {
 	 * this many; a service past them is flagged SVC_F_REV_NAT and its
 	 * flows write a reverse-NAT entry instead. Bounded for the verifier. */
 	REPLY_INDEX_SVCS = 8,
-	DEVMAP_ENTRIES = 256,          /* egress interfaces for XDP_REDIRECT */
+	DEVMAP_ENTRIES = 256,          /* egress interfaces for XDP_REDIRECT, and their MACs (if_macs) */
 	NEXTHOP_ENTRIES = 65536,       /* cached next hops (backends and clients), LRU */
 	NEIGH_REQUEST_ENTRIES = 1024,  /* unresolved next hops for the control plane, LRU */
 	/* Client-IP affinity: (service, client address) -> backend, LRU. An
@@ -192,7 +193,8 @@ enum xdplb_counter {
 	CNT_ENCAP_IPIP = 15,        /* DSR: sent to a backend in IPIP (encap.h) */
 	CNT_ENCAP_GUE = 16,         /* DSR: sent to a backend in GUE */
 	CNT_FRAG_NEEDED = 17,       /* DSR: ICMP frag. needed / ICMPv6 too big sent for a DROP_ENCAP_MTU */
-	CNT_MAX = 18,
+	CNT_OTHER_HOST = 18,        /* unicast frames for another MAC, passed untouched (dmac.h) */
+	CNT_MAX = 19,
 };
 
 #endif

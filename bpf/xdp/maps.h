@@ -143,11 +143,19 @@ struct encap_source {
 	__u32 family;               /* FAMILY_NONE: not configured (DROP_ENCAP) */
 };
 
+/* The SNAT source of one family: NAT services of that family leave from
+ * this address and a port of lb_config's range (nat.h). The port range is
+ * shared; each address has all of it, as rev_nat keys carry the address. */
+struct snat_source {
+	__u32 addr[4];              /* network order; IPv4 in addr[0] */
+	__u32 family;               /* FAMILY_NONE: gateway mode for this family */
+};
+
 /* Global settings. Two copies: the control plane writes the inactive one and
  * then flips meta.active_config, so a packet never sees a half-written copy. */
 struct lb_config {
-	__u32 snat_addr[4];
-	__u32 snat_family;          /* FAMILY_NONE = no SNAT (gateway mode) */
+	struct snat_source snat_v4;
+	struct snat_source snat_v6;
 	__u16 snat_port_min;        /* host order, inclusive */
 	__u16 snat_port_max;        /* host order, inclusive */
 	__u32 hash_seed;
@@ -381,6 +389,20 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 } tx_ports SEC(".maps");
+
+/* ifindex -> the MAC of an interface the program is attached to, written
+ * by the control plane at attach (dmac.h). */
+struct if_mac {
+	__u8 addr[6];
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, DEVMAP_ENTRIES);
+	__type(key, __u32);
+	__type(value, struct if_mac);
+} if_macs SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

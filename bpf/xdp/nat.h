@@ -114,6 +114,19 @@ static __always_inline struct lb_config *active_config(void)
 	return bpf_map_lookup_elem(&config, &idx);
 }
 
+/* The SNAT source of `family`'s NAT services, configured or not. */
+static __always_inline const struct snat_source *snat_source(const struct lb_config *cfg,
+							     __u8 family)
+{
+	return family == FAMILY_IPV6 ? &cfg->snat_v6 : &cfg->snat_v4;
+}
+
+/* SNAT mode for `family`; without it that family's NAT is gateway mode. */
+static __always_inline int snat_on(const struct lb_config *cfg, __u8 family)
+{
+	return snat_source(cfg, family)->family == family;
+}
+
 /* Claim a SNAT source port for the reply key `rkey` (whose dport is the
  * port). Linear probing from a hash-chosen start; BPF_NOEXIST makes the
  * claim race-free between CPUs. Returns the port in network order, or 0. */
@@ -179,7 +192,7 @@ static __noinline int reverse_nat_store(const struct flow_key *flow, struct rewr
 	__builtin_memcpy(rkey.src, rw->daddr, sizeof(rkey.src));
 	__builtin_memcpy(rkey.dst, rw->saddr, sizeof(rkey.dst));
 	/* Gateway mode for this family: the entry is only for replies. */
-	if (cfg->snat_family != flow->family)
+	if (!snat_on(cfg, flow->family))
 		return nat_store(&rkey, nat) ? DROP_CT_FULL : DROP_NONE;
 	ct->nat_port = nat_port_take(&rkey, nat, cfg, hash);
 	if (!ct->nat_port)

@@ -9,6 +9,7 @@
  *   replies to translated flows -> reply index + conntrack (gateway mode)
  *         or reverse NAT (SNAT) -> FIB -> out
  *   everything else (neighbour discovery, ICMP, ...) -> XDP_PASS, untouched
+ *   unicast frames for another MAC (flooded, promiscuous) -> XDP_PASS (dmac.h)
  *
  * IPv4 and IPv6 take the same path: the family is a parameter of each
  * step (parse.h, nat.h, forward.h), not a second program.
@@ -33,6 +34,7 @@
 #include "forward.h"
 #include "encap.h"
 #include "monitor.h"
+#include "dmac.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -121,6 +123,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 	struct svc_value svc = *svc_ptr;
 	struct bpf_fib_lookup fib = {};
 	struct lb_config *cfg = active_config();
+	const struct snat_source *snat_src;
 	struct ct_entry ct = {};
 	struct ct_entry *cte;
 	struct encap enc;
@@ -137,9 +140,10 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 
 	if (!cfg)
 		return count_verdict(XDP_ABORTED, pkt->len);
-	/* SNAT applies to NAT services of the SNAT address's family (the
+	/* SNAT applies to NAT services of a family with a SNAT address (the
 	 * others are in gateway mode): DSR replies never cross the LB. */
-	snat = cfg->snat_family == pkt->flow.family && !(svc.flags & SVC_F_ENCAP);
+	snat_src = snat_source(cfg, pkt->flow.family);
+	snat = snat_src->family == pkt->flow.family && !(svc.flags & SVC_F_ENCAP);
 
 	/* Policy first: a denied source costs no conntrack or backend work. */
 	if (dry_run || (svc.flags & SVC_F_HAS_POLICY))
@@ -188,7 +192,7 @@ static __always_inline int handle_service(struct xdp_md *ctx, struct packet *pkt
 		ct.nat_port = 0;
 	}
 
-	rw.saddr = snat ? cfg->snat_addr : pkt->flow.src;
+	rw.saddr = snat ? snat_src->addr : pkt->flow.src;
 	rw.sport = snat ? ct.nat_port : pkt->flow.sport;
 	rw.daddr = b->addr;
 	rw.dport = b->port;
@@ -297,7 +301,7 @@ static __always_inline int handle_other(struct xdp_md *ctx, struct packet *pkt)
 	struct nat_entry *nat;
 
 	/* SNAT has no gateway flows: its family's replies are all in rev_nat. */
-	if (cfg && cfg->snat_family != pkt->flow.family && reply_from_index(ctx, pkt, cfg, &reply))
+	if (cfg && !snat_on(cfg, pkt->flow.family) && reply_from_index(ctx, pkt, cfg, &reply))
 		return handle_reply(ctx, pkt, &reply, cfg);
 	nat = bpf_map_lookup_elem(&rev_nat, &pkt->flow);
 	if (nat)
@@ -312,8 +316,12 @@ int xdplb_main(struct xdp_md *ctx)
 {
 	struct packet pkt = {};
 	struct svc_value *svc;
-	int res = parse_packet(ctx, &pkt);
+	int res;
 
+	/* First, while nothing else is live across the call. */
+	if (for_another_host(ctx))
+		return count_verdict(XDP_PASS, ctx->data_end - ctx->data);
+	res = parse_packet(ctx, &pkt);
 	if (res == PARSE_NOT_IP || res == PARSE_NO_IP_HEADER)
 		return count_verdict(XDP_PASS, pkt.len);
 	if (res != PARSE_OK) {

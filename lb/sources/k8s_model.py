@@ -27,6 +27,12 @@ from typing import Any
 HEADLESS_LABEL = "service.kubernetes.io/headless"
 PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+# Per-Service options of xdplb (Service metadata.annotations): config.Service's
+# `forwarding` and `maglev_table_size`. A bad value is reported and the
+# Service is served with the default (Translation.bad_annotations).
+FORWARDING_ANNOTATION = "xdplb.io/forwarding"
+TABLE_SIZE_ANNOTATION = "xdplb.io/maglev-table-size"
+FORWARDINGS = ("nat", "ipip", "gue")
 DEFAULT_AFFINITY_S = 10800          # sessionAffinityConfig.clientIP.timeoutSeconds default
 KINDS = ("Service", "EndpointSlice", "Node", "Pod", "Namespace", "NetworkPolicy")
 FAMILY_NAMES = {4: "IPv4", 6: "IPv6"}   # ip_address().version -> ipFamilies / addressType
@@ -66,6 +72,8 @@ class KService:
     itp_local: bool = False
     proxy_name: str | None = None
     headless: bool = False
+    forwarding: str | None = None           # FORWARDING_ANNOTATION, as written
+    table_size: str | None = None           # TABLE_SIZE_ANNOTATION, as written
 
     @property
     def key(self) -> tuple[str, str]:
@@ -252,6 +260,9 @@ def _svc(obj: Mapping, ns: str, name: str) -> KService:
         if not isinstance(t, int) or isinstance(t, bool) or not 1 <= t <= 86400:
             raise ValueError(f"sessionAffinityConfig.clientIP.timeoutSeconds must be 1..86400, not {t!r}")
         affinity = t
+    annotations = _get(obj, "metadata", "annotations", default=None) or {}
+    if not isinstance(annotations, dict):
+        raise ValueError("metadata.annotations must be a mapping")
     lb_ips = tuple(str(i["ip"]) for i in _list(_get(obj, "status", "loadBalancer", "ingress"),
                                                 "status.loadBalancer.ingress")
                    if isinstance(i, dict) and i.get("ip"))
@@ -260,7 +271,9 @@ def _svc(obj: Mapping, ns: str, name: str) -> KService:
         tuple(map(str, _list(spec.get("externalIPs"), "spec.externalIPs"))), lb_ips,
         tuple(map(str, _list(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges"))),
         affinity, spec.get("externalTrafficPolicy") == "Local", spec.get("internalTrafficPolicy") == "Local",
-        labels.get(PROXY_NAME_LABEL), HEADLESS_LABEL in labels)
+        labels.get(PROXY_NAME_LABEL), HEADLESS_LABEL in labels,
+        *(None if (a := annotations.get(k)) is None else str(a)
+          for k in (FORWARDING_ANNOTATION, TABLE_SIZE_ANNOTATION)))
 
 
 def _cond(c: Mapping, key: str, default: bool) -> bool:
@@ -586,6 +599,8 @@ class Entry:
     backends: tuple[tuple[Address, int, str], ...]   # (address, port, active|draining)
     allow: tuple[str, ...] | None = None
     client_affinity_s: int | None = None
+    forwarding: str = "nat"
+    maglev_table_size: int | None = None
 
     @property
     def key(self) -> tuple[Address, int, str]:
@@ -598,6 +613,28 @@ class Translation:
     skipped: list[str] = field(default_factory=list)     # one reason per thing not served
     sctp: int = 0
     other_family: int = 0     # addresses of a family the Service has no clusterIP of
+    bad_annotations: list[str] = field(default_factory=list)   # each ignored: the default serves
+
+
+def service_options(svc: KService) -> tuple[str, int | None, list[str]]:
+    """The Service's forwarding and Maglev table size from its annotations,
+    and a reason for each value that is not one (then the default)."""
+    where = f"Service {svc.namespace}/{svc.name}"
+    bad = []
+    forwarding, size = "nat", None
+    if svc.forwarding is not None:
+        if svc.forwarding.strip().lower() in FORWARDINGS:
+            forwarding = svc.forwarding.strip().lower()
+        else:
+            bad.append(f"{where}: annotation {FORWARDING_ANNOTATION}={svc.forwarding!r} is not one of "
+                       f"{', '.join(FORWARDINGS)}; forwarding nat")
+    if svc.table_size is not None:
+        if svc.table_size.strip().isdigit():
+            size = int(svc.table_size)
+        else:
+            bad.append(f"{where}: annotation {TABLE_SIZE_ANNOTATION}={svc.table_size!r} is not a "
+                       f"number; the table size follows the backend count")
+    return forwarding, size, bad
 
 
 def serves(svc: KService, proxy_name: str | None) -> str | None:
@@ -660,6 +697,7 @@ def translate(svc: KService, slices: Iterable[KSlice], node: KNode | None, node_
     out = Translation()
     slices = list(slices)
     where = f"Service {svc.namespace}/{svc.name}"
+    forwarding, table_size, out.bad_annotations = service_options(svc)
     versions = {a.version for a in map(_addr, svc.cluster_ips) if a is not None}
     node_addrs = [a for a in (node.addresses if node else ()) if (v := _addr(a)) and v.version in versions]
     seen: set[tuple[Address, int, str]] = set()
@@ -719,7 +757,7 @@ def translate(svc: KService, slices: Iterable[KSlice], node: KNode | None, node_
             out.entries.append(Entry(
                 entry_name(svc.namespace, svc.name, sp, kind, str(a)), a, port, proto,
                 by_family[a.version][external], tuple(sorted(allow)) if allow is not None else None,
-                svc.affinity_s))
+                svc.affinity_s, forwarding, table_size))
     return out
 
 

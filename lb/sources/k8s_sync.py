@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from ..config import _COLLECT, Backend, KubernetesSource, Service, _identity_ids
+from ..config import _COLLECT, Backend, KubernetesSource, Service, _dsr_problems, _identity_ids, _table_size_problems
 from . import k8s_model as m
 from .k8s_reflector import Event, _kv, _short
 
@@ -114,6 +114,7 @@ class SyncStats:
     skipped_sctp: int = 0
     skipped_family: int = 0          # addresses of a family the Service has no clusterIP of
     not_served: int = 0
+    bad_annotations: int = 0         # annotation values ignored (the default served instead)
 
 
 def to_service(e: m.Entry) -> Service:
@@ -130,8 +131,26 @@ def to_service(e: m.Entry) -> Service:
     # every backend address (2/3 of a 20k-service first sync).
     return Service.model_validate({"name": e.name, "vip": e.vip, "port": e.port,
                                    "protocol": e.protocol, "backends": backends,
-                                   "allow": e.allow, "client_affinity_s": e.client_affinity_s},
+                                   "allow": e.allow, "client_affinity_s": e.client_affinity_s,
+                                   "forwarding": e.forwarding, "maglev_table_size": e.maglev_table_size},
                                   context={_COLLECT: True})
+
+
+def usable_options(s: Service, dsr_ready: bool) -> tuple[Service, list[str]]:
+    """`s` without the annotated options it cannot take (config's rules for
+    them, which _COLLECT skipped), each back to its default, and why."""
+    why = []
+    if s.maglev_table_size is not None and (problems := _table_size_problems(s)):
+        why.append(f"{s.name}: annotation {m.TABLE_SIZE_ANNOTATION}: {'; '.join(problems)}; "
+                   f"the table size follows the backend count")
+        s = s.model_copy(update={"maglev_table_size": None})
+    if s.dsr:
+        problems = _dsr_problems(s) if dsr_ready else ["needs encap_source in the daemon's config"]
+        if problems:
+            why.append(f"{s.name}: annotation {m.FORWARDING_ANNOTATION}={s.forwarding}: "
+                       f"{'; '.join(problems)}; forwarding nat")
+            s = s.model_copy(update={"forwarding": "nat"})
+    return s, why
 
 
 class Syncer:
@@ -149,9 +168,11 @@ class Syncer:
         self.pod_ips: set[str] = set()
         self.stats = SyncStats()
         self.notes: dict[tuple[str, str], list[str]] = {}       # why parts of a service are not served
+        self.bad_notes: dict[tuple[str, str], list[str]] = {}   # annotation values ignored, and why
         # SvcKey -> k8s services that wanted it while another held it: retried when it frees up.
         self.waiting: dict[tuple, set[tuple[str, str]]] = {}
         self.identity_limit = 65536          # the identities map's size (the daemon sets it)
+        self.dsr_ready = False               # the daemon's config has encap_source (it sets it)
 
     # -- batches ---------------------------------------------------------------------
 
@@ -226,6 +247,11 @@ class Syncer:
                 self.notes[key] = tr.skipped
                 try:
                     new = {e.name: to_service(e) for e in tr.entries}
+                    bad = list(tr.bad_annotations)
+                    for name, s in new.items():
+                        new[name], why = usable_options(s, self.dsr_ready)
+                        bad += why
+                    self._note_bad_annotations(key, bad)
                 except ValidationError as err:
                     # Nothing of this Service changes: the maps keep its last good state.
                     self.stats.rejected += 1
@@ -267,6 +293,14 @@ class Syncer:
             self.owned[key] = tuple(new)
         else:
             self.owned.pop(key, None)
+
+    def _note_bad_annotations(self, key: tuple[str, str], bad: list[str]) -> None:
+        """Count and log them when they change (not at every retranslation)."""
+        if bad and self.bad_notes.get(key) != bad:
+            self.stats.bad_annotations += len(bad)
+            for reason in bad:
+                log.warning(_kv("annotation ignored", reason=reason))
+        self.bad_notes[key] = bad
 
     def services(self) -> tuple[Service, ...]:
         return tuple(self.entries.values())
