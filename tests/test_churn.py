@@ -122,15 +122,17 @@ def all_vips(family: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def dsr_churn_lab(bpf_object):
-    """Six backends decapsulating every churn VIP, with return links to
-    the client (test_dsr.add_return_paths); no servers but the recorders."""
-    with Lab() as lab:
+    """Six backends decapsulating the churn VIPs of both families, with
+    return links to the client (test_dsr.add_return_paths); no servers but
+    the recorders. Dual-stack, so that IPv6 DSR cases need no other lab."""
+    with Lab(ipv6=True) as lab:
         topo = build_lb_lab(lab, DSR_BACKENDS)
         add_return_paths(lab, topo)
         pins = {b.name: Path(pin_dir()) for b in topo.backends}
+        vips = all_vips("ipv4") + all_vips("ipv6")
         try:
             for b in topo.backends:
-                backend_cli(lab, b, pins[b.name], "attach", "eth0", *(f"--vip={v}" for v in all_vips("ipv4")))
+                backend_cli(lab, b, pins[b.name], "attach", "eth0", *(f"--vip={v}" for v in vips))
             yield lab, topo
         finally:
             for b in topo.backends:
