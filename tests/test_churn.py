@@ -5,7 +5,7 @@ checked against the control plane's log: it must reach a backend that was in
 its service's current or draining set at some moment while it was in flight.
 
 One test, its family and forwarding as parameters: IPv4 and IPv6 in NAT
-gateway mode (the lab of `lab`/`lab6`), IPv4 in DSR (`ipip`, `gue`: six
+gateway mode (conftest's `lab`/`lab6`), IPv4 in DSR (`ipip`, `gue`: six
 backends running `xdplb backend attach`, each answering every datagram
 from the VIP over its own link to the client, as in tests/test_dsr.py).
 
@@ -122,6 +122,8 @@ def roomy(endpoints: list, services: list[dict], extras: dict[int, frozenset], b
 # The default guard, and one that lets hardly any flow write state: every
 # datagram then goes by a fresh pick in the table of the moment (guard.h).
 GUARDS = {"default guard": None, "overflow": {"new_flows_per_second": 1, "burst": 1}}
+# IPv6 DSR: ("ipv6", "ipip") and ("ipv6", "gue") here, and an IPv6
+# encap_source beside ENCAP_SOURCE, once the config takes one (dsr6).
 MODES = [("ipv4", "nat"), ("ipv6", "nat"), ("ipv4", "ipip"), ("ipv4", "gue")]
 CASES = [(family, forwarding, guard) for family, forwarding in MODES for guard in GUARDS]
 
