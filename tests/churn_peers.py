@@ -83,10 +83,10 @@ def send(vips: list[list], seconds: float, flows: int, source: str, out: str) ->
             except BlockingIOError:
                 continue
             sent += 1
-            if sent % 512 == 0:
+            if sent % 2000 == 0:
+                # ~31 answers a socket since the last drain: far from its buffer's size.
                 for s in socks:
                     answers.drain(s)
-            if sent % 2000 == 0:
                 # A few new flows now and then: re-bind a socket to a new port.
                 k = (sent // 2000) % flows
                 socks[k].close()
