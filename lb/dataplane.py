@@ -27,7 +27,7 @@ from loader.xdp import MODES
 from .config import Config
 
 PROGRAM = "xdplb_main"
-UNPINNED_MAPS = frozenset({"probe", "fib_scratch", "nat_scratch"})   # no state: not pinned
+UNPINNED_MAPS = frozenset({"probe", "fib_scratch", "nat_scratch", "icmp_scratch"})   # no state: not pinned
 log = logging.getLogger("xdplb.dataplane")
 
 

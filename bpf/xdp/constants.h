@@ -190,7 +190,12 @@ enum xdplb_counter {
 	CNT_ENCAP_IPIP = 15,        /* DSR: sent to a backend in IPIP (encap.h) */
 	CNT_ENCAP_GUE = 16,         /* DSR: sent to a backend in GUE */
 	CNT_FRAG_NEEDED = 17,       /* DSR: ICMP fragmentation needed sent for a DROP_ENCAP_MTU */
-	CNT_MAX = 18,
+	/* ICMP/ICMPv6 errors quoting a translated flow (icmp_error.h): about
+	 * a client -> backend packet, translated and sent to the client; about
+	 * a reply, translated and sent to the flow's backend. */
+	CNT_ICMP_ERROR_TO_CLIENT = 18,
+	CNT_ICMP_ERROR_TO_BACKEND = 19,
+	CNT_MAX = 20,
 };
 
 #endif

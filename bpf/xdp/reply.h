@@ -195,4 +195,18 @@ static __always_inline int reply_from_index(struct xdp_md *ctx, const struct pac
 	return reply_without_state(ctx, pkt, cfg, rs, &flow, &key, nat);
 }
 
+/* The client flow that the reply `pkt->flow` answers: gateway mode's
+ * lookup through reply_index (filling `buf`), else a reverse-NAT entry.
+ * NULL: not a reply to a translated flow. */
+static __always_inline const struct nat_entry *reply_lookup(struct xdp_md *ctx,
+							    const struct packet *pkt,
+							    const struct lb_config *cfg,
+							    struct nat_entry *buf)
+{
+	/* SNAT has no gateway flows: its family's replies are all in rev_nat. */
+	if (cfg && cfg->snat_family != pkt->flow.family && reply_from_index(ctx, pkt, cfg, buf))
+		return buf;
+	return bpf_map_lookup_elem(&rev_nat, &pkt->flow);
+}
+
 #endif

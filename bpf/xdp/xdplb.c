@@ -8,7 +8,9 @@
  *            -> XDP_REDIRECT (the backend answers the client itself)
  *   replies to translated flows -> reply index + conntrack (gateway mode)
  *         or reverse NAT (SNAT) -> FIB -> out
- *   everything else (neighbour discovery, ICMP, ...) -> XDP_PASS, untouched
+ *   ICMP errors quoting a translated flow -> the quote and addresses
+ *         translated (icmp_error.h) -> the client, or the flow's backend
+ *   everything else (neighbour discovery, echo, ...) -> XDP_PASS, untouched
  *
  * IPv4 and IPv6 take the same path: the family is a parameter of each
  * step (parse.h, nat.h, forward.h), not a second program.
@@ -33,6 +35,7 @@
 #include "forward.h"
 #include "encap.h"
 #include "monitor.h"
+#include "icmp_error.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -287,13 +290,9 @@ static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt,
 static __always_inline int handle_other(struct xdp_md *ctx, struct packet *pkt)
 {
 	struct lb_config *cfg = active_config();
-	struct nat_entry reply = {};
-	struct nat_entry *nat;
+	struct nat_entry buf = {};
+	const struct nat_entry *nat = reply_lookup(ctx, pkt, cfg, &buf);
 
-	/* SNAT has no gateway flows: its family's replies are all in rev_nat. */
-	if (cfg && cfg->snat_family != pkt->flow.family && reply_from_index(ctx, pkt, cfg, &reply))
-		return handle_reply(ctx, pkt, &reply, cfg);
-	nat = bpf_map_lookup_elem(&rev_nat, &pkt->flow);
 	if (nat)
 		return handle_reply(ctx, pkt, nat, cfg);
 	if (is_vip(&pkt->flow))
@@ -311,6 +310,12 @@ int xdplb_main(struct xdp_md *ctx)
 	if (res == PARSE_NOT_IP || res == PARSE_NO_IP_HEADER)
 		return count_verdict(XDP_PASS, pkt.len);
 	if (res != PARSE_OK) {
+		if (res == PARSE_OTHER_L4) {
+			int rc = icmp_error(ctx, &pkt);
+
+			if (rc != ICMP_ERROR_NOT_OURS)
+				return rc;
+		}
 		if (is_vip(&pkt.flow))
 			return drop(ctx, &pkt, source_identity(&pkt.flow), ID_NONE, parse_drop_reason(res));
 		return count_verdict(XDP_PASS, pkt.len);
