@@ -93,6 +93,13 @@ static __always_inline int icmp_is_error(__u8 family, __u8 type)
 	       type == ICMP_TYPE_PARAM_PROBLEM;
 }
 
+/* Worth the error path's program: ICMP or ICMPv6 (parse_packet() read no
+ * further). */
+static __always_inline int icmp_error_candidate(const struct packet *pkt)
+{
+	return pkt->flow.proto == (pkt->flow.family == FAMILY_IPV6 ? IPPROTO_ICMP6 : IPPROTO_ICMP);
+}
+
 static __always_inline __u32 quoted_ip_len(__u8 family)
 {
 	return family == FAMILY_IPV6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr);
@@ -111,7 +118,7 @@ static __always_inline int icmp_quote_parse(struct xdp_md *ctx, const struct pac
 	__u32 ip_off = ETH_HLEN, msg_len, room;
 	__u16 *ports;
 
-	if (pkt->flow.proto != (family == FAMILY_IPV6 ? IPPROTO_ICMP6 : IPPROTO_ICMP))
+	if (!icmp_error_candidate(pkt))
 		return 0;
 	if (pkt->eth->h_proto == bpf_htons(ETH_P_8021Q) ||
 	    pkt->eth->h_proto == bpf_htons(ETH_P_8021AD))
@@ -385,7 +392,7 @@ static __always_inline int icmp_error_to_backend(struct xdp_md *ctx, struct pack
 }
 
 /* An ICMP error about a translated flow, translated (top of file): the
- * verdict; or ICMP_ERROR_NOT_OURS, then `pkt` is as it was. */
+ * verdict; or ICMP_ERROR_NOT_OURS, and `pkt` is as parse_packet() left it. */
 static __always_inline int icmp_error(struct xdp_md *ctx, struct packet *pkt)
 {
 	struct lb_config *cfg = active_config();

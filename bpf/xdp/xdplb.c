@@ -290,15 +290,55 @@ static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt,
 static __always_inline int handle_other(struct xdp_md *ctx, struct packet *pkt)
 {
 	struct lb_config *cfg = active_config();
-	struct nat_entry buf = {};
-	const struct nat_entry *nat = reply_lookup(ctx, pkt, cfg, &buf);
+	struct nat_entry reply = {};
+	struct nat_entry *nat;
 
+	/* SNAT has no gateway flows: its family's replies are all in rev_nat. */
+	if (cfg && cfg->snat_family != pkt->flow.family && reply_from_index(ctx, pkt, cfg, &reply))
+		return handle_reply(ctx, pkt, &reply, cfg);
+	nat = bpf_map_lookup_elem(&rev_nat, &pkt->flow);
 	if (nat)
 		return handle_reply(ctx, pkt, nat, cfg);
 	if (is_vip(&pkt->flow))
 		return drop(ctx, pkt, source_identity(&pkt->flow), ID_NONE, DROP_NO_SERVICE);
 	return count_verdict(XDP_PASS, pkt->len);
 }
+
+/* A packet parse_packet() did not find fit to balance: dropped if it is
+ * addressed to a VIP, passed untouched otherwise. */
+static __always_inline int not_balanced(struct xdp_md *ctx, struct packet *pkt, int res)
+{
+	if (is_vip(&pkt->flow))
+		return drop(ctx, pkt, source_identity(&pkt->flow), ID_NONE, parse_drop_reason(res));
+	return count_verdict(XDP_PASS, pkt->len);
+}
+
+/* ICMP errors (icmp_error.h), in a program of their own entered by tail
+ * call: its own stack (the entry program's leaves no room for the error
+ * path's records and subprograms) and its own verifier budget. */
+SEC("xdp")
+int xdplb_icmp_error(struct xdp_md *ctx)
+{
+	struct packet pkt = {};
+	int res = parse_packet(ctx, &pkt);
+	int rc;
+
+	if (res != PARSE_OTHER_L4)         /* cannot happen: only those come here */
+		return count_verdict(XDP_PASS, pkt.len);
+	rc = icmp_error(ctx, &pkt);
+	if (rc != ICMP_ERROR_NOT_OURS)
+		return rc;
+	return not_balanced(ctx, &pkt, res);
+}
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__array(values, int (void *));
+} icmp_errors SEC(".maps") = {
+	.values = { [0] = (void *)&xdplb_icmp_error },
+};
 
 SEC("xdp")
 int xdplb_main(struct xdp_md *ctx)
@@ -310,12 +350,8 @@ int xdplb_main(struct xdp_md *ctx)
 	if (res == PARSE_NOT_IP || res == PARSE_NO_IP_HEADER)
 		return count_verdict(XDP_PASS, pkt.len);
 	if (res != PARSE_OK) {
-		if (res == PARSE_OTHER_L4) {
-			int rc = icmp_error(ctx, &pkt);
-
-			if (rc != ICMP_ERROR_NOT_OURS)
-				return rc;
-		}
+		if (res == PARSE_OTHER_L4 && icmp_error_candidate(&pkt))
+			bpf_tail_call(ctx, &icmp_errors, 0);
 		if (is_vip(&pkt.flow))
 			return drop(ctx, &pkt, source_identity(&pkt.flow), ID_NONE, parse_drop_reason(res));
 		return count_verdict(XDP_PASS, pkt.len);
