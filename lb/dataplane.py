@@ -27,7 +27,9 @@ from loader.xdp import MODES
 from .config import Config
 
 PROGRAM = "xdplb_main"
-UNPINNED_MAPS = frozenset({"probe", "fib_scratch", "nat_scratch", "icmp_scratch"})   # no state: not pinned
+# No state: not pinned. icmp_errors (a program array) belongs to its own
+# program: the dry-run copy must not share it.
+UNPINNED_MAPS = frozenset({"probe", "fib_scratch", "nat_scratch", "icmp_scratch", "icmp_errors"})
 log = logging.getLogger("xdplb.dataplane")
 
 
