@@ -266,3 +266,35 @@ def test_counters_are_named_in_stats(lb):
     from lb.stats import collect
     names = collect(lb.dp, lb.rec)["global"]
     assert "icmp_error_to_client" in names and "icmp_error_to_backend" in names
+
+
+def test_the_error_path_outlives_the_loading_process(lab6, bpf_object):
+    """A program array is emptied when nothing holds it: the pin keeps the
+    error path of a running program after its loader is gone (kill -9 of
+    the daemon), until the next load pins its own."""
+    from pathlib import Path
+
+    from lb.config import config_from_dict
+    from lb.dataplane import Dataplane
+    from loader import Map
+    from lbtest import pin_dir
+
+    lab_, topo = lab6
+    cfg = config6(topo)
+    cfg["bpffs"] = pin_dir()
+    dp = Dataplane.open(config_from_dict(cfg))
+    icmp_prog = dp.obj.program("xdplb_icmp_error").id
+    pinned = Path(cfg["bpffs"]) / "tail" / "icmp_errors"
+    try:
+        dp.close()                                  # every descriptor of the load gone
+        with Map.open_pinned(pinned) as m:
+            assert int.from_bytes(bytes(m.lookup(0)), "little") == icmp_prog
+        dp2 = Dataplane.open(config_from_dict(cfg))    # the next load pins its own
+        try:
+            with Map.open_pinned(pinned) as m:
+                assert int.from_bytes(bytes(m.lookup(0)), "little") == dp2.obj.program("xdplb_icmp_error").id
+        finally:
+            dp2.close()
+    finally:
+        Dataplane.detach(Path(cfg["bpffs"]), purge=True)
+    assert not pinned.exists()
