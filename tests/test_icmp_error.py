@@ -10,8 +10,8 @@ from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoRequest, ICMPv6Packe
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from lbtest import XDP_DROP, XDP_PASS, XDP_REDIRECT, Harness
-from test_packets6 import CLIENT6, DENY_VIP6, OTHER6, UDP_VIP6, VIP6, config6, say_hello
+from lbtest import XDP_DROP, XDP_PASS, XDP_REDIRECT
+from test_packets6 import CLIENT6, DENY_VIP6, OTHER6, UDP_VIP6, VIP6, config6, lb6  # noqa: F401 (fixture)
 
 VIP, UDP_VIP, CLIENT, DENIED = "10.96.0.10", "10.96.0.53", "10.1.0.10", "192.0.2.10"
 # Routers that send errors: one between the LB and the backends, one
@@ -24,11 +24,9 @@ MTU = 1280
 
 
 @pytest.fixture(scope="module")
-def lb(lab6, bpf_object):
-    lab_, topo = lab6
-    with Harness(lab_, topo, config6(topo), attach=False) as h:
-        say_hello(lab_, topo.client_ns, topo.lb_client_ip6)
-        yield h
+def lb(lb6):
+    """test_packets6's LB: its IPv4 and IPv6 services, by test-run."""
+    return lb6
 
 
 @pytest.fixture(params=["gateway", "snat"])

@@ -191,14 +191,17 @@ static __always_inline void port_replace(__u16 *at, __u16 to, __u16 *a, __u16 *b
 	*at = to;
 }
 
-/* The quote's addresses are under the ICMP checksum (they are in its
- * message), the quoted IPv4 header's (`ipsum`, NULL for IPv6) and the
- * quoted L4 one (its pseudo-header); its ports under the ICMP and L4 ones.
- * `family` is a constant at each call: the verifier then walks only the
- * accesses of that family. */
-static __always_inline void quote_rewrite(__u8 family, __u16 *isum, __u16 *ipsum, __u32 *qsrc,
-					  __u32 *qdst, __u16 *ports, __u16 *l4sum, __u8 proto,
-					  const struct rewrite *quoted)
+/* The message's rewrite, for one family (a constant at each call: the
+ * verifier then walks only that family's accesses). The quote's addresses
+ * are under the ICMP checksum `isum` (they are in its message), the quoted
+ * IPv4 header's `ipsum` (NULL for IPv6) and the quoted L4 one (its
+ * pseudo-header); its ports under the ICMP and L4 ones. The outer addresses
+ * (`osrc`, `odst`) are under `osum`: the outer IPv4 header's, or ICMPv6's
+ * (its pseudo-header; ICMP for IPv4 has none). */
+static __always_inline void message_rewrite(__u8 family, __u16 *isum, __u16 *ipsum, __u32 *qsrc,
+					    __u32 *qdst, __u16 *ports, __u16 *l4sum, __u8 proto,
+					    const struct rewrite *quoted, __u32 *osrc, __u32 *odst,
+					    __u16 *osum, const struct rewrite *outer)
 {
 	__u16 old_l4sum = l4sum ? *l4sum : 0, old_ipsum = ipsum ? *ipsum : 0;
 
@@ -213,13 +216,13 @@ static __always_inline void quote_rewrite(__u8 family, __u16 *isum, __u16 *ipsum
 		port_replace(&old_l4sum, *l4sum, isum, NULL);
 	if (ipsum)
 		port_replace(&old_ipsum, *ipsum, isum, NULL);
+	addr_replace(family, osrc, outer->saddr, osum, NULL, NULL);
+	addr_replace(family, odst, outer->daddr, osum, NULL, NULL);
 }
 
 /* Rewrite the quote to `quoted` and the outer addresses to `outer` (ports
  * unused), with every checksum (top of file). 0 if the frame is not as
- * icmp_quote_parse() found it (cannot happen; the verifier needs bounds).
- * The outer addresses are under the IPv4 header checksum, or ICMPv6's
- * pseudo-header (ICMP for IPv4 has none). */
+ * icmp_quote_parse() found it (cannot happen; the verifier needs bounds). */
 static __always_inline int icmp_error_rewrite(struct xdp_md *ctx, struct packet *pkt,
 					      const struct icmp_quote *q,
 					      const struct rewrite *outer,
@@ -228,37 +231,37 @@ static __always_inline int icmp_error_rewrite(struct xdp_md *ctx, struct packet 
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct icmp_unreach *icmp = data + (q->icmp_off & 0x3fff);
-	__u16 *l4sum;
+	struct ipv6hdr *ip6 = (void *)(icmp + 1), *outer6 = pkt->ip6;
+	struct iphdr *ip = (void *)(icmp + 1), *outer4 = pkt->ip;
 
-	if ((void *)(icmp + 1) > data_end)
-		return 0;
-	if (pkt->ip6) {
-		struct ipv6hdr *ip6 = (void *)(icmp + 1), *outer6 = pkt->ip6;
-
-		if ((void *)(ip6 + 1) + 8 > data_end)
-			return 0;
-		l4sum = quoted_l4_sum(ip6 + 1, data_end, q, sizeof(*ip6));
-		quote_rewrite(FAMILY_IPV6, &icmp->checksum, NULL, (__u32 *)&ip6->saddr,
-			      (__u32 *)&ip6->daddr, (void *)(ip6 + 1), l4sum, q->flow.proto, quoted);
-		addr_replace(FAMILY_IPV6, (__u32 *)&outer6->saddr, outer->saddr, &icmp->checksum,
-			     NULL, NULL);
-		addr_replace(FAMILY_IPV6, (__u32 *)&outer6->daddr, outer->daddr, &icmp->checksum,
-			     NULL, NULL);
+	if (outer6 && (void *)(ip6 + 1) + 8 <= data_end) {
+		message_rewrite(FAMILY_IPV6, &icmp->checksum, NULL, (__u32 *)&ip6->saddr,
+				(__u32 *)&ip6->daddr, (void *)(ip6 + 1),
+				quoted_l4_sum(ip6 + 1, data_end, q, sizeof(*ip6)), q->flow.proto,
+				quoted, (__u32 *)&outer6->saddr, (__u32 *)&outer6->daddr,
+				&icmp->checksum, outer);
 		return 1;
 	}
-	if (pkt->ip) {
-		struct iphdr *ip = (void *)(icmp + 1), *outer4 = pkt->ip;
-
-		if ((void *)(ip + 1) + 8 > data_end)
-			return 0;
-		l4sum = quoted_l4_sum(ip + 1, data_end, q, sizeof(*ip));
-		quote_rewrite(FAMILY_IPV4, &icmp->checksum, &ip->check, &ip->saddr, &ip->daddr,
-			      (void *)(ip + 1), l4sum, q->flow.proto, quoted);
-		addr_replace(FAMILY_IPV4, &outer4->saddr, outer->saddr, &outer4->check, NULL, NULL);
-		addr_replace(FAMILY_IPV4, &outer4->daddr, outer->daddr, &outer4->check, NULL, NULL);
+	if (outer4 && (void *)(ip + 1) + 8 <= data_end) {
+		message_rewrite(FAMILY_IPV4, &icmp->checksum, &ip->check, &ip->saddr, &ip->daddr,
+				(void *)(ip + 1), quoted_l4_sum(ip + 1, data_end, q, sizeof(*ip)),
+				q->flow.proto, quoted, &outer4->saddr, &outer4->daddr,
+				&outer4->check, outer);
 		return 1;
 	}
 	return 0;
+}
+
+/* pkt->flow becomes the quoted flow reversed: a reply's key when the quote
+ * is a forwarded packet, the client flow's when it is a reply. The lookups
+ * of those take a packet (reply.h). */
+static __always_inline void quote_reversed(struct packet *pkt, const struct icmp_quote *q)
+{
+	pkt->flow.proto = q->flow.proto;
+	pkt->flow.sport = q->flow.dport;
+	pkt->flow.dport = q->flow.sport;
+	__builtin_memcpy(pkt->flow.src, q->flow.dst, sizeof(pkt->flow.src));
+	__builtin_memcpy(pkt->flow.dst, q->flow.src, sizeof(pkt->flow.dst));
 }
 
 /* Send the rewritten error on, as a reply or a forwarded packet goes. */
@@ -294,11 +297,7 @@ static __always_inline int icmp_error_to_client(struct xdp_md *ctx, struct packe
 	struct rewrite outer, quoted;
 	int from_backend;
 
-	pkt->flow.proto = q->flow.proto;
-	pkt->flow.sport = q->flow.dport;
-	pkt->flow.dport = q->flow.sport;
-	__builtin_memcpy(pkt->flow.src, q->flow.dst, sizeof(pkt->flow.src));
-	__builtin_memcpy(pkt->flow.dst, q->flow.src, sizeof(pkt->flow.dst));
+	quote_reversed(pkt, q);
 	__builtin_memset(nat, 0, sizeof(*nat));
 	found = reply_lookup(ctx, pkt, cfg, nat);
 	if (!found)
@@ -334,11 +333,7 @@ static __always_inline int icmp_error_to_backend(struct xdp_md *ctx, struct pack
 	struct backend *b;
 	int snat;
 
-	pkt->flow.proto = q->flow.proto;
-	pkt->flow.sport = q->flow.dport;
-	pkt->flow.dport = q->flow.sport;
-	__builtin_memcpy(pkt->flow.src, q->flow.dst, sizeof(pkt->flow.src));
-	__builtin_memcpy(pkt->flow.dst, q->flow.src, sizeof(pkt->flow.dst));
+	quote_reversed(pkt, q);
 	svc = service_lookup(&pkt->flow);
 	if (!svc || (svc->flags & SVC_F_ENCAP))
 		return ICMP_ERROR_NOT_OURS;

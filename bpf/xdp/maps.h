@@ -477,9 +477,9 @@ struct {
 	__type(value, struct token_bucket);
 } reject_bucket SEC(".maps");
 
-/* An error message as found in the frame. Offsets from the frame's start,
- * not pointers: the verifier then keeps one state for every outer header
- * shape (the IPv6 extension headers before the ICMPv6 header). */
+/* An ICMP error message as icmp_error.h found it in the frame. Offsets
+ * from the frame's start, not pointers: it lives in icmp_scratch, and a
+ * map value cannot hold a packet pointer. */
 struct icmp_quote {
 	struct flow_key flow;       /* the quoted packet's, as it was sent */
 	__u16 icmp_off;             /* the ICMP header */
