@@ -296,3 +296,81 @@ def test_the_error_path_outlives_the_loading_process(lab6, bpf_object):
     finally:
         Dataplane.detach(Path(cfg["bpffs"]), purge=True)
     assert not pinned.exists()
+
+
+# ---- fuzzing ICMPv6 errors (test_fuzz.py does IPv4's, with its seeds) -----
+
+def icmp6_checksum_ok(frame: bytes) -> bool:
+    pkt = Ether(frame)
+    if IPv6 not in pkt or not hasattr(pkt[IPv6].payload, "cksum"):
+        return False
+    return bytes(rebuilt(pkt)) == bytes(pkt)
+
+
+def is_icmp6_error(frame: bytes) -> bool:
+    return len(frame) > 55 and frame[12:14] == b"\x86\xdd" and frame[20] == 58 and 1 <= frame[54] <= 4
+
+
+def check6(lb, data: bytes, ingress: int, tally: dict) -> None:
+    import ipaddress
+
+    from loader.testrun import test_run
+    res = test_run(lb.dp.prog.fd, data, ingress_ifindex=ingress)
+    tally[res.retval] = tally.get(res.retval, 0) + 1
+    assert res.retval != 0, data.hex()                               # XDP_ABORTED
+    dst = str(ipaddress.IPv6Address(data[38:54])) if len(data) >= 54 and data[12:14] == b"\x86\xdd" else None
+    vips = {VIP6, UDP_VIP6, DENY_VIP6}
+    if res.retval == XDP_REDIRECT and not is_icmp6_error(data):
+        assert dst in vips, data.hex()      # damage made it TCP/UDP to a VIP: test_packets6's case
+    elif res.retval == XDP_REDIRECT:
+        out = res.data_out
+        assert is_icmp6_error(out), data.hex()
+        assert icmp6_checksum_ok(out) == icmp6_checksum_ok(data), data.hex()
+        o_dst = str(ipaddress.IPv6Address(out[38:54]))
+        q = out[62:]
+        qsrc, qdst = str(ipaddress.IPv6Address(q[8:24])), str(ipaddress.IPv6Address(q[24:40]))
+        backends = {b.ip6 for b in lb.topo.backends}
+        if o_dst in backends:                       # about a reply, from the client's side
+            assert ingress == lb.topo.lb_client.ifindex and dst in vips and qsrc == o_dst, data.hex()
+            assert not (dst == DENY_VIP6 and qdst != CLIENT6), f"about a denied client: {data.hex()}"
+            tally["to_backend"] = tally.get("to_backend", 0) + 1
+        else:                                       # about a forwarded packet
+            assert ingress != lb.topo.lb_client.ifindex and o_dst == qsrc and qdst in vips, data.hex()
+            tally["to_client"] = tally.get("to_client", 0) + 1
+    elif dst not in vips:
+        assert (res.retval == XDP_PASS and res.data_out == data) or \
+            (res.retval == XDP_DROP and is_icmp6_error(data)), data.hex()
+
+
+def test_fuzz6_icmp_errors_keep_the_invariants(lb):
+    import os
+    import random
+
+    from test_fuzz import mutations
+
+    packets = int(os.environ.get("XDPLB_FUZZ6_PACKETS", "20000"))
+    rnd = random.Random(20261203)
+    l0 = lb.topo.lb_client.ifindex
+    seeds = []
+    for proto, sport in (("tcp", 56000), ("udp", 56001)):
+        b, reply, back = reply_through(lb, 6, sport, proto)
+        out = forward(lb, client_packet(6, sport, proto))         # the same flow, established
+        sent = bytes(out[IPv6])
+        for n in (48, 88):
+            seeds.append((error_to(6, CLIENT_ROUTER[6], l3(back).src, bytes(l3(back))[:n]), l0))
+            seeds.append((error_to(6, CLIENT_ROUTER[6], l3(back).src, bytes(l3(back))[:n], "echo"), l0))
+            seeds.append((error_to(6, ROUTER[6], CLIENT6, sent[:n], "time", b.iface.mac, b.lb_iface.mac),
+                          b.lb_iface.ifindex))
+            seeds.append((error_to(6, l3(out).dst, CLIENT6, sent[:n], "port", b.iface.mac, b.lb_iface.mac),
+                          b.lb_iface.ifindex))
+            seeds.append((error_to(6, ROUTER[6], CLIENT6, sent[:n], "too_big"), l0))      # wrong side
+    denied = bytes(IPv6(src=DENY_VIP6, dst=OTHER6) / TCP(sport=80, dport=56002, flags="SA"))
+    seeds.append((error_to(6, CLIENT_ROUTER[6], DENY_VIP6, denied[:60]), l0))
+    tally: dict = {}
+    with lb.lab.inside(lb.topo.lb_ns):
+        for seed, ingress in seeds:
+            gen = mutations(bytes(seed), rnd)
+            for _ in range(max(1, packets // len(seeds))):
+                check6(lb, next(gen), ingress, tally)
+    print(f"\nfuzz6 icmp errors: {tally}")
+    assert tally.get("to_backend") and tally.get("to_client")
