@@ -374,3 +374,26 @@ def test_fuzz6_icmp_errors_keep_the_invariants(lb):
                 check6(lb, next(gen), ingress, tally)
     print(f"\nfuzz6 icmp errors: {tally}")
     assert tally.get("to_backend") and tally.get("to_client")
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+def test_client_side_error_about_a_flow_without_state(lb, one_cpu, fam):
+    """The flood guard forwarded the flow without state: the error goes to
+    the backend the forward path picks for it, as the flow's packets do."""
+    cfg = lb.edit()
+    cfg["flood_guard"] = {"new_flows_per_second": 1, "burst": 1}
+    lb.apply(cfg)
+    try:
+        forward(lb, client_packet(fam, 57000 + fam))          # takes the one token
+        stateless = lb.counters("global_stats", lb.dp.consts.CNT_GUARD_STATELESS)[0]
+        b, reply, back = reply_through(lb, fam, 57100 + fam)
+        assert lb.counters("global_stats", lb.dp.consts.CNT_GUARD_STATELESS)[0] > stateless
+        n = (20 if fam == 4 else 40) + 40
+        err = error_to(fam, CLIENT_ROUTER[fam], l3(back).src, bytes(l3(back))[:n], "too_big")
+        rc, out = lb.run(err, ifname="l0")
+        assert rc == XDP_REDIRECT
+        assert bytes(out) == expected_error(fam, b.lb_iface.mac, b.iface.mac, CLIENT_ROUTER[fam],
+                                            l3(reply).src, "too_big", bytes(l3(reply))[:n])
+    finally:
+        cfg.pop("flood_guard")
+        lb.apply(cfg)

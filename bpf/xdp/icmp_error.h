@@ -321,7 +321,9 @@ static __always_inline int icmp_error_to_client(struct xdp_md *ctx, struct packe
 }
 
 /* From the client's side, about a reply (VIP -> client): the quote
- * reversed is the client flow. Flows with state only; DSR flows not. */
+ * reversed is the client flow, found as the forward path finds it: its
+ * conntrack entry, or without one the flood guard's stateless pick. Not
+ * DSR flows. */
 static __always_inline int icmp_error_to_backend(struct xdp_md *ctx, struct packet *pkt,
 						 struct icmp_work *w, const struct lb_config *cfg)
 {
@@ -330,7 +332,9 @@ static __always_inline int icmp_error_to_backend(struct xdp_md *ctx, struct pack
 	struct rewrite outer, quoted;
 	struct svc_value *svc;
 	struct ct_entry *ct;
-	struct backend *b;
+	struct backend *b = NULL;
+	__u32 backend_id;
+	__u16 nat_port = 0;
 	int snat;
 
 	quote_reversed(pkt, q);
@@ -344,10 +348,18 @@ static __always_inline int icmp_error_to_backend(struct xdp_md *ctx, struct pack
 	snat = cfg->snat_family == pkt->flow.family;
 	ct = bpf_map_lookup_elem(&conntrack, &pkt->flow);
 	/* As the forward path reads it: an entry of the other mode is stale. */
-	if (!ct || (ct->nat_port != 0) != snat)
-		return ICMP_ERROR_NOT_OURS;
-	b = ct_backend(ct, svc->svc_id);
-	if (!b)
+	if (ct && (ct->nat_port != 0) == snat)
+		b = ct_backend(ct, svc->svc_id);
+	/* Without state (the flood guard forwarded the flow so, gateway mode
+	 * only): the backend the forward path picks for it now. */
+	if (!b && cfg->new_flow_rate && !snat) {
+		backend_id = stateless_pick(cfg, &pkt->flow, svc->svc_id);
+		b = bpf_map_lookup_elem(&backends, &backend_id);
+		nat_port = 0;
+	} else if (b) {
+		nat_port = ct->nat_port;
+	}
+	if (!b || b->state == BACKEND_FREE)
 		return ICMP_ERROR_NOT_OURS;
 	/* The quote as the backend sent it: to the client, or to the SNAT
 	 * address and port; from the SNAT address then, so that the error
@@ -355,7 +367,7 @@ static __always_inline int icmp_error_to_backend(struct xdp_md *ctx, struct pack
 	quoted.saddr = b->addr;
 	quoted.sport = b->port;
 	quoted.daddr = snat ? cfg->snat_addr : q->flow.dst;
-	quoted.dport = snat ? ct->nat_port : q->flow.dport;
+	quoted.dport = snat ? nat_port : q->flow.dport;
 	outer.saddr = snat ? cfg->snat_addr : outer_src;
 	outer.daddr = b->addr;
 	return icmp_error_send(ctx, pkt, w, &outer, &quoted, cfg, snat, CNT_ICMP_ERROR_TO_BACKEND);
