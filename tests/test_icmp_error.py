@@ -186,6 +186,24 @@ def test_error_quoting_no_flow_passes_untouched(lb, fam):
 
 
 @pytest.mark.parametrize("fam", [4, 6])
+def test_message_shorter_than_its_frame_is_read_as_its_length_says(lb, fam):
+    """The IP length, not the frame, bounds the quote: a message that ends
+    before the quoted ports (the rest is padding) quotes no flow."""
+    out = forward(lb, client_packet(fam, 53500 + fam))
+    b = backend_of(lb, out)
+    hdr = 20 if fam == 4 else 40
+    err = error_to(fam, ROUTER[fam], l3(out).src, bytes(l3(out))[:hdr + 20], smac=b.iface.mac,
+                   dmac=b.lb_iface.mac)
+    if fam == 4:
+        err[IP].len = 20 + 8 + hdr + 4          # the quote stops inside the ports
+    else:
+        err[IPv6].plen = 8 + hdr + 4
+    frame = bytes(err)
+    rc, got = lb.run(Ether(frame), ifname=b.lb_iface.name)
+    assert rc == XDP_PASS and bytes(got) == frame
+
+
+@pytest.mark.parametrize("fam", [4, 6])
 def test_echo_quoting_a_flow_is_untouched(lb, fam):
     """Only errors are translated: an echo request whose payload happens to
     look like a translated packet is not."""
@@ -250,14 +268,26 @@ def test_client_side_error_about_a_denied_client_is_dropped(lb, fam):
 
 
 @pytest.mark.parametrize("fam", [4, 6])
-def test_client_side_error_quoting_no_flow_is_dropped_as_before(lb, fam):
-    ip = FAMILY[fam]["ip"]
-    vip = FAMILY[fam]["vip"]
-    quote = bytes(ip(src=vip, dst=FAMILY[fam]["client"]) / TCP(sport=80, dport=55999, flags="SA"))
-    err = error_to(fam, CLIENT_ROUTER[fam], vip, quote[:(20 if fam == 4 else 40) + 20])
-    before = lb.drop_count("unsupported_l4")
-    rc, _ = lb.run(err, ifname="l0")
-    assert rc == XDP_DROP and lb.drop_count("unsupported_l4") == before + 1
+@pytest.mark.parametrize("guard", ["on", "off"])
+def test_client_side_error_quoting_no_flow_is_dropped_as_before(lb, fam, guard):
+    """A port without a service names no flow; nor, with the flood guard
+    off, does a flow without state (with it on, such a flow may be one the
+    guard forwarded: test_client_side_error_about_a_flow_without_state)."""
+    ip, vip = FAMILY[fam]["ip"], FAMILY[fam]["vip"]
+    cfg = lb.edit()
+    if guard == "off":
+        cfg["flood_guard"] = {"new_flows_per_second": 0}
+        lb.apply(cfg)
+    try:
+        for port in ([80, 81] if guard == "off" else [81]):
+            quote = bytes(ip(src=vip, dst=FAMILY[fam]["client"]) / TCP(sport=port, dport=55999, flags="SA"))
+            err = error_to(fam, CLIENT_ROUTER[fam], vip, quote[:(20 if fam == 4 else 40) + 20])
+            before = lb.drop_count("unsupported_l4")
+            rc, _ = lb.run(err, ifname="l0")
+            assert rc == XDP_DROP and lb.drop_count("unsupported_l4") == before + 1, port
+    finally:
+        cfg.pop("flood_guard", None)
+        lb.apply(cfg)
 
 
 def test_counters_are_named_in_stats(lb):

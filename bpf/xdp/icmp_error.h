@@ -100,12 +100,17 @@ static __always_inline int icmp_quote_parse(struct xdp_md *ctx, const struct pac
 		ip_off += VLAN_HLEN;
 	/* The ICMP message: the rest of the outer datagram. */
 	msg_len = pkt->ip_len - (off - ip_off);
-	if ((void *)(icmp + 1) > data_end || !icmp_is_error(family, icmp->type))
+	if (msg_len < sizeof(*icmp) || (void *)(icmp + 1) > data_end ||
+	    !icmp_is_error(family, icmp->type))
 		return 0;
+	/* What of the quote is both in the message and in the frame. */
 	room = data_end - (void *)(icmp + 1);
-	q->quote_len = (msg_len < room + sizeof(*icmp) ? msg_len - sizeof(*icmp) : room) & 0xfff;
-	if (q->quote_len < quoted_ip_len(family) + 8)
+	msg_len -= sizeof(*icmp);
+	if (msg_len > room)
+		msg_len = room;
+	if (msg_len < quoted_ip_len(family) + 8 || msg_len > 0xffff)
 		return 0;
+	q->quote_len = msg_len;
 	q->icmp_off = off;
 	q->flow.family = family;
 	if (family == FAMILY_IPV6) {
