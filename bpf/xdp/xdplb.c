@@ -352,9 +352,7 @@ int xdplb_main(struct xdp_md *ctx)
 	if (res != PARSE_OK) {
 		if (res == PARSE_OTHER_L4 && icmp_error_candidate(&pkt))
 			bpf_tail_call(ctx, &icmp_errors, 0);
-		if (is_vip(&pkt.flow))
-			return drop(ctx, &pkt, source_identity(&pkt.flow), ID_NONE, parse_drop_reason(res));
-		return count_verdict(XDP_PASS, pkt.len);
+		return not_balanced(ctx, &pkt, res);
 	}
 
 	svc = service_lookup(&pkt.flow);
