@@ -28,7 +28,11 @@ from loader.xdp import MODES
 from .config import Config
 
 PROGRAM = "xdplb_main"
-UNPINNED_MAPS = frozenset({"probe", "fib_scratch", "nat_scratch"})   # no state: not pinned
+# No state: not pinned with the maps, nor shared with the dry-run copy.
+# icmp_errors, the program array of the ICMP error path's tail call, belongs
+# to its own program: each load pins its own (TAIL_CALLS).
+UNPINNED_MAPS = frozenset({"probe", "fib_scratch", "nat_scratch", "icmp_scratch", "icmp_errors"})
+TAIL_CALLS = "icmp_errors"
 log = logging.getLogger("xdplb.dataplane")
 
 
@@ -37,6 +41,20 @@ def default_object_path() -> Path:
     if env:
         return Path(env)
     return Path(__file__).resolve().parent.parent / "bpf" / "xdp" / "xdplb.o"
+
+
+def _pin_tail_calls(obj: BpfObject, pin_dir: Path) -> None:
+    """Pin this load's tail-call program array as pin_dir/tail/icmp_errors,
+    replacing the previous load's. A program array is emptied when no file
+    descriptor or pin holds it: unpinned, the ICMP error path of a running
+    program would vanish with the process that loaded it (a killed
+    daemon). The previous load's array is left to its program's process."""
+    if TAIL_CALLS not in obj.maps:
+        return
+    path = pin_dir / "tail" / TAIL_CALLS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    obj.maps[TAIL_CALLS].pin(path)
 
 
 class LayoutVersionError(BpfError):
@@ -138,6 +156,7 @@ class Dataplane:
             if share_with is None and not dry_run:
                 names = [n for n in obj.map_names() if n in obj.maps and n not in UNPINNED_MAPS]
                 obj.pin_maps(pin_dir / "maps", names)
+                _pin_tail_calls(obj, pin_dir)
         except BaseException:
             obj.close()
             raise
@@ -269,6 +288,10 @@ class Dataplane:
                 Dataplane.detach_link(pin_dir, path.name)
                 done.append(path.name)
             links.rmdir()
+        # Nothing runs the program the tail-call array holds any more.
+        (pin_dir / "tail" / TAIL_CALLS).unlink(missing_ok=True)
+        if (pin_dir / "tail").is_dir():
+            (pin_dir / "tail").rmdir()
         if purge:
             maps = pin_dir / "maps"
             if maps.is_dir():

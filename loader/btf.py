@@ -237,6 +237,8 @@ class Btf:
             fields: dict[str, int] = {}
             for m in self.types[self.resolve(var.ref)].members:
                 target = self.types[self.resolve(m.type)]
+                if m.name == "values":      # __array(values, ...): program or map ids, 4 bytes
+                    fields["value_size"] = 4
                 if target.kind != Kind.PTR:
                     continue
                 pointee = self.resolve(target.ref)

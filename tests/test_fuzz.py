@@ -14,7 +14,14 @@ checked on every packet:
 - IPv6 DSR (6in6 ipip/gue, 4in6, 6in4, a Lab(ipv6=True)): the same, the
   outer IPv6 header exact (traffic class, payload length, next header, hop
   limit, the flow's label, GUE checksum 0), and too big answered with
-  ICMPv6 packet too big (ICMP fragmentation needed for an IPv4 client).
+  ICMPv6 packet too big (ICMP fragmentation needed for an IPv4 client);
+- ICMP errors quoting a translated flow (icmp_error.h), from either side:
+  a translated one goes to that flow's backend (about a reply) or client
+  (about a forwarded packet) with the quote to match, never about a denied
+  client; its outer, ICMP and quoted IPv4 header checksums are each valid
+  exactly when the received one was. One from the wrong side is dropped
+  as a forged reply is, and one leaving from the VIP towards an unresolved
+  neighbour as such a reply is.
 
 CI runs XDPLB_FUZZ_PACKETS (default 100,000) mutated packets plus hypothesis
 examples; `XDPLB_FUZZ_PACKETS=10000000 pytest tests/test_fuzz.py` is the
@@ -163,16 +170,71 @@ def check_too_big(fz, data: bytes, out: Ether, src: str, dst: str) -> None:
     fz.tally["frag_needed"] += 1
 
 
-def run_counted(fz, data: bytes):
+def ones_sum_ok(b: bytes) -> bool:
+    s = sum(struct.unpack(f"!{len(b) // 2}H", b))
+    while s >> 16:
+        s = (s & 0xffff) + (s >> 16)
+    return s == 0xffff
+
+
+def icmp_checksum_errors(frame: bytes) -> list[str]:
+    """checksum_errors() of an ICMP error, and its quoted IPv4 header's."""
+    l2 = l2_len(frame)
+    quoted = frame[l2 + 28:l2 + 48]
+    bad = checksum_errors(Ether(frame))
+    return bad + ([] if len(quoted) < 20 or ones_sum_ok(quoted) else ["quoted IPv4 header"])
+
+
+def is_icmp_error(data: bytes) -> bool:
+    l2 = l2_len(data)
+    return len(data) > l2 + 20 and data[l2 - 2:l2] == b"\x08\x00" and data[l2 + 9] == 1 and \
+        data[l2 + 20] in (3, 11, 12)
+
+
+def check_icmp_error(fz, data: bytes, out: bytes, ingress: int) -> None:
+    """A translated ICMP error: to the backend of the flow it quotes the
+    reply of, or to the client of the flow it quotes a packet of."""
+    assert is_icmp_error(data), data.hex()
+    assert icmp_checksum_errors(out) == icmp_checksum_errors(data), data.hex()
+    l2 = l2_len(out)
+    dst = str(ipaddress.IPv4Address(out[l2 + 16:l2 + 20]))
+    q = out[l2 + 28:]
+    qsrc, qdst = str(ipaddress.IPv4Address(q[12:16])), str(ipaddress.IPv4Address(q[16:20]))
+    qsport, qdport = struct.unpack("!HH", q[20:24])
+    if dst in fz.backend_ips:           # about a reply, from the client's side
+        assert ingress == fz.l0 and qsrc == dst and (qsrc, qsport) in fz.backends, data.hex()
+        assert src_of(data)[1] in VIPS - DSR_VIPS, data.hex()
+        assert not (qdst == DENIED and src_of(data)[1] in POLICED), f"about a denied client: {data.hex()}"
+        fz.tally["icmp_error_to_backend"] += 1
+    else:                               # about a forwarded packet, from the backend's side
+        assert ingress != fz.l0 and dst == qsrc and qdst in VIPS - DSR_VIPS, data.hex()
+        assert not (qsrc == DENIED and qdst in POLICED), f"about a denied client: {data.hex()}"
+        fz.tally["icmp_error_to_client"] += 1
+
+
+# Why a translated error may be dropped: as a reply would be (from the
+# wrong side; or, leaving from the VIP, towards a client whose neighbour
+# entry went stale while the fuzzing ran: forward.h's fib_verdict).
+ICMP_ERROR_DROPS = ("SPOOFED_REPLY", "NO_NEIGH", "MTU", "FIB")
+
+
+def drops_by_reason(fz, reasons) -> dict[str, int]:
+    return {r: fz.drop_count(r) for r in reasons}
+
+
+def run_counted(fz, data: bytes, ingress: int | None = None):
     """`data` through the program, its verdict tallied; never XDP_ABORTED."""
-    res = test_run(fz.dp.prog.fd, data, ingress_ifindex=fz.l0)
+    res = test_run(fz.dp.prog.fd, data, ingress_ifindex=ingress or fz.l0)
     fz.tally[{XDP_DROP: "drop", XDP_PASS: "pass", XDP_TX: "tx", XDP_REDIRECT: "redirect"}.get(res.retval, "other")] += 1
     assert res.retval != XDP_ABORTED, data.hex()
     return res
 
 
-def check(fz, data: bytes) -> int:
-    res = run_counted(fz, data)
+def check(fz, data: bytes, ingress: int | None = None) -> int:
+    ingress = ingress or fz.l0
+    error = is_icmp_error(data)
+    before = drops_by_reason(fz, ICMP_ERROR_DROPS) if error else {}
+    res = run_counted(fz, data, ingress)
     rc = res.retval
     src, dst = src_of(data)
     if rc in (XDP_TX, XDP_REDIRECT):
@@ -181,6 +243,9 @@ def check(fz, data: bytes) -> int:
             check_tunnel(fz, data, res.data_out, dst)
             return rc
         out = Ether(res.data_out)
+        if ICMP in out and is_icmp_error(data):
+            check_icmp_error(fz, data, res.data_out, ingress)
+            return rc
         if ICMP in out:
             check_too_big(fz, data, out, src, dst)
             return rc
@@ -194,7 +259,12 @@ def check(fz, data: bytes) -> int:
         assert dst in VIPS, data.hex()
         assert src != DENIED or dst != WEB, f"denied identity crossed the policy: {data.hex()}"
     elif dst not in VIPS:
-        assert rc == XDP_PASS and res.data_out == data, data.hex()
+        # Or an error about a translated flow, dropped as its reply would be.
+        if rc == XDP_DROP and error:
+            after = drops_by_reason(fz, ICMP_ERROR_DROPS)
+            assert any(after[r] > before[r] for r in ICMP_ERROR_DROPS), data.hex()
+        else:
+            assert rc == XDP_PASS and res.data_out == data, data.hex()
     return rc
 
 
@@ -240,6 +310,51 @@ def test_mutated_packets_keep_the_invariants(fz):
                 check(fz, next(gen))
     assert sum(fz.tally.values()) >= PACKETS - len(base)
     assert fz.tally["redirect"] > 0 and fz.tally["drop"] > 0 and fz.tally["pass"] > 0
+
+
+def icmp_error_seeds(fz) -> list[tuple[bytes, int]]:
+    """ICMP errors quoting real translated flows, (frame, ingress ifindex):
+    about replies from the client's side, about forwarded packets from the
+    backend's side (from the backend itself and from a router), full and
+    truncated quotes, TCP and UDP, and about a denied client."""
+    e = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    out = []
+    for proto, dst, sport in (("tcp", WEB, 40100), ("udp", ECHO, 40101)):
+        l4 = TCP(sport=sport, dport=80, flags="S") if proto == "tcp" else UDP(sport=sport, dport=53)
+        rc = check(fz, bytes(e / IP(src=ALLOWED, dst=dst) / l4 / b"f"))
+        assert rc == XDP_REDIRECT
+        fwd = Ether(test_run(fz.dp.prog.fd, bytes(e / IP(src=ALLOWED, dst=dst) / l4 / b"f"),
+                             ingress_ifindex=fz.l0).data_out)
+        b = next(b for b in fz.topo.backends if b.ip == fwd[IP].dst)
+        sent = bytes(fwd[IP])
+        reply = bytes(IP(src=dst, dst=ALLOWED) / (TCP(sport=80, dport=sport, flags="SA") if proto == "tcp"
+                                                  else UDP(sport=53, dport=sport)) / (b"r" * 32))
+        for quote in (sent[:28], sent[:48]):
+            out.append((bytes(e / IP(src=b.ip, dst=ALLOWED) / ICMP(type=3, code=3) / quote), b.lb_iface.ifindex))
+            out.append((bytes(e / IP(src="10.244.9.1", dst=ALLOWED) / ICMP(type=3, code=4, nexthopmtu=1280) / quote),
+                        b.lb_iface.ifindex))
+            out.append((bytes(e / IP(src="10.244.9.1", dst=ALLOWED) / ICMP(type=11) / quote), fz.l0))
+        for quote in (reply[:28], reply[:48]):
+            out.append((bytes(e / IP(src="10.1.0.254", dst=dst) / ICMP(type=3, code=4, nexthopmtu=1280) / quote),
+                        fz.l0))
+            out.append((bytes(e / IP(src="10.1.0.254", dst=dst) / ICMP(type=8) / quote), fz.l0))
+    denied = bytes(IP(src=WEB, dst=DENIED) / TCP(sport=80, dport=40102, flags="SA"))
+    out.append((bytes(e / IP(src="10.1.0.254", dst=WEB) / ICMP(type=3, code=4) / denied[:48]), fz.l0))
+    return out
+
+
+@pytest.mark.timeout(max(300, PACKETS // 1000))
+def test_icmp_errors_keep_the_invariants(fz):
+    rnd = random.Random(20261203)
+    with fz.lab.inside(fz.topo.lb_ns):
+        seeds_ = icmp_error_seeds(fz)
+        before = fz.tally["icmp_error_to_backend"], fz.tally["icmp_error_to_client"]
+        for seed, ingress in seeds_:
+            gen = mutations(seed, rnd)
+            for _ in range(max(1, PACKETS // 4 // len(seeds_))):
+                check(fz, next(gen), ingress)
+    # Mutations that keep the quoted flow intact are translated both ways.
+    assert fz.tally["icmp_error_to_backend"] > before[0] and fz.tally["icmp_error_to_client"] > before[1]
 
 
 ports = st.integers(0, 65535)

@@ -101,6 +101,8 @@ EXPECTED_MAPS = {
     "affinity": (MapType.LRU_HASH, 24, 16, 262144, 0),
     "fib_scratch": (MapType.PERCPU_ARRAY, 4, 64, 1, 0),
     "nat_scratch": (MapType.PERCPU_ARRAY, 4, 48, 1, 0),
+    "icmp_scratch": (MapType.PERCPU_ARRAY, 4, 196, 1, 0),
+    "icmp_errors": (MapType.PROG_ARRAY, 4, 4, 1, 0),     # values: program ids (__array)
 }
 
 
@@ -111,7 +113,7 @@ def test_btf_map_defs_match_maps_h(btf: Btf) -> None:
         d = defs[name]
         assert (d.map_type, d.key_size, d.value_size, d.max_entries, d.map_flags) == \
             (mtype, ksize, vsize, entries, flags), name
-        if mtype != MapType.RINGBUF:   # a ring buffer has no key or value type
+        if mtype not in (MapType.RINGBUF, MapType.PROG_ARRAY):   # no value type (nor key for a ring)
             assert btf.sizeof(d.key_type_id) == ksize and btf.sizeof(d.value_type_id) == vsize
     assert btf.type(defs["services"].key_type_id).name == "svc_key"
     assert btf.type(defs["backends"].value_type_id).name == "backend"
@@ -161,7 +163,7 @@ def test_layout_types(btf: Btf) -> None:
 
 def test_enums(btf: Btf) -> None:
     assert btf.enum("drop_reason")["DROP_POLICY"] == 1
-    assert btf.enums()["xdplb_counter"]["CNT_MAX"] == 19
+    assert btf.enums()["xdplb_counter"]["CNT_MAX"] == 21
     lay = Layouts(btf)
     reason = lay.enum("drop_reason")
     assert reason.DROP_POLICY == 1 and reason(13).name == "DROP_REDIRECT"

@@ -21,9 +21,10 @@ enum xdplb_layout {
 	 *    COUNTER_SLOTS (room for new reasons and counters without a
 	 *    layout change); DROP_NO_NEIGH, DROP_MTU, neigh_requests
 	 * 6: DSR (encap.h): lb_config.encap_v4/encap_v6/gue_port,
-	 *    SVC_F_IPIP, SVC_F_GUE; lb_config.snat_v4/snat_v6 (one SNAT
-	 *    address per family); if_macs (dmac.h) */
-	XDPLB_LAYOUT_VERSION = 6,
+	 *    SVC_F_IPIP, SVC_F_GUE
+	 * 7: lb_config.snat_v4/snat_v6 (one SNAT address per family);
+	 *    if_macs (dmac.h); icmp_errors, icmp_scratch (icmp_error.h) */
+	XDPLB_LAYOUT_VERSION = 7,
 };
 
 /* Default map capacities. The control plane may resize the ones marked
@@ -194,7 +195,12 @@ enum xdplb_counter {
 	CNT_ENCAP_GUE = 16,         /* DSR: sent to a backend in GUE */
 	CNT_FRAG_NEEDED = 17,       /* DSR: ICMP frag. needed / ICMPv6 too big sent for a DROP_ENCAP_MTU */
 	CNT_OTHER_HOST = 18,        /* unicast frames for another MAC, passed untouched (dmac.h) */
-	CNT_MAX = 19,
+	/* ICMP/ICMPv6 errors quoting a translated flow (icmp_error.h): about
+	 * a client -> backend packet, translated and sent to the client; about
+	 * a reply, translated and sent to the flow's backend. */
+	CNT_ICMP_ERROR_TO_CLIENT = 19,
+	CNT_ICMP_ERROR_TO_BACKEND = 20,
+	CNT_MAX = 21,
 };
 
 #endif

@@ -499,4 +499,30 @@ struct {
 	__type(value, struct token_bucket);
 } reject_bucket SEC(".maps");
 
+/* An ICMP error message as icmp_error.h found it in the frame. Offsets
+ * from the frame's start, not pointers: it lives in icmp_scratch, and a
+ * map value cannot hold a packet pointer. */
+struct icmp_quote {
+	struct flow_key flow;       /* the quoted packet's, as it was sent */
+	__u16 icmp_off;             /* the ICMP header */
+	__u16 quote_len;            /* bytes of the quote in the message and in the frame */
+};
+
+/* Per-CPU room for the records of the ICMP error path (icmp_error.h),
+ * whose program's stack, with the reply lookups' subprograms under it,
+ * went past the verifier's 512 bytes. */
+struct icmp_work {
+	struct icmp_quote q;
+	struct flow_key outer;      /* the error's own flow, restored if not ours */
+	struct nat_entry nat;       /* the flow an error to the client is about */
+	struct bpf_fib_lookup fib;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct icmp_work);
+} icmp_scratch SEC(".maps");
+
 #endif

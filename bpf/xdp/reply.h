@@ -33,10 +33,11 @@
 #include "service.h"
 
 /* The backend id the forward path picks now for `flow`, a flow of service
- * `svc_id` without state, if that is `from` (the reply's source); else
- * ID_NONE. A subprogram: the entry program's stack has no room for it. */
-static __noinline __u32 reply_picked(const struct lb_config *cfg, const struct flow_key *flow,
-				     __u32 svc_id, const struct backend_addr *from)
+ * `svc_id` without state; ID_NONE if there is none, or if that service's
+ * flows never go without state. A subprogram: the entry program's stack
+ * has no room for it. Also the ICMP error path's (icmp_error.h). */
+static __noinline __u32 stateless_pick(const struct lb_config *cfg, const struct flow_key *flow,
+				       __u32 svc_id)
 {
 	struct svc_value *svc;
 	struct backend *b;
@@ -58,8 +59,23 @@ static __noinline __u32 reply_picked(const struct lb_config *cfg, const struct f
 	if (svc->affinity_timeout_s)
 		now = bpf_ktime_get_ns();
 	b = pick_backend(svc, flow, hash, now, &backend_id);
-	if (!b || backend_id == ID_NONE || !addr_equal(b->addr, from->addr) ||
-	    b->port != from->port)
+	if (!b || backend_id == ID_NONE)
+		return ID_NONE;
+	return backend_id;
+}
+
+/* stateless_pick()'s backend id if it is `from` (a reply's source); else
+ * ID_NONE. */
+static __always_inline __u32 reply_picked(const struct lb_config *cfg, const struct flow_key *flow,
+					  __u32 svc_id, const struct backend_addr *from)
+{
+	__u32 backend_id = stateless_pick(cfg, flow, svc_id);
+	struct backend *b;
+
+	if (backend_id == ID_NONE)
+		return ID_NONE;
+	b = bpf_map_lookup_elem(&backends, &backend_id);
+	if (!b || !addr_equal(b->addr, from->addr) || b->port != from->port)
 		return ID_NONE;
 	return backend_id;
 }
@@ -193,6 +209,20 @@ static __always_inline int reply_from_index(struct xdp_md *ctx, const struct pac
 	if (!cfg->new_flow_rate)
 		return 0;
 	return reply_without_state(ctx, pkt, cfg, rs, &flow, &key, nat);
+}
+
+/* The client flow that the reply `pkt->flow` answers: gateway mode's
+ * lookup through reply_index (filling `buf`), else a reverse-NAT entry.
+ * NULL: not a reply to a translated flow. */
+static __always_inline const struct nat_entry *reply_lookup(struct xdp_md *ctx,
+							    const struct packet *pkt,
+							    const struct lb_config *cfg,
+							    struct nat_entry *buf)
+{
+	/* SNAT has no gateway flows: its family's replies are all in rev_nat. */
+	if (cfg && !snat_on(cfg, pkt->flow.family) && reply_from_index(ctx, pkt, cfg, buf))
+		return buf;
+	return bpf_map_lookup_elem(&rev_nat, &pkt->flow);
 }
 
 #endif

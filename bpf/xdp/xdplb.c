@@ -8,8 +8,10 @@
  *            -> XDP_REDIRECT (the backend answers the client itself)
  *   replies to translated flows -> reply index + conntrack (gateway mode)
  *         or reverse NAT (SNAT) -> FIB -> out
- *   everything else (neighbour discovery, ICMP, ...) -> XDP_PASS, untouched
+ *   ICMP errors quoting a translated flow -> the quote and addresses
+ *         translated (icmp_error.h) -> the client, or the flow's backend
  *   unicast frames for another MAC (flooded, promiscuous) -> XDP_PASS (dmac.h)
+ *   everything else (neighbour discovery, echo, ...) -> XDP_PASS, untouched
  *
  * IPv4 and IPv6 take the same path: the family is a parameter of each
  * step (parse.h, nat.h, forward.h), not a second program.
@@ -35,6 +37,7 @@
 #include "encap.h"
 #include "monitor.h"
 #include "dmac.h"
+#include "icmp_error.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -311,6 +314,42 @@ static __always_inline int handle_other(struct xdp_md *ctx, struct packet *pkt)
 	return count_verdict(XDP_PASS, pkt->len);
 }
 
+/* A packet parse_packet() did not find fit to balance: dropped if it is
+ * addressed to a VIP, passed untouched otherwise. */
+static __always_inline int not_balanced(struct xdp_md *ctx, struct packet *pkt, int res)
+{
+	if (is_vip(&pkt->flow))
+		return drop(ctx, pkt, source_identity(&pkt->flow), ID_NONE, parse_drop_reason(res));
+	return count_verdict(XDP_PASS, pkt->len);
+}
+
+/* ICMP errors (icmp_error.h), in a program of their own entered by tail
+ * call: its own stack (the entry program's leaves no room for the error
+ * path's records and subprograms) and its own verifier budget. */
+SEC("xdp")
+int xdplb_icmp_error(struct xdp_md *ctx)
+{
+	struct packet pkt = {};
+	int res = parse_packet(ctx, &pkt);
+	int rc;
+
+	if (res != PARSE_OTHER_L4)         /* cannot happen: only those come here */
+		return count_verdict(XDP_PASS, pkt.len);
+	rc = icmp_error(ctx, &pkt);
+	if (rc != ICMP_ERROR_NOT_OURS)
+		return rc;
+	return not_balanced(ctx, &pkt, res);
+}
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__array(values, int (void *));
+} icmp_errors SEC(".maps") = {
+	.values = { [0] = (void *)&xdplb_icmp_error },
+};
+
 SEC("xdp")
 int xdplb_main(struct xdp_md *ctx)
 {
@@ -325,9 +364,9 @@ int xdplb_main(struct xdp_md *ctx)
 	if (res == PARSE_NOT_IP || res == PARSE_NO_IP_HEADER)
 		return count_verdict(XDP_PASS, pkt.len);
 	if (res != PARSE_OK) {
-		if (is_vip(&pkt.flow))
-			return drop(ctx, &pkt, source_identity(&pkt.flow), ID_NONE, parse_drop_reason(res));
-		return count_verdict(XDP_PASS, pkt.len);
+		if (res == PARSE_OTHER_L4 && icmp_error_candidate(&pkt))
+			bpf_tail_call(ctx, &icmp_errors, 0);
+		return not_balanced(ctx, &pkt, res);
 	}
 
 	svc = service_lookup(&pkt.flow);
