@@ -16,7 +16,6 @@ import os
 import re
 import signal
 import socket
-import sys
 import threading
 import time
 from dataclasses import asdict
@@ -800,18 +799,11 @@ def _changes(res) -> dict:
     return {k: d[k] for k in ("added", "updated", "removed", "unchanged", "seconds") if k in d}
 
 
-GIL_SWITCH_INTERVAL_S = 0.0005
-
-
 def run(config_path: str, netns: str | None = None, object_path: Path | None = None) -> int:
     """The daemon's life; returns the exit status. An operational error (a
     bad config, a missing interface, a refused syscall, ...) ends it with
     one log line saying why; only a bug logs a traceback."""
     configure_logging()
-    # An API call that finds another thread running Python (a keeper or
-    # health pass, a metrics scrape) waits up to the switch interval for the
-    # GIL: 5 ms by default, the whole budget of an update.
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     log.info(kv("starting", pid=os.getpid(), config=config_path,
                 object=object_path or default_object_path()))
     try:
