@@ -33,7 +33,7 @@ from lb.dataplane import Constants, Dataplane, default_object_path
 from lb.demo import DaemonProcess
 from lb.lab import Lab, build_lb_lab
 from loader import BpfObject
-from lbtest import ENCAP_SOURCE, pin_dir
+from lbtest import ENCAP_SOURCE, ENCAP_SOURCE6, pin_dir
 from test_dsr import add_return_paths, backend_cli
 
 CHANGES = int(os.environ.get("XDPLB_CHURN_CHANGES", "1000"))
@@ -122,9 +122,7 @@ def roomy(endpoints: list, services: list[dict], extras: dict[int, frozenset], b
 # The default guard, and one that lets hardly any flow write state: every
 # datagram then goes by a fresh pick in the table of the moment (guard.h).
 GUARDS = {"default guard": None, "overflow": {"new_flows_per_second": 1, "burst": 1}}
-# IPv6 DSR: ("ipv6", "ipip") and ("ipv6", "gue") here, and an IPv6
-# encap_source beside ENCAP_SOURCE, once the config takes one (dsr6).
-MODES = [("ipv4", "nat"), ("ipv6", "nat"), ("ipv4", "ipip"), ("ipv4", "gue")]
+MODES = [("ipv4", "nat"), ("ipv6", "nat"), ("ipv4", "ipip"), ("ipv4", "gue"), ("ipv6", "ipip"), ("ipv6", "gue")]
 CASES = [(family, forwarding, guard) for family, forwarding in MODES for guard in GUARDS]
 
 
@@ -188,7 +186,7 @@ def test_no_misroute_under_churn(request, bpf_object, tmp_path, family, forwardi
            "api_socket": f"/run/xdplb/churn-{os.getpid()}.sock", "metrics_address": False,
            "identities": {"frontend": ["fd00:1::/64" if v6 else "10.1.0.0/24"]}, "services": services}
     if dsr:
-        cfg["encap_source"] = ENCAP_SOURCE
+        cfg["encap_source"] = [ENCAP_SOURCE, ENCAP_SOURCE6]
     if GUARDS[guard]:
         cfg["flood_guard"] = GUARDS[guard]
     timeline = Timeline()
