@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loader import BpfError, BpfObject, InterfaceNotFound, LinkInfo, Map, XdpLink, xdp_query
+from loader import BpfError, BpfObject, InterfaceNotFound, LinkInfo, Map, MapLayoutMismatch, XdpLink, xdp_query
 from loader.netlink import ifindex as lookup_ifindex
 from loader.netlink import mac as lookup_mac
 from loader.xdp import MODES
@@ -151,7 +151,15 @@ class Dataplane:
                     if name not in UNPINNED_MAPS:
                         obj.reuse_map_fd(name, m.fd)
             else:
-                obj.reuse_pinned(pin_dir / "maps")
+                try:
+                    obj.reuse_pinned(pin_dir / "maps")
+                except MapLayoutMismatch as e:
+                    diffs = ", ".join(f"{k}: pinned={p} now={n}" for k, (p, n) in e.diffs.items())
+                    raise LayoutVersionError(
+                        f"pinned map {e.map_name!r} in {pin_dir / 'maps'} differs from this build and "
+                        f"config ({diffs}): another layout version, or changed `limits:`. Run "
+                        f"`xdplb down --purge` to remove the pins (this drops all flows), or start the "
+                        f"build and limits that made them") from None
             obj.load()
             if share_with is None and not dry_run:
                 names = [n for n in obj.map_names() if n in obj.maps and n not in UNPINNED_MAPS]

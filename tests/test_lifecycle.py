@@ -84,3 +84,26 @@ def test_upgrade_with_incompatible_layout_is_refused(lab, daemon_factory, tmp_pa
     assert p.returncode != 0 and "services" in p.stdout and "value_size" in p.stdout, p.stdout
     # Still serving with the old program.
     assert lab_.run(topo.client_ns, ["curl", "-s", "--max-time", "3", f"http://{WEB_VIP}/"]).stdout
+
+
+def test_pins_of_another_layout_are_refused_with_what_to_run(bpf_object):
+    """Pins made with other map sizes (changed `limits:`, or an older
+    build whose layout differs) are not reused; the error says what to run."""
+    import pytest
+
+    from lb.config import config_from_dict
+    from lb.dataplane import Dataplane, LayoutVersionError
+    from lbtest import pin_dir
+
+    pins = pin_dir()
+    base = {"interfaces": ["lo"], "bpffs": pins, "services": []}
+    try:
+        Dataplane.open(config_from_dict(base)).close()
+        other = config_from_dict({**base, "limits": {"conntrack": 65536}})
+        with pytest.raises(LayoutVersionError) as e:
+            Dataplane.open(other)
+        msg = str(e.value)
+        assert "pinned map 'conntrack'" in msg and "max_entries: pinned=262144 now=65536" in msg, msg
+        assert "`xdplb down --purge`" in msg
+    finally:
+        Dataplane.detach(Path(pins), purge=True)
