@@ -539,12 +539,14 @@ class NeighbourKeeper:
             next_pass = time.monotonic() + self.interval
 
     def _log_unresolved(self, unresolved: list[str]) -> None:
-        now = set(unresolved)
-        for u in sorted(now - self._unresolved_logged):
-            log.warning("next hop not resolved: %s", u)
-        for u in sorted(self._unresolved_logged - now):
-            log.info("next hop resolved again: %s", u.split(" (")[0])
-        self._unresolved_logged = now
+        """Once per next hop when it stops resolving, once when it resolves
+        again: not at every INCOMPLETE <-> FAILED turn of a hop that never does."""
+        now = {u.split(" (")[0]: u for u in unresolved}
+        for hop in sorted(now.keys() - self._unresolved_logged):
+            log.warning("next hop not resolved: %s", now[hop])
+        for hop in sorted(self._unresolved_logged - now.keys()):
+            log.info("next hop resolved again: %s", hop)
+        self._unresolved_logged = set(now)
 
 
 def _subscribe() -> socket.socket:

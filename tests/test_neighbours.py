@@ -371,3 +371,21 @@ def test_a_one_service_change_keeps_its_next_hops_without_a_full_pass():
             assert lb_neighbours(lab, ns)["10.51.0.3"][1]
         finally:
             keeper.close()
+
+
+def test_an_unresolved_hop_is_logged_once_whatever_its_state(caplog):
+    """A next hop that never resolves turns INCOMPLETE -> FAILED ->
+    INCOMPLETE: one warning, and no "resolved again" until it does."""
+    import logging
+
+    from lb.neighbours import NeighbourKeeper
+
+    keeper = NeighbourKeeper.__new__(NeighbourKeeper)      # no netlink needed for the log
+    keeper._unresolved_logged = set()
+    with caplog.at_level(logging.INFO, logger="xdplb.neighbours"):
+        for state in ("INCOMPLETE", "FAILED", "INCOMPLETE", "FAILED"):
+            keeper._log_unresolved([f"10.9.0.2 dev nu0 ({state})"])
+        keeper._log_unresolved([])
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["next hop not resolved: 10.9.0.2 dev nu0 (INCOMPLETE)",
+                     "next hop resolved again: 10.9.0.2 dev nu0"], lines
