@@ -244,10 +244,14 @@ def _raw(v) -> bytes:
 
 
 def dump_maps(maps: dict, skip: tuple[str, ...] = ()) -> dict[str, bytes | list]:
-    """Every entry of every map, as bytes, to compare before/after."""
+    """Every entry of every map, as bytes, to compare before/after. Program
+    arrays are left out: they hold the ids of one load's programs, which
+    the control plane never writes."""
+    from loader import MapType
+
     out = {}
     for name, m in sorted(maps.items()):
-        if name in skip:
+        if name in skip or m.map_type == MapType.PROG_ARRAY:
             continue
         if m.map_flags & 1024:                      # BPF_F_MMAPABLE: the whole array
             out[name] = bytes(m.mmap(writable=False))

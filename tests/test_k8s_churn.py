@@ -88,7 +88,8 @@ def test_k8s_churn_no_misroute_and_convergence(lab, bpf_object, tmp_path):
         t1 = time.monotonic()
         d = start_daemon(api, topo, tmp_path)
         t_start = time.monotonic() - t1
-        peers.start(lab_, topo, tmp_path, [[i, f"10.96.10.{i + 1}", 5000] for i in range(TRAFFIC)])
+        peers.start(lab_, topo, tmp_path, [[i, f"10.96.10.{i + 1}", 5000] for i in range(TRAFFIC)],
+                    source=topo.client_ip, listen=[["0.0.0.0", p] for p in PORTS])
         time.sleep(0.5)
 
         # The churn: RATE endpoint changes per second, in steps of 10 ms.
