@@ -693,6 +693,10 @@ class Bgp(_Model):
 class Config(_Model):
     """The whole desired state of one load balancer."""
 
+    def encap_families(self) -> frozenset[int]:
+        """The IP versions an encap_source is configured for."""
+        return frozenset(n.version for n in self.encap_source or ())
+
     def encap_source_of(self, version: int) -> IPv4Network | IPv6Network | None:
         """The DSR outer source for backends of IP `version` (4 or 6)."""
         return next((n for n in self.encap_source or () if n.version == version), None)
@@ -860,6 +864,17 @@ def _dsr_problems(svc: Service) -> list[str]:
     return problems
 
 
+def encap_problems(svc: Service, families: frozenset[int]) -> list[str]:
+    """What a DSR service lacks among the tunnels' outer sources: the outer
+    header is of the backend's family, whatever the inner one."""
+    if not families:
+        return [f"forwarding {svc.forwarding} needs encap_source "
+                f"(an address of this LB for the tunnels' outer source)"]
+    return [f"backends[{k}] '{b.key}': forwarding {svc.forwarding} to an IPv{b.address.version} "
+            f"backend needs an IPv{b.address.version} encap_source"
+            for k, b in enumerate(svc.backends) if b.address.version not in families]
+
+
 def _svc(i: int, s: Service) -> str:
     return f"services[{i}] '{s.name}'"
 
@@ -896,15 +911,8 @@ def _cross_checks(cfg: Config) -> list[str]:
     known = set(cfg.identities) | {WORLD}
     for i, s in enumerate(cfg.services):
         problems += [f"{_svc(i, s)}: {m}" for m in _service_problems(s)]
-        if s.dsr and cfg.encap_source is None:
-            problems.append(f"{_svc(i, s)}: forwarding {s.forwarding} needs encap_source "
-                            f"(an address of this LB for the tunnels' outer source)")
-        elif s.dsr:
-            # The outer header is of the backend's family (either inner one).
-            have = {n.version for n in cfg.encap_source}
-            problems += [f"{_svc(i, s)}: backends[{k}] '{b.key}': forwarding {s.forwarding} to an "
-                         f"IPv{b.address.version} backend needs an IPv{b.address.version} encap_source"
-                         for k, b in enumerate(s.backends) if b.address.version not in have]
+        if s.dsr:
+            problems += [f"{_svc(i, s)}: {m}" for m in encap_problems(s, cfg.encap_families())]
         if s.name in names:
             j = names[s.name]
             problems.append(f"{_svc(i, s)}: name already used by services[{j}]")

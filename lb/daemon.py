@@ -194,7 +194,7 @@ class Daemon:
         self.k8s = KubernetesWatcher(self.cfg.kubernetes, self._k8s_apply)
         self.k8s.syncer.identity_limit = self.dp.maps["identities"].max_entries
         # Services annotated ipip/gue are served so only with a tunnel source.
-        self.k8s.syncer.dsr_ready = self.cfg.encap_source is not None
+        self.k8s.syncer.encap_families = self.cfg.encap_families()
         self.k8s.start_reflectors()
         log.info(kv("kubernetes: listing", node=self.cfg.kubernetes.node_name))
         plan = self.k8s.initial(abort=self.stop)
@@ -467,8 +467,8 @@ class Daemon:
                                "restart the daemon"])
         if (cfg.bgp is None) != (self.announcer is None):
             raise ConfigError(["bgp cannot be turned on or off while running: restart the daemon"])
-        if self.k8s is not None and (cfg.encap_source is None) != (self.cfg.encap_source is None):
-            raise ConfigError(["encap_source cannot be added or removed in Kubernetes mode while "
+        if self.k8s is not None and cfg.encap_families() != self.cfg.encap_families():
+            raise ConfigError(["encap_source families cannot change in Kubernetes mode while "
                                "running (annotated DSR services depend on it): restart the daemon"])
         if self.k8s is not None:
             with self.lock:      # the cluster's services stay; the rest of the file applies

@@ -341,7 +341,7 @@ def test_forwarding_and_table_size_annotations(caplog):
 
     caplog.clear()
     sy = Syncer(KubernetesSource(node_name="node-a"))
-    sy.dsr_ready = True
+    sy.encap_families = frozenset({4})
     sy.plan([ev(o) for o in objs])
     assert options(sy) == {"dsr": ("ipip", 1009), "gue": ("gue", None), "typo": ("nat", None),
                            "port": ("nat", None), "nan": ("nat", None), "odd": ("nat", None),
@@ -358,6 +358,30 @@ def test_forwarding_and_table_size_annotations(caplog):
     assert sy.stats.bad_annotations == 5
     sy.plan([ev(annotated("typo", "10.96.0.3", forwarding="ipip"), "MODIFIED")])
     assert options(sy)["typo"] == ("ipip", None) and sy.stats.bad_annotations == 5
+
+
+def test_forwarding_annotation_needs_an_encap_source_of_the_backends_family(caplog):
+    """An IPv6 Service annotated ipip on a daemon whose encap_source is
+    IPv4 only: the tunnels to its IPv6 backends would have no outer source,
+    so it is served by NAT and the reason logged, as the config file's
+    check says it; with an IPv6 encap_source too, it is served by ipip."""
+    from lb.sources import k8s_model as m
+    from lb.sources.kubernetes import Event, Syncer
+
+    s = annotated("v6", "fd00:96::1", forwarding="ipip")
+    s["spec"].update(ipFamilies=["IPv6"], clusterIPs=["fd00:96::1"])
+    e = eps("v6-1", "v6", ["fd00:244::1"])
+    e["addressType"] = "IPv6"
+    e["ports"][0]["port"] = 80
+    objs = [Event(o["kind"], "ADDED", m.key_of(o["kind"], o), m.parse(o["kind"], o), 1, 0) for o in (s, e)]
+
+    for families, want in ((frozenset({4}), "nat"), (frozenset({4, 6}), "ipip")):
+        sy = Syncer(KubernetesSource(node_name="node-a"))
+        sy.encap_families = families
+        sy.plan(objs)
+        (svc6,) = sy.entries.values()
+        assert svc6.forwarding == want and str(svc6.vip) == "fd00:96::1"
+    assert caplog.text.count("forwarding ipip to an IPv6 backend needs an IPv6 encap_source") == 1
 
 
 def test_annotations_through_the_watcher(api, harness):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from ..config import _COLLECT, Backend, KubernetesSource, Service, _dsr_problems, _identity_ids, _table_size_problems
+from ..config import _COLLECT, Backend, KubernetesSource, Service, _dsr_problems, _identity_ids, encap_problems, _table_size_problems
 from . import k8s_model as m
 from .k8s_reflector import Event, _kv, _short
 
@@ -136,7 +136,7 @@ def to_service(e: m.Entry) -> Service:
                                   context={_COLLECT: True})
 
 
-def usable_options(s: Service, dsr_ready: bool) -> tuple[Service, list[str]]:
+def usable_options(s: Service, encap_families: frozenset[int]) -> tuple[Service, list[str]]:
     """`s` without the annotated options it cannot take (config's rules for
     them, which _COLLECT skipped), each back to its default, and why."""
     why = []
@@ -145,7 +145,7 @@ def usable_options(s: Service, dsr_ready: bool) -> tuple[Service, list[str]]:
                    f"the table size follows the backend count")
         s = s.model_copy(update={"maglev_table_size": None})
     if s.dsr:
-        problems = _dsr_problems(s) if dsr_ready else ["needs encap_source in the daemon's config"]
+        problems = encap_problems(s, encap_families) + _dsr_problems(s)
         if problems:
             why.append(f"{s.name}: annotation {m.FORWARDING_ANNOTATION}={s.forwarding}: "
                        f"{'; '.join(problems)}; forwarding nat")
@@ -172,7 +172,7 @@ class Syncer:
         # SvcKey -> k8s services that wanted it while another held it: retried when it frees up.
         self.waiting: dict[tuple, set[tuple[str, str]]] = {}
         self.identity_limit = 65536          # the identities map's size (the daemon sets it)
-        self.dsr_ready = False               # the daemon's config has encap_source (it sets it)
+        self.encap_families: frozenset[int] = frozenset()   # of the daemon's encap_source (it sets them)
 
     # -- batches ---------------------------------------------------------------------
 
@@ -249,7 +249,7 @@ class Syncer:
                     new = {e.name: to_service(e) for e in tr.entries}
                     bad = list(tr.bad_annotations)
                     for name, s in new.items():
-                        new[name], why = usable_options(s, self.dsr_ready)
+                        new[name], why = usable_options(s, self.encap_families)
                         bad += why
                     self._note_bad_annotations(key, bad)
                 except ValidationError as err:
